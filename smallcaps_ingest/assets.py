@@ -1,0 +1,210 @@
+"""Dagster glue: manifest -> event_windows (partitioned by symbol) and its checks. Kept thin."""
+
+
+import queue
+import threading
+from datetime import date
+
+import dagster as dg
+import polars as pl
+
+from smallcaps_ingest import check
+from smallcaps_ingest.events import read_events
+from smallcaps_ingest.fetch import FetchEngine, SymbolOutcome, windows_from_frame
+from smallcaps_ingest.manifest import build_manifest
+from smallcaps_ingest.plan import DensityStore
+from smallcaps_ingest.resources import IngestSettings, PolygonResource
+
+symbols_partitions = dg.DynamicPartitionsDefinition(name="symbols")
+POOL = "polygon_api"
+
+
+class ManifestConfig(dg.Config):
+    start_date: str | None = None  # inclusive, YYYY-MM-DD (America/New_York date of the event)
+    end_date: str | None = None
+    minutes_before: float = 3.0
+    minutes_after: float = 7.0
+
+
+def _date(value: str | None, name: str) -> date | None:
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise dg.Failure(f"manifest config {name}={value!r} is not a YYYY-MM-DD date") from None
+
+
+@dg.asset(
+    io_manager_key="io_manager",
+    description="Validated, de-duplicated events with their [-3, +7] min windows; registers symbols.",
+    group_name="ingest",
+)
+def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, settings: IngestSettings) -> pl.DataFrame:
+    from datetime import timedelta
+
+    events = read_events(settings.events_path)
+    df, stats = build_manifest(
+        events,
+        start_date=_date(config.start_date, "start_date"),
+        end_date=_date(config.end_date, "end_date"),
+        before=timedelta(minutes=config.minutes_before),
+        after=timedelta(minutes=config.minutes_after),
+    )
+    symbols = df["symbol"].unique(maintain_order=True).sort().to_list()
+    known = set(context.instance.get_dynamic_partitions(symbols_partitions.name))
+    new = [s for s in symbols if s not in known]
+    if new:
+        context.instance.add_dynamic_partitions(symbols_partitions.name, new)
+    context.add_output_metadata(
+        {
+            "events": stats.events,
+            "symbols": stats.symbols,
+            "duplicates_dropped": stats.duplicates_dropped,
+            "filtered_out": stats.filtered_out,
+            **{f"session_{k}": v for k, v in stats.per_session.items()},
+            "new_partitions": len(new),
+            "source_file": settings.events_path,
+        }
+    )
+    return df
+
+
+def _metadata(o: SymbolOutcome) -> dict[str, object]:
+    s = o.stats
+    return {
+        "events_total": o.events_total,
+        "events_complete": o.complete,
+        "events_skipped": o.skipped,
+        "events_written": o.written,
+        "events_empty": o.empty,
+        "requests": s.total_requests,
+        "requests_per_event": round(s.total_requests / o.written, 3) if o.written else 0.0,
+        "pages": s.pages,
+        "429s": s.throttled,
+        "retries": sum(s.retries.values()),
+        "rows": s.rows_kept,
+        "rows_raw": s.rows_raw,
+        "bytes": o.files_bytes,
+        "bytes_downloaded": s.bytes,
+        "events_per_min": round(o.events_per_min, 1),
+        "budget_wait_s": round(s.budget_wait_s, 3),
+        "errors_by_type": dg.MetadataValue.json(s.error_counts()),
+        "seconds": round(o.seconds, 3),
+    }
+
+
+def _check_evaluations(settings: IngestSettings, symbol: str, manifest_df: pl.DataFrame):  # type: ignore[no-untyped-def]
+    windows = windows_from_frame(manifest_df.filter(pl.col("symbol") == symbol))
+    yield from check.evaluate_symbol(settings.data_dir, symbol, windows, settings.quotes_hz)
+
+
+@dg.asset(
+    partitions_def=symbols_partitions,
+    ins={"manifest": dg.AssetIn()},
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    pool=POOL,
+    output_required=False,
+    group_name="ingest",
+    description=(
+        "Trades (raw) and quotes (sampled) for each manifest event, written to "
+        "event_windows/symbol=SYM/event=EVENT_ID/{trades,quotes}.parquet. Complete events are skipped."
+    ),
+)
+def event_windows(
+    context: dg.AssetExecutionContext,
+    manifest: pl.DataFrame,
+    polygon: PolygonResource,
+    settings: IngestSettings,
+):  # type: ignore[no-untyped-def]
+    symbols = list(context.partition_keys)
+    polygon.preflight()  # no key and no simulator: stop here, before any request
+    work = {s: windows_from_frame(manifest.filter(pl.col("symbol") == s)) for s in symbols}
+    engine = FetchEngine(
+        polygon.get_client(),
+        settings.data_dir,
+        workers=polygon.workers,
+        hz=settings.quotes_hz,
+        max_overfetch=settings.max_overfetch,
+        density=DensityStore(f"{settings.data_dir}/_state/density.json"),
+    )
+    done: queue.Queue[SymbolOutcome | None] = queue.Queue()
+    crashed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            engine.run(work, on_symbol_done=done.put)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the step's thread
+            crashed.append(e)
+        finally:
+            done.put(None)
+
+    threading.Thread(target=run, name="fetch-engine", daemon=True).start()
+    single = len(symbols) == 1
+    failed: list[SymbolOutcome] = []
+    outcomes: list[SymbolOutcome] = []
+    while (o := done.get()) is not None:
+        outcomes.append(o)
+        if o.error is not None:
+            failed.append(o)
+            context.log.error(f"{o.symbol}: {o.error}")
+            continue
+        context.log.info(
+            f"{o.symbol}: {o.complete}/{o.events_total} events complete ({o.skipped} skipped), "
+            f"{o.stats.total_requests} requests, {o.events_per_min:.0f} events/min"
+        )
+        if single:
+            continue  # one partition: the MaterializeResult below, then the check steps
+        # many partitions in one run: record each symbol as soon as it is complete, so a
+        # failure later in the run keeps what finished, and evaluate its checks right here.
+        yield dg.AssetMaterialization(asset_key=context.asset_key, partition=o.symbol, metadata=_metadata(o))
+        for r in _check_evaluations(settings, o.symbol, manifest):
+            yield dg.AssetCheckEvaluation(
+                asset_key=context.asset_key,
+                check_name=r.name,
+                passed=r.passed,
+                partition=o.symbol,
+                severity=dg.AssetCheckSeverity(r.severity),
+                description=r.description,
+                metadata=r.metadata,
+            )
+    if crashed:
+        raise crashed[0]
+    if failed:
+        raise dg.Failure(
+            description=f"{len(failed)} of {len(symbols)} symbols failed: "
+            + "; ".join(f"{o.symbol}: {o.error}" for o in failed[:10]),
+            metadata={"failed_symbols": ", ".join(o.symbol for o in failed)},
+        )
+    if single:
+        yield dg.MaterializeResult(metadata=_metadata(outcomes[0]))
+
+
+CHECK_SPECS = [
+    dg.AssetCheckSpec(
+        name,
+        asset="event_windows",
+        description=check.CHECK_DESCRIPTIONS[name],
+        partitions_def=symbols_partitions,
+        blocking=False,
+        additional_deps=["manifest"],
+    )
+    for name in (*check.ERROR_CHECKS, *check.WARN_CHECKS)
+]
+
+
+@dg.multi_asset_check(specs=CHECK_SPECS, ins={"manifest": dg.AssetIn()}, name="event_windows_checks")
+def event_windows_checks(
+    context: dg.AssetCheckExecutionContext, manifest: pl.DataFrame, settings: IngestSettings
+):  # type: ignore[no-untyped-def]
+    """All eight checks of one symbol, from disk only (no request): one step, one pass over the files."""
+    symbol = context.op_execution_context.partition_key
+    for r in _check_evaluations(settings, symbol, manifest):
+        yield dg.AssetCheckResult(
+            asset_key="event_windows",
+            check_name=r.name,
+            passed=r.passed,
+            severity=dg.AssetCheckSeverity(r.severity),
+            description=r.description,
+            metadata=r.metadata,
+        )

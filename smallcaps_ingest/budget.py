@@ -1,0 +1,156 @@
+"""The request budget: one sliding-window limit shared by every thread and process on a host.
+
+Polygon counts requests, not rows, so the budget is a count of request *grants* in a sliding
+window. Grants live in a small SQLite file (``BEGIN IMMEDIATE`` gives a cross-process lock), so two
+concurrent Dagster runs, or two step processes, draw from the same budget. The effective rate
+is adapted with AIMD when the server answers 429 and is shared through the same file.
+
+pyrate-limiter's SQLite bucket was considered: its rates are fixed when the bucket is built, so
+AIMD would need a second limiter in front of it, and its blocking mode polls. This module is
+~150 lines, computes the exact wait, and is covered by a two-process test counted at the server.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+# A grant is counted over a window slightly longer than one second so that scheduling jitter
+# between the grant and the moment the request reaches the server cannot put budget+1 requests
+# into one server-side second. 1 % of the window costs at most 1 % utilisation.
+WINDOW_MARGIN = 0.01
+# AIMD: multiplicative decrease on 429 (at most once per window), additive increase per second.
+DECREASE_FACTOR = 0.7
+INCREASE_PER_SECOND = 0.02  # fraction of the configured budget regained each second
+MIN_RATE = 0.05
+
+
+def default_budget_path() -> Path:
+    """Where the shared budget lives: under DAGSTER_HOME, so every run on the host shares it."""
+    explicit = os.environ.get("POLYGON_BUDGET_PATH")
+    if explicit:
+        return Path(explicit)
+    home = os.environ.get("DAGSTER_HOME")
+    if home:
+        return Path(home) / "polygon_budget.sqlite"
+    data = os.environ.get("SMALLCAPS_DATA_DIR", "./data")
+    return Path(data) / "_state" / "polygon_budget.sqlite"
+
+
+class RequestBudget:
+    """Blocking limiter: ``acquire()`` returns once a request may be sent."""
+
+    def __init__(self, max_rps: float, path: str | os.PathLike[str] | None = None, bucket: str = "polygon"):
+        if not max_rps or max_rps <= 0:
+            raise ValueError(f"POLYGON_MAX_RPS must be > 0, got {max_rps!r}")
+        self.max_rps = float(max_rps)
+        self.bucket = bucket
+        self.path = Path(path) if path is not None else default_budget_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # one SQLite connection per budget, used under this lock
+        self._conn: sqlite3.Connection | None = None
+        with self._connect() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS grants (bucket TEXT NOT NULL, t REAL NOT NULL)")
+            conn.execute("CREATE INDEX IF NOT EXISTS grants_bt ON grants (bucket, t)")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS aimd (bucket TEXT PRIMARY KEY, rate REAL NOT NULL,"
+                " updated REAL NOT NULL, last_decrease REAL NOT NULL)"
+            )
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=OFF")
+            self._conn = conn
+        return _Tx(self._conn)  # type: ignore[return-value]
+
+    # -- AIMD state -------------------------------------------------------------------------
+    def _rate(self, conn: sqlite3.Connection, now: float) -> float:
+        row = conn.execute("SELECT rate, updated FROM aimd WHERE bucket=?", (self.bucket,)).fetchone()
+        if row is None:
+            return self.max_rps
+        rate, updated = row
+        regained = INCREASE_PER_SECOND * self.max_rps * max(0.0, now - updated)
+        return min(self.max_rps, rate + regained)
+
+    @property
+    def effective_rps(self) -> float:
+        with self._lock, self._connect() as conn:
+            return self._rate(conn, time.time())
+
+    def on_throttled(self) -> float:
+        """A 429 arrived: cut the shared rate (once per window, however many 429s were in flight)."""
+        with self._lock, self._connect() as conn:
+            now = time.time()
+            row = conn.execute("SELECT last_decrease FROM aimd WHERE bucket=?", (self.bucket,)).fetchone()
+            rate = self._rate(conn, now)
+            if row is not None and now - row[0] < 1.0:
+                return rate
+            rate = max(MIN_RATE, rate * DECREASE_FACTOR)
+            conn.execute(
+                "INSERT OR REPLACE INTO aimd (bucket, rate, updated, last_decrease) VALUES (?,?,?,?)",
+                (self.bucket, rate, now, now),
+            )
+            return rate
+
+    # -- grants -----------------------------------------------------------------------------
+    @staticmethod
+    def _shape(rate: float) -> tuple[int, float]:
+        """(requests allowed, window seconds) for a rate: N per second, or 1 per 1/rate seconds."""
+        if rate >= 1.0:
+            return math.floor(rate), 1.0 + WINDOW_MARGIN
+        return 1, (1.0 / rate) * (1.0 + WINDOW_MARGIN)
+
+    def try_acquire(self) -> float:
+        """Take a grant now and return 0.0, or return how long to wait before trying again."""
+        with self._lock, self._connect() as conn:
+            now = time.time()
+            allowed, window = self._shape(self._rate(conn, now))
+            conn.execute("DELETE FROM grants WHERE bucket=? AND t <= ?", (self.bucket, now - 60.0))
+            times = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT t FROM grants WHERE bucket=? AND t > ? ORDER BY t DESC LIMIT ?",
+                    (self.bucket, now - window, allowed),
+                )
+            ]
+            if len(times) < allowed:
+                conn.execute("INSERT INTO grants (bucket, t) VALUES (?, ?)", (self.bucket, now))
+                return 0.0
+            # The oldest of the last `allowed` grants must leave the window first.
+            return max(0.0005, times[-1] + window - now)
+
+    def acquire(self) -> float:
+        """Block until a request may be sent; returns the seconds spent waiting."""
+        waited = 0.0
+        while True:
+            wait = self.try_acquire()
+            if wait == 0.0:
+                return waited
+            time.sleep(wait)
+            waited += wait
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+class _Tx:
+    """``with _Tx(conn):`` runs the block in one IMMEDIATE (write-locked) transaction."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -1,0 +1,144 @@
+"""Checks on one symbol's event windows, computed from disk (no request is ever made).
+
+ERROR checks guard completeness (partial events, manifest events missing, ``.tmp`` orphans);
+WARN checks guard data quality (timestamps inside the window, sort order, unique sequence
+numbers, the share of quotes with bid <= ask, and the documented schema).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from smallcaps_ingest import shape, store
+from smallcaps_ingest.plan import Window
+
+BID_LE_ASK_MIN_SHARE = 0.98
+EXAMPLES = 5  # offending examples shown per check
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    name: str
+    passed: bool
+    severity: str  # "ERROR" | "WARN"
+    description: str
+    metadata: dict[str, object] = field(default_factory=dict)
+
+
+ERROR_CHECKS = ("no_partial_events", "no_missing_events", "no_tmp_orphans")
+WARN_CHECKS = ("timestamps_in_window", "rows_sorted", "sequence_unique", "quotes_bid_le_ask", "schema_as_documented")
+CHECK_DESCRIPTIONS = {
+    "no_partial_events": "Every event directory holds both trades.parquet and quotes.parquet, or neither.",
+    "no_missing_events": "Every manifest event of the symbol is complete on disk.",
+    "no_tmp_orphans": "No *.tmp* file is left in the partition (an interrupted write).",
+    "timestamps_in_window": "Every trade and sampled quote lies inside its event's [ts_start, ts_end) window.",
+    "rows_sorted": "Trades are sorted by (sip_timestamp, sequence_number); quotes by ts.",
+    "sequence_unique": "sequence_number is unique within each trades file.",
+    "quotes_bid_le_ask": f"At least {BID_LE_ASK_MIN_SHARE:.0%} of quote rows have bid_price <= ask_price.",
+    "schema_as_documented": "Both files carry exactly the documented columns and types.",
+}
+
+
+def _result(name: str, bad: Sequence[object], total: int, **extra: object) -> CheckOutcome:
+    severity = "ERROR" if name in ERROR_CHECKS else "WARN"
+    meta: dict[str, object] = {"failing": len(bad), "checked": total, **extra}
+    if bad:
+        meta["examples"] = ", ".join(str(b) for b in list(bad)[:EXAMPLES])
+    return CheckOutcome(name, not bad, severity, CHECK_DESCRIPTIONS[name], meta)
+
+
+def _read_all(files: list[str]) -> pl.DataFrame | None:
+    if not files:
+        return None
+    return pl.read_parquet(files, include_file_paths="path", allow_missing_columns=True)
+
+
+def evaluate_symbol(
+    data_dir: str | os.PathLike[str], symbol: str, windows: Sequence[Window], hz: float
+) -> list[CheckOutcome]:
+    """All eight checks for one symbol (partition)."""
+    scan = store.scan_symbol(data_dir, symbol)
+    expected = {w.event_id for w in windows}
+    out = [
+        _result("no_partial_events", sorted(scan.partial), len(scan.complete) + len(scan.partial)),
+        _result("no_missing_events", sorted(expected - scan.complete), len(expected)),
+        _result("no_tmp_orphans", [p.name for p in scan.orphans], len(scan.complete)),
+    ]
+    root = store.symbol_dir(data_dir, symbol)
+    events = sorted(scan.complete)
+    trade_files = [str(root / f"event={e}" / "trades.parquet") for e in events]
+    quote_files = [str(root / f"event={e}" / "quotes.parquet") for e in events]
+
+    # schema: metadata only, per file
+    want_q = shape.quotes_schema(hz)
+    bad_schema = [
+        f for f, want in [*((f, shape.TRADES_SCHEMA) for f in trade_files), *((f, want_q) for f in quote_files)]
+        if dict(pl.read_parquet_schema(f)) != want
+    ]
+    bounds = pl.DataFrame(
+        {"event_id": [w.event_id for w in windows], "s": [w.start_ns for w in windows],
+         "e": [w.end_ns for w in windows]},
+        schema={"event_id": pl.String, "s": pl.Int64, "e": pl.Int64},
+    )
+    bad_window: list[str] = []
+    bad_sort: list[str] = []
+    bad_seq: list[str] = []
+    bid_ok = quotes_rows = 0
+    trades = _read_all([f for f in trade_files if f not in bad_schema])
+    if trades is not None and trades.height:
+        t = trades.with_columns(
+            event_id=pl.col("path").str.extract(r"event=([^/\\]+)"),
+            ns=pl.col("sip_timestamp").dt.epoch("ns"),
+        ).join(bounds, on="event_id", how="left")
+        per = t.group_by("event_id").agg(
+            outside=((pl.col("ns") < pl.col("s")) | (pl.col("ns") >= pl.col("e")) | pl.col("s").is_null()).sum(),
+            unsorted=(
+                (pl.col("ns").diff() < 0)
+                | ((pl.col("ns").diff() == 0) & (pl.col("sequence_number").diff() < 0))
+            ).sum(),
+            dup=pl.len() - pl.col("sequence_number").n_unique(),
+        )
+        bad_window += per.filter(pl.col("outside") > 0)["event_id"].to_list()
+        bad_sort += per.filter(pl.col("unsorted") > 0)["event_id"].to_list()
+        bad_seq += per.filter(pl.col("dup") > 0)["event_id"].to_list()
+    quotes = _read_all([f for f in quote_files if f not in bad_schema])
+    if quotes is not None and quotes.height:
+        key = "ts" if hz > 0 else "sip_timestamp"
+        q = quotes.with_columns(
+            event_id=pl.col("path").str.extract(r"event=([^/\\]+)"),
+            ns=pl.col(key).dt.epoch("ns"),
+            sip=pl.col("sip_timestamp").dt.epoch("ns"),
+        ).join(bounds, on="event_id", how="left")
+        # sampled rows: ts in (start, end], the carried quote in [start, ts); raw rows: [start, end)
+        if hz > 0:
+            outside = (pl.col("ns") <= pl.col("s")) | (pl.col("ns") > pl.col("e")) | (pl.col("sip") < pl.col("s")) | (
+                pl.col("sip") >= pl.col("ns"))
+        else:
+            outside = (pl.col("ns") < pl.col("s")) | (pl.col("ns") >= pl.col("e"))
+        per = q.group_by("event_id").agg(
+            outside=(outside | pl.col("s").is_null()).sum(),
+            unsorted=(pl.col("ns").diff() < 0).sum(),
+        )
+        bad_window += per.filter(pl.col("outside") > 0)["event_id"].to_list()
+        bad_sort += per.filter(pl.col("unsorted") > 0)["event_id"].to_list()
+        quotes_rows = q.height
+        bid_ok = q.filter(pl.col("bid_price") <= pl.col("ask_price")).height
+    share = bid_ok / quotes_rows if quotes_rows else 1.0
+    out += [
+        _result("timestamps_in_window", sorted(set(bad_window)), len(events)),
+        _result("rows_sorted", sorted(set(bad_sort)), len(events)),
+        _result("sequence_unique", sorted(set(bad_seq)), len(events)),
+        CheckOutcome(
+            "quotes_bid_le_ask",
+            share >= BID_LE_ASK_MIN_SHARE,
+            "WARN",
+            CHECK_DESCRIPTIONS["quotes_bid_le_ask"],
+            {"share": round(share, 6), "quote_rows": quotes_rows, "min_share": BID_LE_ASK_MIN_SHARE},
+        ),
+        _result("schema_as_documented", [os.path.relpath(f, root) for f in bad_schema], len(events) * 2),
+    ]
+    return out

@@ -1,0 +1,58 @@
+"""The Dagster ``Definitions``: assets, checks, resources and jobs, configured from the environment.
+
+Environment: SMALLCAPS_EVENTS, SMALLCAPS_DATA_DIR (./data), POLYGON_API_KEY, POLYGON_BASE_URL
+(``simulator`` = the bundled simulator), POLYGON_MAX_RPS (90), POLYGON_WORKERS (12),
+SMALLCAPS_QUOTES_HZ (1; 0 = raw quotes), SMALLCAPS_MAX_OVERFETCH (4).
+"""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+from dagster_polars import PolarsParquetIOManager
+
+from smallcaps_ingest.assets import event_windows, event_windows_checks, manifest, symbols_partitions
+from smallcaps_ingest.fetch import OFFICIAL_BASE_URL
+from smallcaps_ingest.resources import IngestSettings, PolygonResource, env_number
+from smallcaps_ingest.sample import SAMPLE_EVENTS_PATH
+
+DATA_DIR = os.path.abspath(os.environ.get("SMALLCAPS_DATA_DIR") or "./data")
+
+settings = IngestSettings(
+    data_dir=DATA_DIR,
+    events_path=os.path.abspath(os.environ.get("SMALLCAPS_EVENTS") or str(SAMPLE_EVENTS_PATH)),
+    quotes_hz=env_number("SMALLCAPS_QUOTES_HZ", 1.0, float, minimum=0),
+    max_overfetch=env_number("SMALLCAPS_MAX_OVERFETCH", 4.0, float, minimum=1),
+)
+polygon = PolygonResource(
+    # An EnvVar reference, never the value: the key stays out of run config and the instance DB.
+    api_key=dg.EnvVar("POLYGON_API_KEY") if os.environ.get("POLYGON_API_KEY") else None,
+    base_url=os.environ.get("POLYGON_BASE_URL") or OFFICIAL_BASE_URL,
+    max_rps=env_number("POLYGON_MAX_RPS", 90.0, float, minimum=0.001),
+    workers=int(env_number("POLYGON_WORKERS", 12, int, minimum=1)),
+)
+
+ingest_job = dg.define_asset_job(
+    "ingest_event_windows",
+    selection=dg.AssetSelection.assets(event_windows),
+    partitions_def=symbols_partitions,
+    description="Fetch the selected symbols' event windows (checks run with it).",
+)
+checks_job = dg.define_asset_job(
+    "check_event_windows",
+    selection=dg.AssetSelection.checks_for_assets(event_windows),
+    partitions_def=symbols_partitions,
+    description="Run the event_windows checks alone, from disk: no download.",
+)
+
+defs = dg.Definitions(
+    assets=[manifest, event_windows],
+    asset_checks=[event_windows_checks],
+    jobs=[ingest_job, checks_job],
+    resources={
+        "polygon": polygon,
+        "settings": settings,
+        "io_manager": PolarsParquetIOManager(base_dir=DATA_DIR),
+    },
+)

@@ -1,0 +1,99 @@
+"""Dagster resources: the Polygon client (pooled session + shared budget) and the settings."""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit
+
+import dagster as dg
+from pydantic import PrivateAttr
+
+from smallcaps_ingest.budget import RequestBudget
+from smallcaps_ingest.fetch import OFFICIAL_BASE_URL, PolygonAuthError, PolygonClient
+
+SIMULATOR = "simulator"
+SIMULATOR_KEY = "simulator-demo-key"  # the bundled simulator accepts any key
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, named with its environment variable."""
+
+
+def env_number(name: str, default: float, kind: type = float, minimum: float | None = None) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return kind(default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be >= {minimum}")
+    return value
+
+
+class PolygonResource(dg.ConfigurableResource):
+    """The Polygon/Massive v3 API: one pooled session and the host-wide request budget.
+
+    ``base_url="simulator"`` starts the bundled simulator in this process (explicit opt-in only).
+    """
+
+    api_key: str | None = None
+    base_url: str = OFFICIAL_BASE_URL
+    max_rps: float = 90.0
+    workers: int = 12
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    budget_path: str | None = None
+
+    _client: PolygonClient | None = PrivateAttr(default=None)
+    _simulator: object | None = PrivateAttr(default=None)
+
+    @property
+    def is_simulator(self) -> bool:
+        return self.base_url.strip().lower() == SIMULATOR
+
+    def preflight(self) -> None:
+        """Fail before any request when no key is set and the simulator was not chosen."""
+        if not self.api_key and not self.is_simulator:
+            raise PolygonAuthError(
+                "POLYGON_API_KEY is not set. Set it to your Polygon/Massive key (trades need Stocks "
+                "Developer, quotes Stocks Advanced), or set POLYGON_BASE_URL=simulator to use the bundled "
+                "simulator. No request was made."
+            )
+
+    def get_client(self) -> PolygonClient:
+        if self._client is None:
+            self.preflight()
+            base, key = self.base_url, self.api_key
+            if self.is_simulator:
+                from smallcaps_ingest.simulator import Simulator
+
+                sim = Simulator().start()
+                self._simulator = sim
+                base, key = sim.base_url, key or SIMULATOR_KEY
+            bucket = urlsplit(base).netloc or base
+            budget = RequestBudget(self.max_rps, self.budget_path, bucket=bucket)
+            self._client = PolygonClient(
+                base, key or "", budget, workers=self.workers,
+                connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
+            )
+        return self._client
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client.budget.close()
+            self._client = None
+        if self._simulator is not None:
+            self._simulator.stop()  # type: ignore[attr-defined]
+            self._simulator = None
+
+
+class IngestSettings(dg.ConfigurableResource):
+    """Where things are and how quotes are shaped (from SMALLCAPS_* environment variables)."""
+
+    data_dir: str = "./data"
+    events_path: str = ""
+    quotes_hz: float = 1.0
+    max_overfetch: float = 4.0

@@ -1,0 +1,145 @@
+"""The on-disk tree: ``event_windows/symbol=SYM/event=EVENT_ID/{trades,quotes}.parquet``.
+
+Every file is written to a temporary file in its own directory, fsynced, then moved into place
+with ``os.replace`` (and the directory fsynced), so a reader or a crash never sees half a file.
+An event is complete when both files exist; one file alone is a partial event.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+FILES = ("trades.parquet", "quotes.parquet")
+TMP_MARK = ".tmp"
+SOURCE_FILE = "_source.json"
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class SourceMismatchError(RuntimeError):
+    """Simulated data must never mix into a tree fetched from the real API (or vice versa)."""
+
+
+def windows_root(data_dir: str | os.PathLike[str]) -> Path:
+    return Path(data_dir) / "event_windows"
+
+
+def _safe(part: str, what: str) -> str:
+    if not _SAFE.match(part) or ".." in part:
+        raise ValueError(f"unsafe {what} for a path component: {part!r}")
+    return part
+
+
+def symbol_dir(data_dir: str | os.PathLike[str], symbol: str) -> Path:
+    return windows_root(data_dir) / f"symbol={_safe(symbol, 'symbol')}"
+
+
+def event_dir(data_dir: str | os.PathLike[str], symbol: str, event_id: str) -> Path:
+    return symbol_dir(data_dir, symbol) / f"event={_safe(event_id, 'event_id')}"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_parquet(df: pl.DataFrame, dest: Path) -> int:
+    """Write `df` to `dest` atomically; returns the bytes written."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}{TMP_MARK}.{os.getpid()}.{time.monotonic_ns()}")
+    try:
+        with open(tmp, "wb") as fh:
+            df.write_parquet(fh, compression="zstd", statistics=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        size = tmp.stat().st_size
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(dest.parent)
+    return size
+
+
+def write_event(data_dir: str | os.PathLike[str], symbol: str, event_id: str,
+                trades: pl.DataFrame, quotes: pl.DataFrame) -> int:
+    """Write both files of one event (quotes last: its presence marks the event complete)."""
+    d = event_dir(data_dir, symbol, event_id)
+    return atomic_write_parquet(trades, d / FILES[0]) + atomic_write_parquet(quotes, d / FILES[1])
+
+
+@dataclass(frozen=True)
+class SymbolScan:
+    complete: frozenset[str]
+    partial: frozenset[str]
+    orphans: tuple[Path, ...]
+    files: int
+    bytes: int
+
+
+def scan_symbol(data_dir: str | os.PathLike[str], symbol: str) -> SymbolScan:
+    """One cheap ``os.scandir`` pass over a symbol's events."""
+    complete: set[str] = set()
+    partial: set[str] = set()
+    orphans: list[Path] = []
+    files = size = 0
+    root = symbol_dir(data_dir, symbol)
+    if not root.is_dir():
+        return SymbolScan(frozenset(), frozenset(), (), 0, 0)
+    with os.scandir(root) as events:
+        for ev in events:
+            if not ev.is_dir() or not ev.name.startswith("event="):
+                if TMP_MARK in ev.name:
+                    orphans.append(Path(ev.path))
+                continue
+            present = 0
+            with os.scandir(ev.path) as entries:
+                for f in entries:
+                    if TMP_MARK in f.name:
+                        orphans.append(Path(f.path))
+                    elif f.name in FILES:
+                        present += 1
+                        files += 1
+                        size += f.stat().st_size
+            eid = ev.name[len("event="):]
+            if present == len(FILES):
+                complete.add(eid)
+            elif present:
+                partial.add(eid)
+    return SymbolScan(frozenset(complete), frozenset(partial), tuple(orphans), files, size)
+
+
+def iter_symbols(data_dir: str | os.PathLike[str]) -> Iterator[str]:
+    root = windows_root(data_dir)
+    if root.is_dir():
+        with os.scandir(root) as it:
+            for e in it:
+                if e.is_dir() and e.name.startswith("symbol="):
+                    yield e.name[len("symbol="):]
+
+
+def check_source(data_dir: str | os.PathLike[str], source: str) -> None:
+    """Record which source filled this tree; refuse to continue with a different one."""
+    path = Path(data_dir) / SOURCE_FILE
+    if path.exists():
+        recorded = json.loads(path.read_text()).get("source")
+        if recorded != source:
+            raise SourceMismatchError(
+                f"{Path(data_dir).resolve()} holds data from source {recorded!r} but this run fetches from "
+                f"{source!r}; simulated and real data must never mix. Use another SMALLCAPS_DATA_DIR."
+            )
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f"{TMP_MARK}.{os.getpid()}")
+    tmp.write_text(json.dumps({"source": source}))
+    os.replace(tmp, path)
