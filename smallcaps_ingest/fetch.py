@@ -146,6 +146,10 @@ class BudgetedRetry(Retry):
         retry.budget = self.budget  # type: ignore[attr-defined]
         return retry  # type: ignore[return-value]
 
+    def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
+        # 429 is ours: it must lower the shared (AIMD) rate, which urllib3 knows nothing about.
+        return status_code != 429 and super().is_retry(method, status_code, has_retry_after)
+
     def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):  # type: ignore[no-untyped-def]  # noqa: E501
         stats = _stats()
         if stats is not None:

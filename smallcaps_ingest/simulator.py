@@ -66,6 +66,8 @@ NS = 1_000_000_000
 MINUTE_NS = 60 * NS
 #: No data before this instant (2000-01-01 00:00 ET); bounds unbounded queries so they terminate.
 DATA_START_NS = 946_702_800 * NS
+#: ... and none from 2200-01-01 on, so absurd far-future bounds cannot walk off the calendar.
+DATA_END_NS = 7_258_118_400 * NS
 MAX_LIMIT = 50_000
 DEFAULT_LIMIT = 1000
 MAX_TICKS_PER_MINUTE = 99_999
@@ -442,6 +444,7 @@ def ground_truth(kind: str, ticker: str, gte_ns: int, lt_ns: int) -> list[dict[s
     if liquidity(ticker) <= 0:
         return out
     gte_ns = max(gte_ns, DATA_START_NS)
+    lt_ns = min(lt_ns, DATA_END_NS)
     for m, k, d in _iter_minutes(gte_ns, lt_ns, False):
         md = _CACHE.get(kind, ticker, m, k, d)
         a, b = _slice(md, m, gte_ns, lt_ns)
@@ -598,7 +601,7 @@ def _collect(qy: _Query, page_size: int, now_ns: int) -> tuple[list[tuple[_Minut
     if liquidity(qy.ticker) <= 0:
         return segs, False
     gte = DATA_START_NS if qy.gte is None else max(qy.gte, DATA_START_NS)
-    lt = now_ns if qy.lt is None else qy.lt
+    lt = min(now_ns if qy.lt is None else qy.lt, DATA_END_NS)
     pm = -1
     ps = pq = 0
     lo, hi = gte, lt
@@ -665,7 +668,7 @@ class SimConfig:
     seed: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RequestRecord:
     """One request as the server saw it (bounds are effective nanosecond bounds, None = unbounded)."""
 
@@ -679,6 +682,22 @@ class RequestRecord:
     rows: int
     had_api_key_in_query: bool
     truncated: bool = False
+
+
+@dataclass(frozen=True)
+class _Arrival:
+    """What was decided when a request arrived (fault draws are taken then, under the lock)."""
+
+    now: float
+    reset: bool
+    limited: bool
+    retry_after: int
+    u_5xx: float
+    u_code: float
+    u_trunc: float
+    u_mode: float
+    u_cut: float
+    u_lat: float
 
 
 def _is_loopback(host: str) -> bool:
@@ -751,6 +770,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.sim._handle(self)
 
     def _not_found(self) -> None:
+        self.close_connection = True  # we never read request bodies, so do not reuse the connection
         self.server.sim._handle(self, force_404=True)
 
     do_POST = do_PUT = do_DELETE = do_PATCH = _not_found
@@ -869,14 +889,10 @@ class Simulator:
 
     # ---- request handling ------------------------------------------------------------------------
 
-    def _write(
-        self,
-        h: _Handler,
-        status: int,
-        body: bytes,
-        extra: list[str] | None = None,
-        declared_len: int | None = None,
-    ) -> int:
+    @staticmethod
+    def _frame(
+        status: int, body: bytes, extra: list[str] | None, declared_len: int | None, close: bool
+    ) -> tuple[bytes, bytes]:
         head = [
             f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
             "Content-Type: application/json",
@@ -885,15 +901,21 @@ class Simulator:
         ]
         if extra:
             head.extend(extra)
-        if h.close_connection:
+        if close:
             head.append("Connection: close")
-        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1"), body
+
+    @staticmethod
+    def _send(h: _Handler, head: bytes, body: bytes) -> None:
         if len(body) < 65536:
-            h.wfile.write(data + body)
+            h.wfile.write(head + body)  # one segment for small responses
         else:
-            h.wfile.write(data)
+            h.wfile.write(head)
             h.wfile.write(body)
-        return len(data) + len(body)
+
+    def _write(self, h: _Handler, status: int, body: bytes) -> None:
+        """Send a response outside the normal path (protocol errors); not counted."""
+        self._send(h, *self._frame(status, body, None, None, h.close_connection))
 
     @staticmethod
     def _route(path: str) -> tuple[str, str | None]:
@@ -910,11 +932,15 @@ class Simulator:
 
     def _handle(self, h: _Handler, force_404: bool = False) -> None:
         cfg = self.config
-        split = urlsplit(h.path)
         q: dict[str, str] = {}
-        for k, v in parse_qsl(split.query, keep_blank_values=True):
-            q.setdefault(k, v)
-        endpoint, ticker = ("other", None) if force_404 else self._route(split.path)
+        try:
+            split = urlsplit(h.path)
+            path = split.path
+            for k, v in parse_qsl(split.query, keep_blank_values=True):
+                q.setdefault(k, v)
+        except ValueError:  # unparseable request target: answer 404 like any unknown path
+            path = ""
+        endpoint, ticker = ("other", None) if force_404 else self._route(path)
         qy: _Query | None = None
         bad: str | None = None
         if ticker is not None:
@@ -926,7 +952,17 @@ class Simulator:
                 )
             except _BadRequest as e:
                 bad = str(e)
-        # Arrival: concurrency, fault draws and the rate limiter, atomically.
+        arr = self._arrive(cfg)
+        try:
+            self._respond(h, cfg, q, endpoint, ticker, qy, bad, arr)
+        except OSError:
+            h.close_connection = True
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def _arrive(self, cfg: SimConfig) -> _Arrival:
+        """Arrival bookkeeping, fault draws and the rate limiter, atomically under the lock."""
         with self._lock:
             now = time.monotonic()
             self._active += 1
@@ -934,16 +970,15 @@ class Simulator:
             if cfg.seed != self._fault_seed:
                 self._fault_rng.seed(cfg.seed)
                 self._fault_seed = cfg.seed
-            fr = self._fault_rng.random
-            u_reset, u_5xx, u_code, u_trunc, u_mode, u_cut, u_lat = (fr() for _ in range(7))
-            reset = u_reset < cfg.reset_rate
+            u = [self._fault_rng.random() for _ in range(7)]
+            reset = u[0] < cfg.reset_rate
             limited = False
             retry_after = 1
+            dq = self._served
             if not reset and cfg.rate_limit_rps is not None:
                 rps = cfg.rate_limit_rps
                 allowed = max(1, int(rps)) if rps >= 1 else 1
                 window = 1.0 if rps >= 1 else 1.0 / max(rps, 1e-9)
-                dq = self._served
                 while dq and dq[0] <= now - window:
                     dq.popleft()
                 if len(dq) >= allowed:
@@ -952,98 +987,114 @@ class Simulator:
                 else:
                     dq.append(now)
             elif not reset:
-                self._served.append(now)
-                if len(self._served) > 100_000:
-                    self._served.popleft()
-        status = 0
+                dq.append(now)  # keep the window warm so turning the limiter on mid-run is exact
+                if len(dq) > 100_000:
+                    dq.popleft()
+        return _Arrival(now, reset, limited, retry_after, *u[1:])
+
+    def _respond(
+        self,
+        h: _Handler,
+        cfg: SimConfig,
+        q: dict[str, str],
+        endpoint: str,
+        ticker: str | None,
+        qy: _Query | None,
+        bad: str | None,
+        arr: _Arrival,
+    ) -> None:
+        """Decide the response, record it, then send it (or reset the connection)."""
+        delay = cfg.latency_ms + cfg.latency_jitter_ms * (2.0 * arr.u_lat - 1.0)
+        if delay > 0:
+            time.sleep(delay / 1000.0)
         rows = 0
-        sent = 0
         truncated = False
-        try:
-            delay = cfg.latency_ms + cfg.latency_jitter_ms * (2.0 * u_lat - 1.0)
-            if delay > 0:
-                time.sleep(delay / 1000.0)
-            rid = os.urandom(16).hex()
-            if reset:
-                h.close_connection = True
-                h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                with h.server.conns_lock:
-                    h.server.rst.add(h.connection)
-                return
-            if limited:
-                status = 429
-                extra = [f"Retry-After: {retry_after}"] if cfg.rate_limit_retry_after else None
-                sent = self._write(h, 429, self._err(rid, error=_ERR_429), extra)
-                return
-            if ticker is None:
-                status = 404
-                sent = self._write(h, 404, self._err(rid, "NOT_FOUND", message="Not found"))
-                return
-            key = self._api_key(h, q)
-            if not key:
-                status = 401
-                sent = self._write(h, 401, self._err(rid, error=_ERR_NO_KEY))
-                return
-            plan = "advanced" if cfg.keys is None else cfg.keys.get(key)
-            if plan is None:
-                status = 401
-                sent = self._write(h, 401, self._err(rid, error=_ERR_BAD_KEY))
-                return
-            if endpoint not in _PLANS.get(plan.lower(), frozenset()):
-                status = 403
-                sent = self._write(h, 403, self._err(rid, "NOT_AUTHORIZED", message=_MSG_NOT_ENTITLED))
-                return
-            if u_5xx < cfg.error_5xx_rate:
-                status = (500, 502, 503)[min(2, int(u_code * 3))]
-                sent = self._write(h, status, self._err(rid, error=_ERR_5XX))
-                return
-            if bad is not None or qy is None:
-                status = 400
-                sent = self._write(h, 400, self._err(rid, error=bad or "bad request"))
-                return
-            body, rows = self._page(qy, rid)
-            status = 200
-            if u_trunc < cfg.truncate_rate and len(body) > 1:
-                truncated = True
-                cut = 1 + int(u_cut * (len(body) - 1))
-                if u_mode < 0.5:
-                    h.close_connection = True  # promised more than we send, then hang up
-                    sent = self._write(h, 200, body[:cut], declared_len=len(body))
-                else:
-                    sent = self._write(h, 200, body[:cut])
-            else:
-                sent = self._write(h, 200, body)
-        except OSError:
+        extra: list[str] | None = None
+        declared: int | None = None
+        body = b""
+        rid = os.urandom(16).hex()
+        if arr.reset:
+            status = 0
+        elif arr.limited:
+            status = 429
+            extra = [f"Retry-After: {arr.retry_after}"] if cfg.rate_limit_retry_after else None
+            body = self._err(rid, error=_ERR_429)
+        elif ticker is None:
+            status = 404
+            body = self._err(rid, "NOT_FOUND", message="Not found")
+        else:
+            status, body = self._auth(h, q, endpoint, cfg, rid)
+        if status == 200 and arr.u_5xx < cfg.error_5xx_rate:
+            status = (500, 502, 503)[min(2, int(arr.u_code * 3))]
+            body = self._err(rid, error=_ERR_5XX)
+        if status == 200 and (bad is not None or qy is None):
+            status = 400
+            body = self._err(rid, error=bad or "bad request")
+        if status == 200 and qy is not None:
+            try:
+                body, rows = self._page(qy, rid, cfg)
+            except Exception:  # a simulator bug must surface as a 500, not as a hung connection
+                traceback.print_exc(file=sys.stderr)
+                status, body = 500, self._err(rid, error=_ERR_5XX)
+        if status == 200 and arr.u_trunc < cfg.truncate_rate and len(body) > 1:
+            truncated = True
+            cut = 1 + int(arr.u_cut * (len(body) - 1))
+            if arr.u_mode < 0.5:
+                h.close_connection = True  # promise the full length, send part, hang up
+                declared = len(body)
+            body = body[:cut]
+        head = b""
+        if status:
+            head, body = self._frame(status, body, extra, declared, h.close_connection)
+        # Record before sending: a client that has its response must already see it in the log.
+        rec = RequestRecord(
+            t=arr.now,
+            endpoint=endpoint,
+            ticker=ticker,
+            status=status,
+            gte_ns=qy.gte if qy else None,
+            lt_ns=qy.lt if qy else None,
+            cursor=qy.cursor if qy else "cursor" in q,
+            rows=rows,
+            had_api_key_in_query="apiKey" in q,
+            truncated=truncated,
+        )
+        with self._lock:
+            self._total += 1
+            bucket = self._counts[endpoint]
+            sk = str(status)
+            bucket[sk] = bucket.get(sk, 0) + 1
+            self._bytes += len(head) + len(body)
+            self._log.append(rec)
+            if status == 0:
+                self._faults["reset"] += 1
+            elif status == 429:
+                self._faults["429"] += 1
+            elif status >= 500:
+                self._faults["5xx"] += 1
+            if truncated:
+                self._faults["truncated"] += 1
+        if arr.reset:
             h.close_connection = True
-        finally:
-            rec = RequestRecord(
-                t=now,
-                endpoint=endpoint,
-                ticker=ticker,
-                status=status,
-                gte_ns=qy.gte if qy else None,
-                lt_ns=qy.lt if qy else None,
-                cursor=qy.cursor if qy else "cursor" in q,
-                rows=rows,
-                had_api_key_in_query="apiKey" in q,
-                truncated=truncated,
-            )
-            with self._lock:
-                self._active -= 1
-                self._total += 1
-                bucket = self._counts[endpoint]
-                sk = str(status)
-                bucket[sk] = bucket.get(sk, 0) + 1
-                self._bytes += sent
-                self._log.append(rec)
-                if status == 0:
-                    self._faults["reset"] += 1
-                elif status == 429:
-                    self._faults["429"] += 1
-                elif status >= 500:
-                    self._faults["5xx"] += 1
-                if truncated:
-                    self._faults["truncated"] += 1
+            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            with h.server.conns_lock:
+                h.server.rst.add(h.connection)
+        else:
+            self._send(h, head, body)
+
+    def _auth(
+        self, h: _Handler, q: dict[str, str], endpoint: str, cfg: SimConfig, rid: str
+    ) -> tuple[int, bytes]:
+        """200 (with empty body) when the key may read this endpoint, else the 401/403 response."""
+        key = self._api_key(h, q)
+        if not key:
+            return 401, self._err(rid, error=_ERR_NO_KEY)
+        plan = "advanced" if cfg.keys is None else cfg.keys.get(key)
+        if plan is None:
+            return 401, self._err(rid, error=_ERR_BAD_KEY)
+        if endpoint not in _PLANS.get(plan.lower(), frozenset()):
+            return 403, self._err(rid, "NOT_AUTHORIZED", message=_MSG_NOT_ENTITLED)
+        return 200, b""
 
     @staticmethod
     def _err(
@@ -1056,9 +1107,8 @@ class Simulator:
             d["message"] = message
         return orjson.dumps(d)
 
-    def _page(self, qy: _Query, rid: str) -> tuple[bytes, int]:
+    def _page(self, qy: _Query, rid: str, cfg: SimConfig) -> tuple[bytes, int]:
         """Assemble a 200 body by joining cached row bytes; returns (body, rows)."""
-        cfg = self.config
         size = qy.limit if cfg.page_cap is None else max(1, min(qy.limit, cfg.page_cap))
         segs, more = _collect(qy, size, time.time_ns())
         if not segs:

@@ -1,0 +1,290 @@
+"""The HTTP client and the fetch engine, over real HTTP against the bundled simulator."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import polars as pl
+import pytest
+import requests
+
+from smallcaps_ingest import shape, store
+from smallcaps_ingest.budget import RequestBudget
+from smallcaps_ingest.fetch import (
+    FetchEngine,
+    FetchStats,
+    PolygonAuthError,
+    PolygonClient,
+    PolygonError,
+    parse_page,
+)
+from smallcaps_ingest.plan import DensityStore, Window
+from smallcaps_ingest.simulator import SimConfig, Simulator, ground_truth
+from smallcaps_ingest_tests.conftest import FIXTURES, REPO, TEST_KEY, ns
+
+MIN = 60_000_000_000
+
+
+def _truth(kind: str, ticker: str, lo: int, hi: int) -> pl.DataFrame:
+    rows = ground_truth(kind, ticker, lo, hi)
+    return pl.DataFrame(
+        {c: [r.get(c) for r in rows] for c in shape.RAW_SCHEMAS[kind]},
+        schema=shape.RAW_SCHEMAS[kind],
+        strict=False,
+    )
+
+
+def _assert_exact(got: pl.DataFrame, kind: str, ticker: str, lo: int, hi: int) -> None:
+    want = _truth(kind, ticker, lo, hi)
+    assert want.height > 0
+    assert got["sequence_number"].n_unique() == got.height, "duplicates"
+    assert got.height == want.height, "gaps or extra rows"
+    assert got.equals(want)
+
+
+def test_pagination_is_exact_under_a_page_cap(sim: Simulator, client: PolygonClient) -> None:
+    sim.config.page_cap = 700
+    lo, hi = ns("2024-03-05T14:30:00"), ns("2024-03-05T14:45:00")
+    stats = FetchStats()
+    got = client.fetch_range("quotes", "BRK.B", lo, hi, stats)
+    _assert_exact(got, "quotes", "BRK.B", lo, hi)
+    assert stats.pages == -(-got.height // 700) >= 10
+    assert stats.requests["quotes"] == stats.pages
+    log = sim.request_log()
+    assert all(r.cursor for r in log[1:]) and not log[0].cursor
+    assert not any(r.had_api_key_in_query for r in log)
+
+
+def test_page_overlap_is_deduplicated_on_sequence_number(sim: Simulator, client: PolygonClient) -> None:
+    sim.config.page_cap = 300
+    sim.config.page_overlap = 3
+    lo, hi = ns("2024-03-05T15:00:00"), ns("2024-03-05T15:10:00")
+    got = client.fetch_range("trades", "AAOI", lo, hi, FetchStats())
+    _assert_exact(got, "trades", "AAOI", lo, hi)
+
+
+def test_desc_default_is_handled(sim: Simulator, client: PolygonClient) -> None:
+    lo, hi = ns("2024-03-05T15:00:00"), ns("2024-03-05T15:03:00")
+    raw = requests.get(
+        f"{sim.base_url}/v3/trades/AAOI",
+        params={"timestamp.gte": lo, "timestamp.lt": hi, "limit": 50000},
+        headers={"Authorization": f"Bearer {TEST_KEY}"},
+        timeout=10,
+    ).json()["results"]
+    stamps = [r["sip_timestamp"] for r in raw]
+    assert stamps == sorted(stamps, reverse=True) and len(stamps) > 10  # the server's default is desc
+    got = client.fetch_range("trades", "AAOI", lo, hi, FetchStats())
+    _assert_exact(got, "trades", "AAOI", lo, hi)  # ascending, as we asked
+
+
+def test_empty_window_and_dead_ticker(client: PolygonClient) -> None:
+    lo = ns("2024-03-05T15:00:00")
+    got = client.fetch_range("trades", "DEAD", lo, lo + 10 * MIN, FetchStats())
+    assert got.height == 0 and got.schema == pl.Schema(shape.RAW_TRADES_SCHEMA)
+
+
+def test_key_never_in_logged_urls_or_exceptions(sim: Simulator, budget: RequestBudget,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    sim.config.page_cap = 200
+    c = PolygonClient(sim.base_url, TEST_KEY, budget)
+    lo = ns("2024-03-05T15:00:00")
+    c.fetch_range("trades", "AAOI", lo, lo + 5 * MIN, FetchStats())
+    sim.config.keys = {"someone-else": "advanced"}
+    with pytest.raises(PolygonAuthError) as auth:
+        c.fetch_range("trades", "AAOI", lo, lo + MIN, FetchStats())
+    dead = PolygonClient("http://127.0.0.1:9", TEST_KEY, budget, max_retries=1, connect_timeout=0.5)
+    with pytest.raises(PolygonError) as conn:
+        dead.fetch_range("trades", "AAOI", lo, lo + MIN, FetchStats())
+    assert "GET /v3/trades/AAOI" in caplog.text  # urllib3 did log the URLs...
+    for text in (caplog.text, str(auth.value), repr(auth.value), str(conn.value), repr(c)):
+        assert TEST_KEY not in text  # ...but never the key
+
+
+def test_auth_errors_name_the_plan_and_are_not_retried(sim: Simulator, budget: RequestBudget) -> None:
+    sim.config.keys = {TEST_KEY: "developer"}
+    c = PolygonClient(sim.base_url, TEST_KEY, budget)
+    lo = ns("2024-03-05T15:00:00")
+    assert c.fetch_range("trades", "AAOI", lo, lo + MIN, FetchStats()).height > 0
+    stats = FetchStats()
+    with pytest.raises(PolygonAuthError, match="Stocks Advanced"):
+        c.fetch_range("quotes", "AAOI", lo, lo + MIN, stats)
+    assert stats.requests["quotes"] == 1
+    assert sim.counters()["requests"]["quotes"] == {"403": 1}
+    with pytest.raises(PolygonAuthError, match="no Polygon API key"):
+        PolygonClient(sim.base_url, "", budget)
+
+
+def test_429_storm_completes_exactly(sim: Simulator, tmp_path: Path) -> None:
+    sim.config.rate_limit_rps = 8
+    sim.config.page_cap = 400
+    budget = RequestBudget(40, tmp_path / "b.sqlite")  # 5x what the server allows
+    c = PolygonClient(sim.base_url, TEST_KEY, budget, workers=8)
+    lo, hi = ns("2024-03-05T14:30:00"), ns("2024-03-05T14:40:00")
+    stats = FetchStats()
+    got = c.fetch_range("trades", "BRK.B", lo, hi, stats)
+    _assert_exact(got, "trades", "BRK.B", lo, hi)
+    assert stats.throttled > 0
+    assert stats.throttled == sum(v.get("429", 0) for v in sim.counters()["requests"].values())
+    assert budget.effective_rps < 40  # AIMD lowered the shared rate
+
+
+def test_429_without_retry_after(sim: Simulator, tmp_path: Path) -> None:
+    sim.config.rate_limit_rps = 2
+    sim.config.rate_limit_retry_after = False
+    sim.config.page_cap = 150
+    c = PolygonClient(sim.base_url, TEST_KEY, RequestBudget(30, tmp_path / "b.sqlite"))
+    lo, hi = ns("2024-03-05T15:00:00"), ns("2024-03-05T15:10:00")
+    stats = FetchStats()
+    _assert_exact(c.fetch_range("trades", "AAOI", lo, hi, stats), "trades", "AAOI", lo, hi)
+    assert stats.throttled > 0
+
+
+def test_truncated_bodies_are_retried(sim: Simulator, client: PolygonClient) -> None:
+    sim.config.truncate_rate = 0.3
+    sim.config.page_cap = 500
+    lo, hi = ns("2024-03-05T14:30:00"), ns("2024-03-05T14:40:00")
+    stats = FetchStats()
+    got = client.fetch_range("quotes", "AAOI", lo, hi, stats)
+    _assert_exact(got, "quotes", "AAOI", lo, hi)
+    assert stats.retries["truncated"] > 0
+    assert stats.retries["truncated"] == sim.counters()["faults"]["truncated"]
+
+
+def test_resets_and_5xx_are_retried_through_the_budget(sim: Simulator, client: PolygonClient) -> None:
+    sim.config.error_5xx_rate = 0.1
+    sim.config.reset_rate = 0.1
+    sim.config.page_cap = 300
+    lo, hi = ns("2024-03-05T14:30:00"), ns("2024-03-05T14:40:00")
+    stats = FetchStats()
+    got = client.fetch_range("trades", "BRK.B", lo, hi, stats)
+    _assert_exact(got, "trades", "BRK.B", lo, hi)
+    faults = sim.counters()["faults"]
+    assert stats.retries["5xx"] == faults["5xx"] > 0
+    assert stats.retries["reset"] == faults["reset"] > 0
+    # every HTTP request, retries included, took a budget grant and was counted
+    assert stats.requests["trades"] == sim.counters()["total"]
+
+
+def test_fixture_payloads_parse() -> None:
+    trades, nxt = parse_page("trades", (FIXTURES / "v3/trades/AAPL&limit=2.json").read_bytes())
+    assert nxt is None and trades.height == 2
+    assert trades.schema == pl.Schema(shape.RAW_TRADES_SCHEMA)
+    row = trades.row(0, named=True)
+    assert row["conditions"] == [12, 37] and row["id"] == "183276" and row["trf_id"] == 3
+    assert row["correction"] == 1 and row["sip_timestamp"] == 1651181822461979400 and row["size"] == 10.0
+    page1, next1 = parse_page("quotes", (FIXTURES / "v3/quotes/AAPL.json").read_bytes())
+    cursor_file = next((FIXTURES / "v3/quotes").glob("AAPL&cursor=*.json"))
+    page2, next2 = parse_page("quotes", cursor_file.read_bytes())
+    assert next1 is not None and "cursor=" in next1 and next2 is None
+    assert page1.height == page2.height == 10
+    both = pl.concat([page1, page2])
+    assert both["sequence_number"].n_unique() == 20
+    assert page1["sequence_number"].min() > page2["sequence_number"].max()  # desc pages
+    for name in ("openapi-examples/v3_trades_stockTicker_200.json", "openapi-examples/v3_quotes_stockTicker_200.json"):
+        kind = "trades" if "trades" in name else "quotes"
+        df, nxt = parse_page(kind, (FIXTURES / name).read_bytes())
+        assert df.height == 2 and nxt
+    # shaping the fixture trades gives the documented schema
+    shaped = shape.shape_trades(trades, 0, 2**62)
+    assert shaped.schema == pl.Schema(shape.TRADES_SCHEMA)
+    assert parse_page("trades", b'{"status":"OK","request_id":"x"}')[0].height == 0  # results missing
+
+
+def test_engine_writes_exact_files_and_resumes(sim: Simulator, client: PolygonClient, tmp_path: Path) -> None:
+    base = ns("2024-03-05T15:00:00")
+    windows = [
+        Window("A1", base - 3 * MIN, base + 7 * MIN),
+        Window("A2", base + 2 * MIN, base + 12 * MIN),  # overlaps A1
+        Window("A3", base + 90 * MIN, base + 100 * MIN),
+        Window("A4", ns("2024-03-06T20:58:00"), ns("2024-03-06T21:08:00")),  # AH, next day
+    ]
+    dead = [Window("D1", base, base + 10 * MIN)]
+    data = tmp_path / "data"
+    engine = FetchEngine(client, str(data), workers=4, hz=1.0, density=DensityStore(data / "_state/d.json"))
+    outcomes = {o.symbol: o for o in engine.run({"AAOI": windows, "DEAD": dead})}
+    assert outcomes["AAOI"].written == 4 and outcomes["DEAD"].written == 1 and outcomes["DEAD"].empty == 1
+    for w in windows:
+        d = store.event_dir(data, "AAOI", w.event_id)
+        trades = pl.read_parquet(d / "trades.parquet")
+        want = shape.shape_trades(_truth("trades", "AAOI", w.start_ns, w.end_ns), w.start_ns, w.end_ns)
+        assert trades.height == want.height > 0 and trades.equals(want)
+        quotes = pl.read_parquet(d / "quotes.parquet")
+        qwant = shape.shape_quotes(_truth("quotes", "AAOI", w.start_ns, w.end_ns), w.start_ns, w.end_ns, 1.0)
+        assert quotes.equals(qwant) and quotes.height == 600  # a liquid ten-minute window
+    empty = store.event_dir(data, "DEAD", "D1")
+    assert pl.read_parquet(empty / "trades.parquet").schema == pl.Schema(shape.TRADES_SCHEMA)
+    assert pl.read_parquet(empty / "quotes.parquet").height == 0
+    assert json.loads((data / "_source.json").read_text()) == {"source": "simulator"}
+    # resume: delete one file; only that event is requested again
+    (store.event_dir(data, "AAOI", "A3") / "quotes.parquet").unlink()
+    sim.reset_counters()
+    again = {o.symbol: o for o in engine.run({"AAOI": windows, "DEAD": dead})}
+    assert again["AAOI"].skipped == 3 and again["AAOI"].written == 1 and again["DEAD"].skipped == 1
+    log = sim.request_log()
+    assert {(r.gte_ns, r.lt_ns) for r in log} == {(windows[2].start_ns, windows[2].end_ns)}
+    assert len(log) == 2  # trades + quotes of A3 only
+
+
+def test_engine_merges_requests(sim: Simulator, client: PolygonClient, tmp_path: Path) -> None:
+    """Five events of a sparse name on one day: once its density is learned (day one), one
+    request range per endpoint on day two, not ten."""
+    engine = FetchEngine(client, str(tmp_path / "d"), workers=4, density=DensityStore(tmp_path / "dens.json"))
+    for day, expect in ((ns("2024-03-05T14:00:00"), None), (ns("2024-03-06T14:00:00"), 2)):
+        sim.reset_counters()
+        ws = [Window(f"X{day}_{i}", day + i * 40 * MIN, day + i * 40 * MIN + 10 * MIN) for i in range(5)]
+        (o,) = engine.run({"XELB": ws})
+        assert o.written == 5
+        assert o.stats.total_requests == sim.counters()["total"] <= 10
+        if expect:
+            assert o.stats.total_requests == expect
+    assert json.loads((tmp_path / "dens.json").read_text())["XELB"]["quotes"]["RTH"][1] > 0
+
+
+def test_engine_failure_is_per_symbol(sim: Simulator, client: PolygonClient, tmp_path: Path) -> None:
+    """A write failure fails its symbol only; other symbols complete and are reported."""
+    data = tmp_path / "d"
+    (data / "event_windows").mkdir(parents=True)
+    (data / "event_windows" / "symbol=KOSS").write_text("not a directory")
+    base = ns("2024-03-05T15:00:00")
+    done: list[str] = []
+    engine = FetchEngine(client, str(data), workers=4)
+    out = {o.symbol: o for o in engine.run(
+        {"AAOI": [Window("a", base, base + MIN)], "KOSS": [Window("k", base, base + MIN)]},
+        on_symbol_done=lambda o: done.append(o.symbol),
+    )}
+    assert out["AAOI"].error is None and out["AAOI"].written == 1
+    assert isinstance(out["KOSS"].error, OSError) and out["KOSS"].stats.errors["write"] == 1
+    assert sorted(done) == ["AAOI", "KOSS"]
+    assert not list((data / "event_windows").rglob("*.tmp*"))
+
+
+def test_two_processes_share_one_budget(tmp_path: Path) -> None:
+    """Two OS processes, one budget file: never more than the budget in any second at the server."""
+    with Simulator(SimConfig(latency_ms=5)) as s:
+        script = textwrap.dedent(f"""
+            import sys
+            from smallcaps_ingest.budget import RequestBudget
+            from smallcaps_ingest.fetch import FetchStats, PolygonClient
+            b = RequestBudget(20, {str(tmp_path / 'shared.sqlite')!r}, bucket="sim")
+            c = PolygonClient({s.base_url!r}, "k", b, workers=1)
+            lo = 1709650800000000000
+            st = FetchStats()
+            for i in range(45):
+                c.fetch_range("trades", "DEAD", lo + i, lo + i + 10, st)
+            print(st.total_requests)
+        """)
+        procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+        outs = [p.communicate(timeout=60)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs)
+        assert sum(int(o) for o in outs) == 90 == s.counters()["total"]
+        assert s.max_in_window(1.0) <= 20
+        log = s.request_log()
+        span = log[-1].t - log[0].t
+        assert span >= (90 - 20) / 20 * 0.99  # 90 requests at 20/s need >= 3.5 s

@@ -1,0 +1,186 @@
+"""Shaping (quote grid semantics on hand-built quotes), request planning and the budget."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from smallcaps_ingest import shape
+from smallcaps_ingest.budget import RequestBudget
+from smallcaps_ingest.plan import DensityStore, Window, plan_kind, plan_symbol, session_segments
+from smallcaps_ingest_tests.conftest import ns
+
+S = 1_000_000_000
+MIN = 60 * S
+
+
+def _quotes(rows: list[tuple[int, int, float, float]]) -> pl.DataFrame:
+    """(sip_ns, seq, bid, ask) -> a raw quotes frame."""
+    return pl.DataFrame(
+        {
+            "sip_timestamp": [r[0] for r in rows],
+            "sequence_number": [r[1] for r in rows],
+            "bid_price": [r[2] for r in rows],
+            "ask_price": [r[3] for r in rows],
+            "bid_size": [100.0] * len(rows),
+            "ask_size": [200.0] * len(rows),
+            "bid_exchange": [11] * len(rows),
+            "ask_exchange": [12] * len(rows),
+        }
+    ).with_columns(pl.col(c).cast(t) for c, t in shape.RAW_QUOTES_SCHEMA.items() if c in
+                   ("sip_timestamp", "sequence_number", "bid_exchange", "ask_exchange"))
+
+
+def test_quote_grid_semantics() -> None:
+    t0 = 1_000 * S
+    raw = _quotes([
+        (t0 - 1, 1, 9.0, 9.5),          # before the window: never used (no look-back)
+        (t0 + 1_500_000_000, 2, 10.0, 10.1),   # bucket 1 (1.5 s)
+        (t0 + 2_000_000_000, 3, 10.2, 10.3),   # exactly on the edge of bucket 1/2: belongs to bucket 2
+        (t0 + 2_100_000_000, 4, 10.4, 10.5),   # bucket 2
+        (t0 + 5_999_999_999, 5, 11.0, 11.1),   # last ns of bucket 5
+        (t0 + 6_000_000_000, 6, 12.0, 12.1),   # at the window end: outside
+    ])
+    out = shape.shape_quotes(raw, t0, t0 + 6 * S, hz=1.0)
+    assert out.schema == pl.Schema(shape.QUOTES_SCHEMA)
+    # bucket 0 [0,1s) has no quote before its right edge -> left out; buckets 1..5 present
+    assert out["ts"].dt.epoch("ns").to_list() == [t0 + k * S for k in (2, 3, 4, 5, 6)]
+    # NBBO as known at ts: the last quote strictly before ts (the 2.0 s quote is NOT known at ts=2.0 s)
+    assert out["sequence_number"].to_list() == [2, 4, 4, 4, 5]
+    assert out["bid_price"].to_list() == [10.0, 10.4, 10.4, 10.4, 11.0]
+    assert out["sip_timestamp"].dt.epoch("ns").to_list()[0] == t0 + 1_500_000_000
+    # raw quotes inside each bucket [left, right)
+    assert out["quote_count"].to_list() == [1, 2, 0, 0, 1]
+
+
+def test_quote_grid_partial_last_bucket_and_raw_mode() -> None:
+    t0 = 0
+    raw = _quotes([(100, 1, 1.0, 2.0), (2_600_000_000, 2, 1.5, 2.5)])
+    out = shape.shape_quotes(raw, t0, 2_500_000_000 + 200_000_000, hz=1.0)  # 2.7 s window
+    assert out["ts"].dt.epoch("ns").to_list() == [S, 2 * S, 2_700_000_000]
+    assert out["quote_count"].to_list() == [1, 0, 1]
+    assert out["sequence_number"].to_list() == [1, 1, 2]  # the 2.6 s quote is known at ts=2.7 s
+    two_hz = shape.shape_quotes(raw, 0, S, hz=2.0)
+    assert two_hz["ts"].dt.epoch("ns").to_list() == [S // 2, S]
+    rawmode = shape.shape_quotes(raw, 0, 10 * S, hz=0)
+    assert rawmode.height == 2 and rawmode.schema == pl.Schema(shape.RAW_QUOTES_OUT_SCHEMA)
+    empty = shape.shape_quotes(shape.empty_raw("quotes"), 0, 600 * S, hz=1.0)
+    assert empty.height == 0 and empty.schema == pl.Schema(shape.QUOTES_SCHEMA)
+
+
+def test_trades_window_and_order() -> None:
+    raw = pl.DataFrame(
+        {"sip_timestamp": [5, 1, 3, 3, 10], "sequence_number": [5, 1, 4, 3, 9], "price": [1.0] * 5},
+    ).with_columns(pl.col("sip_timestamp", "sequence_number").cast(pl.Int64))
+    for col, dtype in shape.RAW_TRADES_SCHEMA.items():
+        if col not in raw.columns:
+            raw = raw.with_columns(pl.lit(None, dtype).alias(col))
+    out = shape.shape_trades(raw, 1, 10)
+    assert out["sequence_number"].to_list() == [1, 3, 4, 5]  # [1, 10), sorted by (ts, seq)
+    assert out.schema == pl.Schema(shape.TRADES_SCHEMA)
+
+
+def test_session_segments_split_at_boundaries() -> None:
+    # 2024-03-05 09:20 -> 09:40 ET (14:20 -> 14:40 UTC, EST)
+    segs = session_segments(ns("2024-03-05T14:20:00"), ns("2024-03-05T14:40:00"))
+    assert segs == [("PM", 600.0), ("RTH", 600.0)]
+    # DST: 2024-03-11 09:30 ET is 13:30 UTC
+    segs = session_segments(ns("2024-03-11T13:25:00"), ns("2024-03-11T13:35:00"))
+    assert segs == [("PM", 300.0), ("RTH", 300.0)]
+
+
+def _w(i: int, start: int, minutes: int = 10) -> Window:
+    return Window(f"e{i}", start, start + minutes * MIN)
+
+
+def test_plan_merges_overlaps_always_and_gaps_when_cheap(tmp_path: Path) -> None:
+    day = ns("2024-03-05T15:00:00")
+    dens = DensityStore(None)
+    # overlapping + adjacent: one range, exactly the union (no over-fetch)
+    ranges = plan_kind("AAOI", "trades", [_w(0, day), _w(1, day + 5 * MIN), _w(2, day + 15 * MIN)], dens)
+    assert [(r.start_ns, r.end_ns) for r in ranges] == [(day, day + 25 * MIN)]
+    assert sorted(w.event_id for w in ranges[0].events) == ["e0", "e1", "e2"]
+    # a gap on the same day: merged while it saves pages and stays within 4x the needed rows
+    near = plan_kind("AAOI", "trades", [_w(0, day), _w(1, day + 30 * MIN)], dens)
+    assert len(near) == 1
+    far = plan_kind("AAOI", "trades", [_w(0, day), _w(1, day + 80 * MIN)], dens)  # 90 min > 4 x 20 min
+    assert len(far) == 2
+    # never across days
+    nxt = plan_kind("AAOI", "trades", [_w(0, day), _w(1, day + 24 * 60 * MIN)], dens, max_overfetch=1e9)
+    assert len(nxt) == 2
+
+
+def test_plan_keeps_dense_names_one_range_per_event() -> None:
+    dens = DensityStore(None)
+    day = ns("2024-03-05T15:00:00")
+    # learn a dense quotes name: 150 quotes/s in RTH -> 90,000 rows per 10-minute window
+    dens.observe("HVY", "quotes", day, day + 10 * MIN, 90_000)
+    ws = [_w(0, day), _w(1, day + 40 * MIN)]
+    assert len(plan_kind("HVY", "quotes", ws, dens)) == 2  # merging would not save a page
+    sparse = DensityStore(None)
+    sparse.observe("XELB", "quotes", day, day + 10 * MIN, 30)
+    spread = [_w(i, day + i * 25 * MIN) for i in range(5)]
+    ranges = plan_symbol("XELB", spread, sparse)
+    assert len([r for r in ranges if r.kind == "quotes"]) == 1
+
+
+def test_density_store_merges_concurrent_saves(tmp_path: Path) -> None:
+    p = tmp_path / "d.json"
+    a, b = DensityStore(p), DensityStore(p)
+    day = ns("2024-03-05T15:00:00")
+    a.observe("AAOI", "trades", day, day + MIN, 60)
+    b.observe("AAOI", "trades", day, day + MIN, 120)
+    a.save()
+    b.save()
+    merged = DensityStore(p)
+    assert merged._obs["AAOI"]["trades"]["RTH"] == [180.0, 120.0]
+    assert merged.density("AAOI", "trades", "RTH") == pytest.approx((180 + 2.0 * 60) / (120 + 60))
+
+
+def test_budget_limits_threads_in_any_window(tmp_path: Path) -> None:
+    b = RequestBudget(25, tmp_path / "b.sqlite")
+    stamps: list[float] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(10):
+            b.acquire()
+            with lock:
+                stamps.append(time.time())
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stamps.sort()
+    assert len(stamps) == 80
+    worst = max(sum(1 for s in stamps if t <= s < t + 1.0) for t in stamps)
+    assert worst <= 25
+    assert stamps[-1] - stamps[0] >= (80 - 25) / 25 * 0.99
+
+
+def test_budget_aimd_cuts_and_recovers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    b = RequestBudget(100, tmp_path / "b.sqlite")
+    assert b.effective_rps == 100
+    assert b.on_throttled() == pytest.approx(70, rel=0.01)
+    assert b.on_throttled() == pytest.approx(70, rel=0.01)  # at most one cut per window
+    other = RequestBudget(100, tmp_path / "b.sqlite")  # another process sees the cut rate
+    assert other.effective_rps < 75
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 10)  # 10 s later: +2 %/s of the budget
+    assert b.effective_rps == pytest.approx(90, abs=1)
+    monkeypatch.setattr(time, "time", lambda: real() + 60)
+    assert b.effective_rps == 100
+
+
+def test_budget_rejects_bad_rate(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="POLYGON_MAX_RPS"):
+        RequestBudget(0, tmp_path / "b.sqlite")
+    slow = RequestBudget(0.5, tmp_path / "s.sqlite")  # below one per second: 1 per 2 s
+    assert slow.try_acquire() == 0.0
+    assert 1.9 < slow.try_acquire() <= 2.03
