@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from smallcaps_ingest.plan import Window
+from smallcaps_ingest.plan import Window, et_day
 from smallcaps_ingest.simulator import LIQUIDITY, liquidity
 
 ET = ZoneInfo("America/New_York")
@@ -171,7 +171,7 @@ def to_work(events: Iterable[Event]) -> dict[str, list[Window]]:
 
 def describe(events: list[Event]) -> str:
     syms = {e.symbol for e in events}
-    days = {(e.symbol, e.start_ns // (86_400 * NS)) for e in events}
+    days = {(e.symbol, et_day(e.start_ns + BEFORE_NS)) for e in events}
     liq = sorted(liquidity(s) for s in syms)
     lo, hi = (liq[0], liq[-1]) if liq else (0.0, 0.0)
     return f"{len(events)} events, {len(syms)} symbols, {len(days)} symbol-days, liquidity {lo:.2f}-{hi:.2f}"

@@ -20,7 +20,7 @@ MIN = 60 * S
 
 def _quotes(rows: list[tuple[int, int, float, float]]) -> pl.DataFrame:
     """(sip_ns, seq, bid, ask) -> a raw quotes frame."""
-    return pl.DataFrame(
+    df = pl.DataFrame(
         {
             "sip_timestamp": [r[0] for r in rows],
             "sequence_number": [r[1] for r in rows],
@@ -31,8 +31,10 @@ def _quotes(rows: list[tuple[int, int, float, float]]) -> pl.DataFrame:
             "bid_exchange": [11] * len(rows),
             "ask_exchange": [12] * len(rows),
         }
-    ).with_columns(pl.col(c).cast(t) for c, t in shape.RAW_QUOTES_SCHEMA.items() if c in
-                   ("sip_timestamp", "sequence_number", "bid_exchange", "ask_exchange"))
+    )
+    return df.select(
+        (pl.col(c) if c in df.columns else pl.lit(None)).cast(t).alias(c) for c, t in shape.RAW_QUOTES_SCHEMA.items()
+    )
 
 
 def test_quote_grid_semantics() -> None:
