@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+import _bootstrap  # noqa: F401
+
 from smallcaps_ingest.plan import Window, et_day
 from smallcaps_ingest.simulator import LIQUIDITY, liquidity
 

@@ -12,7 +12,7 @@ import os
 import dagster as dg
 from dagster_polars import PolarsParquetIOManager
 
-from smallcaps_ingest.assets import event_windows, event_windows_checks, manifest, symbols_partitions
+from smallcaps_ingest.assets import event_windows, event_windows_checks, manifest
 from smallcaps_ingest.fetch import OFFICIAL_BASE_URL
 from smallcaps_ingest.resources import IngestSettings, PolygonResource, env_number
 from smallcaps_ingest.sample import SAMPLE_EVENTS_PATH
@@ -36,13 +36,11 @@ polygon = PolygonResource(
 ingest_job = dg.define_asset_job(
     "ingest_event_windows",
     selection=dg.AssetSelection.assets(event_windows),
-    partitions_def=symbols_partitions,
     description="Fetch the selected symbols' event windows (checks run with it).",
 )
 checks_job = dg.define_asset_job(
     "check_event_windows",
     selection=dg.AssetSelection.checks_for_assets(event_windows),
-    partitions_def=symbols_partitions,
     description="Run the event_windows checks alone, from disk: no download.",
 )
 

@@ -1,0 +1,242 @@
+"""The Dagster project: definitions, the IO manager pin, and end-to-end runs through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from smallcaps_ingest import shape, store
+from smallcaps_ingest.fetch import windows_from_frame
+from smallcaps_ingest.simulator import SimConfig, Simulator, ground_truth
+from smallcaps_ingest_tests.conftest import BIN, REPO, TEST_KEY, cli_env
+
+CHECK_NAMES = {
+    "no_partial_events", "no_missing_events", "no_tmp_orphans", "timestamps_in_window", "rows_sorted",
+    "sequence_unique", "quotes_bid_le_ask", "schema_as_documented",
+}
+
+
+def dagster(env: dict[str, str], *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([str(BIN / "dagster"), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    if ok and proc.returncode != 0:
+        raise AssertionError(f"dagster {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def materialize(env: dict[str, str], *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    return dagster(env, "asset", "materialize", "-m", "smallcaps_ingest", *args, ok=ok)
+
+
+def _instance(env: dict[str, str]) -> dg.DagsterInstance:
+    """The CLI's instance, opened the way the CLI opens it (dagster.yaml reads DAGSTER_HOME)."""
+    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
+    return dg.DagsterInstance.from_config(env["DAGSTER_HOME"])
+
+
+def _truth(kind: str, ticker: str, lo: int, hi: int) -> pl.DataFrame:
+    rows = ground_truth(kind, ticker, lo, hi)
+    return pl.DataFrame({c: [r.get(c) for r in rows] for c in shape.RAW_SCHEMAS[kind]},
+                        schema=shape.RAW_SCHEMAS[kind], strict=False)
+
+
+@pytest.fixture
+def sim() -> Iterator[Simulator]:
+    with Simulator(SimConfig()) as s:
+        yield s
+
+
+@pytest.fixture
+def env(tmp_path: Path, sim: Simulator) -> dict[str, str]:
+    return cli_env(tmp_path, POLYGON_BASE_URL=sim.base_url, POLYGON_API_KEY=TEST_KEY, POLYGON_MAX_RPS="200",
+                   POLYGON_BUDGET_PATH=str(tmp_path / "budget.sqlite"))
+
+
+def test_definitions_graph() -> None:
+    from smallcaps_ingest import defs
+
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert keys == {"manifest", "event_windows"}
+    windows = graph.get(dg.AssetKey("event_windows"))
+    assert {p.to_user_string() for p in windows.parent_keys} == {"manifest"}
+    assert isinstance(windows.partitions_def, dg.DynamicPartitionsDefinition)
+    assert windows.partitions_def.name == "symbols"
+    assert windows.backfill_policy == dg.BackfillPolicy.single_run()
+    assets_def = defs.resolve_assets_def("event_windows")
+    assert assets_def.op.pool == "polygon_api"
+    checks = {k.name for k in graph.asset_check_keys if k.asset_key == dg.AssetKey("event_windows")}
+    assert checks == CHECK_NAMES
+    assert graph.get(dg.AssetKey("manifest")).partitions_def is None
+    jobs = {j.name for j in defs.resolve_all_job_defs()}
+    assert {"ingest_event_windows", "check_event_windows"} <= jobs
+    assert set(defs.resources) >= {"polygon", "settings", "io_manager"}
+
+
+def test_manifest_loads_through_the_polars_io_manager(tmp_path: Path, sim: Simulator) -> None:
+    """Catches the dagster-polars / polars 2.x pin: event_windows loads manifest via the IO manager."""
+    from dagster_polars import PolarsParquetIOManager
+
+    from smallcaps_ingest.assets import event_windows, manifest
+    from smallcaps_ingest.resources import IngestSettings, PolygonResource
+    from smallcaps_ingest.sample import SAMPLE_EVENTS_PATH
+
+    data = tmp_path / "data"
+    resources = {
+        "io_manager": PolarsParquetIOManager(base_dir=str(data)),
+        "settings": IngestSettings(data_dir=str(data), events_path=str(SAMPLE_EVENTS_PATH)),
+        "polygon": PolygonResource(api_key=TEST_KEY, base_url=sim.base_url, max_rps=500,
+                                   budget_path=str(tmp_path / "b.sqlite")),
+    }
+    with dg.instance_for_test() as instance:
+        r1 = dg.materialize([manifest], resources=resources, instance=instance)
+        assert r1.success
+        assert (data / "manifest.parquet").exists()
+        df = r1.output_for_node("manifest")
+        assert df.height == 300 and df.columns[:7] == ["event_id", "symbol", "event_type", "timestamp",
+                                                      "ts_start", "ts_end", "session"]
+        assert instance.get_dynamic_partitions("symbols")[:3] == ["AAOI", "BBIG", "BRK.B"]
+        # event_windows gets its `manifest` input from PolarsParquetIOManager (scan_parquet + collect)
+        r2 = dg.materialize([manifest, event_windows], selection=[event_windows], partition_key="XELB",
+                            resources=resources, instance=instance)
+        assert r2.success
+        (mat,) = r2.asset_materializations_for_node("event_windows")
+        assert mat.metadata["events_total"].value == 10 == mat.metadata["events_complete"].value
+
+
+def _assert_symbol_exact(data: Path, symbol: str, manifest: pl.DataFrame) -> int:
+    ws = windows_from_frame(manifest.filter(pl.col("symbol") == symbol))
+    for w in ws:
+        d = store.event_dir(data, symbol, w.event_id)
+        got_t = pl.read_parquet(d / "trades.parquet")
+        got_q = pl.read_parquet(d / "quotes.parquet")
+        want_t = shape.shape_trades(_truth("trades", symbol, w.start_ns, w.end_ns), w.start_ns, w.end_ns)
+        want_q = shape.shape_quotes(_truth("quotes", symbol, w.start_ns, w.end_ns), w.start_ns, w.end_ns, 1.0)
+        assert got_t.equals(want_t), (symbol, w.event_id)
+        assert got_q.equals(want_q), (symbol, w.event_id)
+    return len(ws)
+
+
+def _check_status(instance: dg.DagsterInstance) -> dict[tuple[str, str], str]:
+    keys = [dg.AssetCheckKey(dg.AssetKey("event_windows"), n) for n in CHECK_NAMES]
+    return {
+        (i.check_key.name, i.partition_key): i.latest_execution_status.value
+        for i in instance.event_log_storage.get_asset_check_partition_info(keys)
+    }
+
+
+def test_cli_end_to_end_resume_and_checks(env: dict[str, str], sim: Simulator, tmp_path: Path) -> None:
+    data = Path(env["SMALLCAPS_DATA_DIR"])
+    out = materialize(env, "--select", "manifest")
+    manifest = pl.read_parquet(data / "manifest.parquet")
+    assert manifest.height == 300
+    materialize(env, "--select", "event_windows", "--partition", "AAOI")
+    assert sim.counters()["total"] > 0
+    materialize(env, "--select", "event_windows", "--partition-range", "BBIG...CLOV")  # BBIG, BRK.B, CLOV
+    instance = _instance(env)
+    assert instance.get_materialized_partitions(dg.AssetKey("event_windows")) == {"AAOI", "BBIG", "BRK.B", "CLOV"}
+    events = sum(_assert_symbol_exact(data, s, manifest) for s in ("AAOI", "BBIG", "BRK.B", "CLOV"))
+    assert events == 20 + 22 + 14 + 24
+    status = _check_status(instance)
+    for sym in ("AAOI", "BBIG", "BRK.B", "CLOV"):
+        for name in CHECK_NAMES:
+            assert status[(name, sym)] == "SUCCEEDED", (name, sym)
+    # per-symbol materialization metadata from the multi-symbol run
+    rec = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("event_windows"), asset_partitions=["BRK.B"]), limit=1
+    ).records[0]
+    meta = rec.asset_materialization.metadata
+    assert meta["events_total"].value == 14 == meta["events_complete"].value
+    assert meta["requests"].value > 0 and meta["events_per_min"].value > 0
+
+    # resume: delete one file; only that event is requested again, counted at the simulator
+    victim = windows_from_frame(manifest.filter(pl.col("symbol") == "AAOI"))[5]
+    (store.event_dir(data, "AAOI", victim.event_id) / "trades.parquet").unlink()
+    sim.reset_counters()
+    materialize(env, "--select", "event_windows", "--partition", "AAOI")
+    log = sim.request_log()
+    assert len(log) == 2 and {(r.endpoint, r.gte_ns, r.lt_ns) for r in log} == {
+        ("trades", victim.start_ns, victim.end_ns), ("quotes", victim.start_ns, victim.end_ns)}
+    _assert_symbol_exact(data, "AAOI", manifest)
+
+    # the checks alone: no download, and they see a partial event
+    (store.event_dir(data, "CLOV", windows_from_frame(manifest.filter(pl.col("symbol") == "CLOV"))[0].event_id)
+     / "quotes.parquet").unlink()
+    sim.reset_counters()
+    dagster(env, "job", "execute", "-m", "smallcaps_ingest", "-j", "check_event_windows",
+            "--tags", json.dumps({"dagster/partition": "CLOV"}))
+    assert sim.counters()["total"] == 0
+    status = _check_status(_instance(env))
+    assert status[("no_partial_events", "CLOV")] == "FAILED"
+    assert status[("no_missing_events", "CLOV")] == "FAILED"
+    assert status[("rows_sorted", "CLOV")] == "SUCCEEDED"
+
+    # the key is nowhere: not in the instance, the data, the logs
+    blobs = [out.stdout, out.stderr]
+    for root in (Path(env["DAGSTER_HOME"]), data):
+        blobs += [p.read_bytes().decode("latin-1") for p in root.rglob("*") if p.is_file()]
+    assert not any(TEST_KEY in b for b in blobs)
+
+
+def test_partial_failure_keeps_completed_symbols(env: dict[str, str]) -> None:
+    data = Path(env["SMALLCAPS_DATA_DIR"])
+    materialize(env, "--select", "manifest")
+    (data / "event_windows").mkdir(parents=True, exist_ok=True)
+    (data / "event_windows" / "symbol=BRK.B").write_text("a file where a directory belongs")
+    proc = materialize(env, "--select", "event_windows", "--partition-range", "AAOI...CLOV", ok=False)
+    assert proc.returncode != 0
+    assert "1 of 4 symbols failed: BRK.B" in proc.stdout + proc.stderr
+    assert _instance(env).get_materialized_partitions(dg.AssetKey("event_windows")) == {"AAOI", "BBIG", "CLOV"}
+
+
+def test_no_key_stops_before_any_request(env: dict[str, str], sim: Simulator) -> None:
+    materialize(env, "--select", "manifest")
+    no_key = {k: v for k, v in env.items() if k != "POLYGON_API_KEY"}
+    proc = materialize(no_key, "--select", "event_windows", "--partition", "AAOI", ok=False)
+    assert proc.returncode != 0
+    assert "POLYGON_API_KEY is not set" in proc.stdout + proc.stderr
+    assert sim.counters()["total"] == 0
+    assert not (Path(env["SMALLCAPS_DATA_DIR"]) / "event_windows").exists()
+
+
+def test_simulated_data_never_mixes_with_real(env: dict[str, str], sim: Simulator) -> None:
+    data = Path(env["SMALLCAPS_DATA_DIR"])
+    materialize(env, "--select", "manifest")
+    (data / "_source.json").write_text(json.dumps({"source": "polygon"}))
+    proc = materialize(env, "--select", "event_windows", "--partition", "AAOI", ok=False)
+    assert "simulated and real data must never mix" in proc.stdout + proc.stderr
+    assert not (data / "event_windows").exists() or not any((data / "event_windows").rglob("*.parquet"))
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (pl.DataFrame({"symbol": ["AAOI"], "event_type": ["news"]}), "timestamp"),
+        (pl.DataFrame({"symbol": ["../etc"], "event_type": ["news"],
+                       "timestamp": pl.Series(["2024-03-05 15:00:00"]).str.to_datetime(time_zone="UTC")}),
+         "../etc"),
+        (pl.DataFrame({"symbol": ["AAOI"], "event_type": ["news"],
+                       "timestamp": pl.Series(["2024-03-05 15:00:00"]).str.to_datetime()}), "time zone"),
+    ],
+)
+def test_bad_events_fail_clearly_and_write_nothing(tmp_path: Path, frame: pl.DataFrame, message: str) -> None:
+    bad = tmp_path / "bad.parquet"
+    frame.write_parquet(bad)
+    env = cli_env(tmp_path, POLYGON_BASE_URL="simulator", SMALLCAPS_EVENTS=str(bad))
+    proc = materialize(env, "--select", "manifest", ok=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert not Path(env["SMALLCAPS_DATA_DIR"]).exists() or not any(Path(env["SMALLCAPS_DATA_DIR"]).iterdir())
+
+
+def test_bad_environment_is_named(tmp_path: Path) -> None:
+    env = cli_env(tmp_path, POLYGON_BASE_URL="simulator", POLYGON_MAX_RPS="fast")
+    proc = materialize(env, "--select", "manifest", ok=False)
+    assert "POLYGON_MAX_RPS='fast' is not a valid float" in proc.stdout + proc.stderr
