@@ -1,6 +1,5 @@
 """Dagster glue: manifest -> event_windows (partitioned by symbol) and its checks. Kept thin."""
 
-
 import queue
 import threading
 from datetime import date
@@ -40,7 +39,9 @@ def _date(value: str | None, name: str) -> date | None:
     description="Validated, de-duplicated events with their [-3, +7] min windows; registers symbols.",
     group_name="ingest",
 )
-def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, settings: IngestSettings) -> pl.DataFrame:
+def manifest(
+    context: dg.AssetExecutionContext, config: ManifestConfig, settings: IngestSettings
+) -> pl.DataFrame:
     from datetime import timedelta
 
     events = read_events(settings.events_path)

@@ -30,12 +30,18 @@ class CheckOutcome:
 
 
 ERROR_CHECKS = ("no_partial_events", "no_missing_events", "no_tmp_orphans")
-WARN_CHECKS = ("timestamps_in_window", "rows_sorted", "sequence_unique", "quotes_bid_le_ask", "schema_as_documented")
+WARN_CHECKS = (
+    "timestamps_in_window",
+    "rows_sorted",
+    "sequence_unique",
+    "quotes_bid_le_ask",
+    "schema_as_documented",
+)
 CHECK_DESCRIPTIONS = {
     "no_partial_events": "Every event directory holds both trades.parquet and quotes.parquet, or neither.",
     "no_missing_events": "Every manifest event of the symbol is complete on disk.",
     "no_tmp_orphans": "No *.tmp* file is left in the partition (an interrupted write).",
-    "timestamps_in_window": "Every trade and sampled quote lies inside its event's [ts_start, ts_end) window.",
+    "timestamps_in_window": "Every trade and sampled quote lies inside its event window [ts_start, ts_end).",
     "rows_sorted": "Trades are sorted by (sip_timestamp, sequence_number); quotes by ts.",
     "sequence_unique": "sequence_number is unique within each trades file.",
     "quotes_bid_le_ask": f"At least {BID_LE_ASK_MIN_SHARE:.0%} of quote rows have bid_price <= ask_price.",
@@ -76,12 +82,16 @@ def evaluate_symbol(
     # schema: metadata only, per file
     want_q = shape.quotes_schema(hz)
     bad_schema = [
-        f for f, want in [*((f, shape.TRADES_SCHEMA) for f in trade_files), *((f, want_q) for f in quote_files)]
+        f
+        for f, want in [*((f, shape.TRADES_SCHEMA) for f in trade_files), *((f, want_q) for f in quote_files)]
         if dict(pl.read_parquet_schema(f)) != want
     ]
     bounds = pl.DataFrame(
-        {"event_id": [w.event_id for w in windows], "s": [w.start_ns for w in windows],
-         "e": [w.end_ns for w in windows]},
+        {
+            "event_id": [w.event_id for w in windows],
+            "s": [w.start_ns for w in windows],
+            "e": [w.end_ns for w in windows],
+        },
         schema={"event_id": pl.String, "s": pl.Int64, "e": pl.Int64},
     )
     bad_window: list[str] = []
@@ -95,7 +105,9 @@ def evaluate_symbol(
             ns=pl.col("sip_timestamp").dt.epoch("ns"),
         ).join(bounds, on="event_id", how="left")
         per = t.group_by("event_id").agg(
-            outside=((pl.col("ns") < pl.col("s")) | (pl.col("ns") >= pl.col("e")) | pl.col("s").is_null()).sum(),
+            outside=(
+                (pl.col("ns") < pl.col("s")) | (pl.col("ns") >= pl.col("e")) | pl.col("s").is_null()
+            ).sum(),
             unsorted=(
                 (pl.col("ns").diff() < 0)
                 | ((pl.col("ns").diff() == 0) & (pl.col("sequence_number").diff() < 0))
@@ -115,8 +127,12 @@ def evaluate_symbol(
         ).join(bounds, on="event_id", how="left")
         # sampled rows: ts in (start, end], the carried quote in [start, ts); raw rows: [start, end)
         if hz > 0:
-            outside = (pl.col("ns") <= pl.col("s")) | (pl.col("ns") > pl.col("e")) | (pl.col("sip") < pl.col("s")) | (
-                pl.col("sip") >= pl.col("ns"))
+            outside = (
+                (pl.col("ns") <= pl.col("s"))
+                | (pl.col("ns") > pl.col("e"))
+                | (pl.col("sip") < pl.col("s"))
+                | (pl.col("sip") >= pl.col("ns"))
+            )
         else:
             outside = (pl.col("ns") < pl.col("s")) | (pl.col("ns") >= pl.col("e"))
         per = q.group_by("event_id").agg(

@@ -20,6 +20,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import msgspec
 import polars as pl
+import pyarrow as pa
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProtocolError, ReadTimeoutError
@@ -208,21 +209,55 @@ class _QuotesPage(msgspec.Struct, gc=False):
     status: str | None = None
 
 
-_DECODERS = {"trades": msgspec.json.Decoder(_TradesPage), "quotes": msgspec.json.Decoder(_QuotesPage)}
+class _NbboQuote(msgspec.Struct, gc=False):
+    """Only what the 1 Hz grid keeps: msgspec skips the other fields without building them."""
+
+    sip_timestamp: int = 0
+    sequence_number: int = 0
+    bid_price: float | None = None
+    ask_price: float | None = None
+    bid_size: float | None = None
+    ask_size: float | None = None
+    bid_exchange: int | None = None
+    ask_exchange: int | None = None
 
 
-def parse_page(kind: str, body: bytes) -> tuple[pl.DataFrame, str | None]:
-    """Decode one v3 page into a typed frame (msgspec: ~0.7 ms per 1,000 rows, see benchmarks).
+class _NbboQuotesPage(msgspec.Struct, gc=False):
+    results: list[_NbboQuote] = []
+    next_url: str | None = None
+    status: str | None = None
 
-    Raises ``msgspec.DecodeError`` on truncated or invalid JSON; the caller retries.
+
+_DECODERS = {
+    "trades": msgspec.json.Decoder(_TradesPage),
+    "quotes": msgspec.json.Decoder(_QuotesPage),
+    "nbbo": msgspec.json.Decoder(_NbboQuotesPage),  # quotes, sampled (SMALLCAPS_QUOTES_HZ > 0)
+}
+_ARROW = {
+    pl.Int64(): pa.int64(),
+    pl.Int32(): pa.int32(),
+    pl.Float64(): pa.float64(),
+    pl.String(): pa.string(),
+    pl.List(pl.Int32()): pa.list_(pa.int32()),
+}
+
+
+def parse_page(kind: str, body: bytes, nbbo_only: bool = False) -> tuple[pl.DataFrame, str | None]:
+    """Decode one v3 page into a typed frame.
+
+    msgspec typed structs, then one Arrow array per column, was the fastest of stdlib json, orjson,
+    msgspec and polars' JSON readers (benchmarks/cost_per_tick.py). ``nbbo_only`` decodes just
+    the quote fields the sampled grid keeps. Raises ``msgspec.DecodeError`` on truncated or
+    invalid JSON; the caller retries.
     """
-    page = _DECODERS[kind].decode(body)
-    schema = shape.RAW_SCHEMAS[kind]
+    slim = kind == "quotes" and nbbo_only
+    page = _DECODERS["nbbo" if slim else kind].decode(body)
+    schema = {k: shape.RAW_SCHEMAS[kind][k] for k in _NbboQuote.__struct_fields__} if slim else shape.RAW_SCHEMAS[kind]
     rows = page.results
     if not rows:
-        return shape.empty_raw(kind), page.next_url
-    cols = {name: [getattr(r, name) for r in rows] for name in schema}
-    return pl.DataFrame(cols, schema=schema, strict=False), page.next_url
+        return pl.DataFrame(schema=schema), page.next_url
+    arrays = [pa.array([getattr(r, name) for r in rows], type=_ARROW[dtype]) for name, dtype in schema.items()]
+    return pl.from_arrow(pa.Table.from_arrays(arrays, names=list(schema))), page.next_url  # type: ignore[return-value]
 
 
 class PolygonClient:
@@ -266,8 +301,13 @@ class PolygonClient:
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(workers, 1) + 4, max_retries=retry)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        self.session.headers.update({"Authorization": f"Bearer {api_key}", "Accept": "application/json",
-                                     "User-Agent": "smallcaps-ingest/0.1"})
+        self.session.headers.update(
+            {
+                "Authorization": f"Bearer {api_key}",
+                "Accept": "application/json",
+                "User-Agent": "smallcaps-ingest/0.1",
+            }
+        )
 
     def __repr__(self) -> str:  # never show the key
         return f"PolygonClient(base_url={self.base_url!r})"
@@ -283,14 +323,15 @@ class PolygonClient:
     def _scrub(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
 
-    def get_page(self, kind: str, url: str, params: Mapping[str, object] | None,
-                 stats: FetchStats) -> tuple[pl.DataFrame, str | None]:
+    def get_page(
+        self, kind: str, url: str, params: Mapping[str, object] | None, stats: FetchStats, nbbo_only: bool = False
+    ) -> tuple[pl.DataFrame, str | None]:
         """One page, retried until it is a complete, valid 200 body."""
         _current.stats = stats
         _current.endpoint = kind
         backoff = 0.5
         try:
-            for attempt in range(1, MAX_ATTEMPTS + 1):
+            for _attempt in range(MAX_ATTEMPTS):
                 stats.add(budget_wait_s=self.budget.acquire())
                 stats.count("requests", kind)
                 try:
@@ -302,7 +343,9 @@ class PolygonClient:
                     continue
                 except requests.exceptions.Timeout as e:
                     stats.count("errors", "timeout")
-                    raise PolygonError(f"{kind} request timed out after retries: {self._scrub(str(e))}") from None
+                    raise PolygonError(
+                        f"{kind} request timed out after retries: {self._scrub(str(e))}"
+                    ) from None
                 except requests.exceptions.ConnectionError as e:
                     stats.count("errors", "reset")
                     raise PolygonError(
@@ -314,7 +357,7 @@ class PolygonClient:
                 if status == 200:
                     stats.add(bytes=len(body))
                     try:
-                        frame, next_url = parse_page(kind, body)
+                        frame, next_url = parse_page(kind, body, nbbo_only)
                     except msgspec.DecodeError:
                         stats.count("retries", "truncated")
                         continue
@@ -338,7 +381,9 @@ class PolygonClient:
                 stats.count("errors", "5xx" if status >= 500 else str(status))
                 raise PolygonError(f"{kind} request answered HTTP {status}: {message}")
             stats.count("errors", "gave_up")
-            raise PolygonError(f"{kind} request still failing after {MAX_ATTEMPTS} attempts (429/truncated bodies)")
+            raise PolygonError(
+                f"{kind} request still failing after {MAX_ATTEMPTS} attempts (429/truncated bodies)"
+            )
         finally:
             _current.stats = None
 
@@ -353,15 +398,23 @@ class PolygonClient:
     @staticmethod
     def _auth_message(kind: str, status: int, message: str) -> str:
         if status == 401:
-            return (f"Polygon rejected the API key (HTTP 401: {message}). Check POLYGON_API_KEY; "
-                    "the key itself is never logged.")
+            return (
+                f"Polygon rejected the API key (HTTP 401: {message}). Check POLYGON_API_KEY; "
+                "the key itself is never logged."
+            )
         plan = "Stocks Advanced (quotes)" if kind == "quotes" else "Stocks Developer (trades)"
-        return (f"Polygon refused {kind} (HTTP 403: {message}). Your plan lacks the {kind} entitlement: "
-                f"{kind} need at least {plan}.")
+        return (
+            f"Polygon refused {kind} (HTTP 403: {message}). Your plan lacks the {kind} entitlement: "
+            f"{kind} need at least {plan}."
+        )
 
-    def fetch_range(self, kind: str, ticker: str, start_ns: int, end_ns: int,
-                    stats: FetchStats) -> pl.DataFrame:
-        """Every tick in [start_ns, end_ns), ascending, across all pages, de-duplicated at page seams."""
+    def fetch_range(
+        self, kind: str, ticker: str, start_ns: int, end_ns: int, stats: FetchStats, nbbo_only: bool = False
+    ) -> pl.DataFrame:
+        """Every tick in [start_ns, end_ns), ascending, across all pages, de-duplicated at page seams.
+
+        ``nbbo_only`` (quotes only) keeps just the fields the sampled quote grid needs.
+        """
         url: str | None = f"{self.base_url}/v3/{kind}/{quote(ticker, safe='.-')}"
         params: dict[str, object] | None = {
             "timestamp.gte": int(start_ns),
@@ -373,15 +426,15 @@ class PolygonClient:
         frames: list[pl.DataFrame] = []
         previous: pl.Series | None = None
         while url:
-            frame, next_url = self.get_page(kind, url, params, stats)
-            if previous is not None and frame.height:
-                frame = frame.filter(~pl.col("sequence_number").is_in(previous.implode()))
-            frames.append(frame)
-            previous = frame["sequence_number"] if frame.height else previous
+            page, next_url = self.get_page(kind, url, params, stats, nbbo_only)
+            seqs = page["sequence_number"]
+            if previous is not None and page.height:
+                page = page.filter(~pl.col("sequence_number").is_in(previous.implode()))
+            frames.append(page)
+            previous = seqs
             url = self._same_host(next_url) if next_url else None
             params = None
-        out = pl.concat(frames, how="vertical") if frames else shape.empty_raw(kind)
-        return out.sort("sip_timestamp", "sequence_number")
+        return pl.concat(frames, how="vertical").sort("sip_timestamp", "sequence_number")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,7 +563,7 @@ class FetchEngine:
                 last = job.remaining == 0
                 failed = error is not None and job.remaining >= 0
                 if failed:
-                    job.remaining = -10**9  # the day is failed; later range results are dropped
+                    job.remaining = -(10**9)  # the day is failed; later range results are dropped
                 cond.notify_all()
             if failed:
                 day_done(job, error)
@@ -530,8 +583,12 @@ class FetchEngine:
                                 on_symbol_done(results[-1])
                             finally:
                                 cond.acquire()
-                    if (exhausted or fatal) and in_flight == 0 and all(
-                        n <= 0 or outcomes[s].error is not None or fatal for s, n in days_left.items()
+                    if (
+                        (exhausted or fatal)
+                        and in_flight == 0
+                        and all(
+                            n <= 0 or outcomes[s].error is not None or fatal for s, n in days_left.items()
+                        )
                     ):
                         break
                     if exhausted or fatal or in_flight >= 2 * self.workers:
@@ -550,12 +607,19 @@ class FetchEngine:
                 for idx, rng in enumerate(job.ranges):
                     with cond:
                         in_flight += 1
-                    fut = pool.submit(self.client.fetch_range, rng.kind, job.symbol, rng.start_ns, rng.end_ns,
-                                      outcome.stats)
+                    fut = pool.submit(
+                        self.client.fetch_range,
+                        rng.kind,
+                        job.symbol,
+                        rng.start_ns,
+                        rng.end_ns,
+                        outcome.stats,
+                        self.hz > 0,
+                    )
                     fut.add_done_callback(lambda f, j=job, i=idx: range_done(j, i, f))
 
         # symbols cut short by a fatal error
-        for symbol, outcome in outcomes.items():
+        for outcome in outcomes.values():
             if outcome not in results:
                 if outcome.error is None and fatal:
                     outcome.error = fatal[0]

@@ -75,8 +75,12 @@ class PolygonResource(dg.ConfigurableResource):
             bucket = urlsplit(base).netloc or base
             budget = RequestBudget(self.max_rps, self.budget_path, bucket=bucket)
             self._client = PolygonClient(
-                base, key or "", budget, workers=self.workers,
-                connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
+                base,
+                key or "",
+                budget,
+                workers=self.workers,
+                connect_timeout=self.connect_timeout,
+                read_timeout=self.read_timeout,
             )
         return self._client
 

@@ -71,8 +71,9 @@ def atomic_write_parquet(df: pl.DataFrame, dest: Path) -> int:
     return size
 
 
-def write_event(data_dir: str | os.PathLike[str], symbol: str, event_id: str,
-                trades: pl.DataFrame, quotes: pl.DataFrame) -> int:
+def write_event(
+    data_dir: str | os.PathLike[str], symbol: str, event_id: str, trades: pl.DataFrame, quotes: pl.DataFrame
+) -> int:
     """Write both files of one event (quotes last: its presence marks the event complete)."""
     d = event_dir(data_dir, symbol, event_id)
     return atomic_write_parquet(trades, d / FILES[0]) + atomic_write_parquet(quotes, d / FILES[1])
@@ -111,7 +112,7 @@ def scan_symbol(data_dir: str | os.PathLike[str], symbol: str) -> SymbolScan:
                         present += 1
                         files += 1
                         size += f.stat().st_size
-            eid = ev.name[len("event="):]
+            eid = ev.name[len("event=") :]
             if present == len(FILES):
                 complete.add(eid)
             elif present:
@@ -125,7 +126,7 @@ def iter_symbols(data_dir: str | os.PathLike[str]) -> Iterator[str]:
         with os.scandir(root) as it:
             for e in it:
                 if e.is_dir() and e.name.startswith("symbol="):
-                    yield e.name[len("symbol="):]
+                    yield e.name[len("symbol=") :]
 
 
 def check_source(data_dir: str | os.PathLike[str], source: str) -> None:

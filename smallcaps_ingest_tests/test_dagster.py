@@ -18,16 +18,25 @@ from smallcaps_ingest.simulator import SimConfig, Simulator, ground_truth
 from smallcaps_ingest_tests.conftest import BIN, REPO, TEST_KEY, cli_env
 
 CHECK_NAMES = {
-    "no_partial_events", "no_missing_events", "no_tmp_orphans", "timestamps_in_window", "rows_sorted",
-    "sequence_unique", "quotes_bid_le_ask", "schema_as_documented",
+    "no_partial_events",
+    "no_missing_events",
+    "no_tmp_orphans",
+    "timestamps_in_window",
+    "rows_sorted",
+    "sequence_unique",
+    "quotes_bid_le_ask",
+    "schema_as_documented",
 }
 
 
 def dagster(env: dict[str, str], *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([str(BIN / "dagster"), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [str(BIN / "dagster"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     if ok and proc.returncode != 0:
-        raise AssertionError(f"dagster {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"dagster {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -43,8 +52,11 @@ def _instance(env: dict[str, str]) -> dg.DagsterInstance:
 
 def _truth(kind: str, ticker: str, lo: int, hi: int) -> pl.DataFrame:
     rows = ground_truth(kind, ticker, lo, hi)
-    return pl.DataFrame({c: [r.get(c) for r in rows] for c in shape.RAW_SCHEMAS[kind]},
-                        schema=shape.RAW_SCHEMAS[kind], strict=False)
+    return pl.DataFrame(
+        {c: [r.get(c) for r in rows] for c in shape.RAW_SCHEMAS[kind]},
+        schema=shape.RAW_SCHEMAS[kind],
+        strict=False,
+    )
 
 
 @pytest.fixture
@@ -55,8 +67,13 @@ def sim() -> Iterator[Simulator]:
 
 @pytest.fixture
 def env(tmp_path: Path, sim: Simulator) -> dict[str, str]:
-    return cli_env(tmp_path, POLYGON_BASE_URL=sim.base_url, POLYGON_API_KEY=TEST_KEY, POLYGON_MAX_RPS="200",
-                   POLYGON_BUDGET_PATH=str(tmp_path / "budget.sqlite"))
+    return cli_env(
+        tmp_path,
+        POLYGON_BASE_URL=sim.base_url,
+        POLYGON_API_KEY=TEST_KEY,
+        POLYGON_MAX_RPS="200",
+        POLYGON_BUDGET_PATH=str(tmp_path / "budget.sqlite"),
+    )
 
 
 def test_definitions_graph() -> None:
@@ -92,20 +109,33 @@ def test_manifest_loads_through_the_polars_io_manager(tmp_path: Path, sim: Simul
     resources = {
         "io_manager": PolarsParquetIOManager(base_dir=str(data)),
         "settings": IngestSettings(data_dir=str(data), events_path=str(SAMPLE_EVENTS_PATH)),
-        "polygon": PolygonResource(api_key=TEST_KEY, base_url=sim.base_url, max_rps=500,
-                                   budget_path=str(tmp_path / "b.sqlite")),
+        "polygon": PolygonResource(
+            api_key=TEST_KEY, base_url=sim.base_url, max_rps=500, budget_path=str(tmp_path / "b.sqlite")
+        ),
     }
     with dg.instance_for_test() as instance:
         r1 = dg.materialize([manifest], resources=resources, instance=instance)
         assert r1.success
         assert (data / "manifest.parquet").exists()
         df = r1.output_for_node("manifest")
-        assert df.height == 300 and df.columns[:7] == ["event_id", "symbol", "event_type", "timestamp",
-                                                      "ts_start", "ts_end", "session"]
+        assert df.height == 300 and df.columns[:7] == [
+            "event_id",
+            "symbol",
+            "event_type",
+            "timestamp",
+            "ts_start",
+            "ts_end",
+            "session",
+        ]
         assert instance.get_dynamic_partitions("symbols")[:3] == ["AAOI", "BBIG", "BRK.B"]
         # event_windows gets its `manifest` input from PolarsParquetIOManager (scan_parquet + collect)
-        r2 = dg.materialize([manifest, event_windows], selection=[event_windows], partition_key="XELB",
-                            resources=resources, instance=instance)
+        r2 = dg.materialize(
+            [manifest, event_windows],
+            selection=[event_windows],
+            partition_key="XELB",
+            resources=resources,
+            instance=instance,
+        )
         assert r2.success
         (mat,) = r2.asset_materializations_for_node("event_windows")
         assert mat.metadata["events_total"].value == 10 == mat.metadata["events_complete"].value
@@ -141,7 +171,12 @@ def test_cli_end_to_end_resume_and_checks(env: dict[str, str], sim: Simulator, t
     assert sim.counters()["total"] > 0
     materialize(env, "--select", "event_windows", "--partition-range", "BBIG...CLOV")  # BBIG, BRK.B, CLOV
     instance = _instance(env)
-    assert instance.get_materialized_partitions(dg.AssetKey("event_windows")) == {"AAOI", "BBIG", "BRK.B", "CLOV"}
+    assert instance.get_materialized_partitions(dg.AssetKey("event_windows")) == {
+        "AAOI",
+        "BBIG",
+        "BRK.B",
+        "CLOV",
+    }
     events = sum(_assert_symbol_exact(data, s, manifest) for s in ("AAOI", "BBIG", "BRK.B", "CLOV"))
     assert events == 20 + 22 + 14 + 24
     status = _check_status(instance)
@@ -163,15 +198,30 @@ def test_cli_end_to_end_resume_and_checks(env: dict[str, str], sim: Simulator, t
     materialize(env, "--select", "event_windows", "--partition", "AAOI")
     log = sim.request_log()
     assert len(log) == 2 and {(r.endpoint, r.gte_ns, r.lt_ns) for r in log} == {
-        ("trades", victim.start_ns, victim.end_ns), ("quotes", victim.start_ns, victim.end_ns)}
+        ("trades", victim.start_ns, victim.end_ns),
+        ("quotes", victim.start_ns, victim.end_ns),
+    }
     _assert_symbol_exact(data, "AAOI", manifest)
 
     # the checks alone: no download, and they see a partial event
-    (store.event_dir(data, "CLOV", windows_from_frame(manifest.filter(pl.col("symbol") == "CLOV"))[0].event_id)
-     / "quotes.parquet").unlink()
+    (
+        store.event_dir(
+            data, "CLOV", windows_from_frame(manifest.filter(pl.col("symbol") == "CLOV"))[0].event_id
+        )
+        / "quotes.parquet"
+    ).unlink()
     sim.reset_counters()
-    dagster(env, "job", "execute", "-m", "smallcaps_ingest", "-j", "check_event_windows",
-            "--tags", json.dumps({"dagster/partition": "CLOV"}))
+    dagster(
+        env,
+        "job",
+        "execute",
+        "-m",
+        "smallcaps_ingest",
+        "-j",
+        "check_event_windows",
+        "--tags",
+        json.dumps({"dagster/partition": "CLOV"}),
+    )
     assert sim.counters()["total"] == 0
     status = _check_status(_instance(env))
     assert status[("no_partial_events", "CLOV")] == "FAILED"
@@ -193,7 +243,11 @@ def test_partial_failure_keeps_completed_symbols(env: dict[str, str]) -> None:
     proc = materialize(env, "--select", "event_windows", "--partition-range", "AAOI...CLOV", ok=False)
     assert proc.returncode != 0
     assert "1 of 4 symbols failed: BRK.B" in proc.stdout + proc.stderr
-    assert _instance(env).get_materialized_partitions(dg.AssetKey("event_windows")) == {"AAOI", "BBIG", "CLOV"}
+    assert _instance(env).get_materialized_partitions(dg.AssetKey("event_windows")) == {
+        "AAOI",
+        "BBIG",
+        "CLOV",
+    }
 
 
 def test_no_key_stops_before_any_request(env: dict[str, str], sim: Simulator) -> None:
@@ -219,11 +273,26 @@ def test_simulated_data_never_mixes_with_real(env: dict[str, str], sim: Simulato
     ("frame", "message"),
     [
         (pl.DataFrame({"symbol": ["AAOI"], "event_type": ["news"]}), "timestamp"),
-        (pl.DataFrame({"symbol": ["../etc"], "event_type": ["news"],
-                       "timestamp": pl.Series(["2024-03-05 15:00:00"]).str.to_datetime(time_zone="UTC")}),
-         "../etc"),
-        (pl.DataFrame({"symbol": ["AAOI"], "event_type": ["news"],
-                       "timestamp": pl.Series(["2024-03-05 15:00:00"]).str.to_datetime()}), "time zone"),
+        (
+            pl.DataFrame(
+                {
+                    "symbol": ["../etc"],
+                    "event_type": ["news"],
+                    "timestamp": pl.Series(["2024-03-05 15:00:00"]).str.to_datetime(time_zone="UTC"),
+                }
+            ),
+            "../etc",
+        ),
+        (
+            pl.DataFrame(
+                {
+                    "symbol": ["AAOI"],
+                    "event_type": ["news"],
+                    "timestamp": pl.Series(["2024-03-05 15:00:00"]).str.to_datetime(),
+                }
+            ),
+            "time zone",
+        ),
     ],
 )
 def test_bad_events_fail_clearly_and_write_nothing(tmp_path: Path, frame: pl.DataFrame, message: str) -> None:

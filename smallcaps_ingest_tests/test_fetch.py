@@ -88,8 +88,9 @@ def test_empty_window_and_dead_ticker(client: PolygonClient) -> None:
     assert got.height == 0 and got.schema == pl.Schema(shape.RAW_TRADES_SCHEMA)
 
 
-def test_key_never_in_logged_urls_or_exceptions(sim: Simulator, budget: RequestBudget,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_key_never_in_logged_urls_or_exceptions(
+    sim: Simulator, budget: RequestBudget, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     sim.config.page_cap = 200
     c = PolygonClient(sim.base_url, TEST_KEY, budget)
@@ -186,7 +187,10 @@ def test_fixture_payloads_parse() -> None:
     both = pl.concat([page1, page2])
     assert both["sequence_number"].n_unique() == 20
     assert page1["sequence_number"].min() > page2["sequence_number"].max()  # desc pages
-    for name in ("openapi-examples/v3_trades_stockTicker_200.json", "openapi-examples/v3_quotes_stockTicker_200.json"):
+    for name in (
+        "openapi-examples/v3_trades_stockTicker_200.json",
+        "openapi-examples/v3_quotes_stockTicker_200.json",
+    ):
         kind = "trades" if "trades" in name else "quotes"
         df, nxt = parse_page(kind, (FIXTURES / name).read_bytes())
         assert df.height == 2 and nxt
@@ -254,10 +258,13 @@ def test_engine_failure_is_per_symbol(sim: Simulator, client: PolygonClient, tmp
     base = ns("2024-03-05T15:00:00")
     done: list[str] = []
     engine = FetchEngine(client, str(data), workers=4)
-    out = {o.symbol: o for o in engine.run(
-        {"AAOI": [Window("a", base, base + MIN)], "KOSS": [Window("k", base, base + MIN)]},
-        on_symbol_done=lambda o: done.append(o.symbol),
-    )}
+    out = {
+        o.symbol: o
+        for o in engine.run(
+            {"AAOI": [Window("a", base, base + MIN)], "KOSS": [Window("k", base, base + MIN)]},
+            on_symbol_done=lambda o: done.append(o.symbol),
+        )
+    }
     assert out["AAOI"].error is None and out["AAOI"].written == 1
     assert isinstance(out["KOSS"].error, OSError) and out["KOSS"].stats.errors["write"] == 1
     assert sorted(done) == ["AAOI", "KOSS"]
@@ -271,7 +278,7 @@ def test_two_processes_share_one_budget(tmp_path: Path) -> None:
             import sys
             from smallcaps_ingest.budget import RequestBudget
             from smallcaps_ingest.fetch import FetchStats, PolygonClient
-            b = RequestBudget(20, {str(tmp_path / 'shared.sqlite')!r}, bucket="sim")
+            b = RequestBudget(20, {str(tmp_path / "shared.sqlite")!r}, bucket="sim")
             c = PolygonClient({s.base_url!r}, "k", b, workers=1)
             lo = 1709650800000000000
             st = FetchStats()
@@ -279,8 +286,10 @@ def test_two_processes_share_one_budget(tmp_path: Path) -> None:
                 c.fetch_range("trades", "DEAD", lo + i, lo + i + 10, st)
             print(st.total_requests)
         """)
-        procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
-                 for _ in range(2)]
+        procs = [
+            subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
         outs = [p.communicate(timeout=60)[0] for p in procs]
         assert all(p.returncode == 0 for p in procs)
         assert sum(int(o) for o in outs) == 90 == s.counters()["total"]

@@ -33,20 +33,23 @@ def _quotes(rows: list[tuple[int, int, float, float]]) -> pl.DataFrame:
         }
     )
     return df.select(
-        (pl.col(c) if c in df.columns else pl.lit(None)).cast(t).alias(c) for c, t in shape.RAW_QUOTES_SCHEMA.items()
+        (pl.col(c) if c in df.columns else pl.lit(None)).cast(t).alias(c)
+        for c, t in shape.RAW_QUOTES_SCHEMA.items()
     )
 
 
 def test_quote_grid_semantics() -> None:
     t0 = 1_000 * S
-    raw = _quotes([
-        (t0 - 1, 1, 9.0, 9.5),          # before the window: never used (no look-back)
-        (t0 + 1_500_000_000, 2, 10.0, 10.1),   # bucket 1 (1.5 s)
-        (t0 + 2_000_000_000, 3, 10.2, 10.3),   # exactly on the edge of bucket 1/2: belongs to bucket 2
-        (t0 + 2_100_000_000, 4, 10.4, 10.5),   # bucket 2
-        (t0 + 5_999_999_999, 5, 11.0, 11.1),   # last ns of bucket 5
-        (t0 + 6_000_000_000, 6, 12.0, 12.1),   # at the window end: outside
-    ])
+    raw = _quotes(
+        [
+            (t0 - 1, 1, 9.0, 9.5),  # before the window: never used (no look-back)
+            (t0 + 1_500_000_000, 2, 10.0, 10.1),  # bucket 1 (1.5 s)
+            (t0 + 2_000_000_000, 3, 10.2, 10.3),  # exactly on the edge of bucket 1/2: belongs to bucket 2
+            (t0 + 2_100_000_000, 4, 10.4, 10.5),  # bucket 2
+            (t0 + 5_999_999_999, 5, 11.0, 11.1),  # last ns of bucket 5
+            (t0 + 6_000_000_000, 6, 12.0, 12.1),  # at the window end: outside
+        ]
+    )
     out = shape.shape_quotes(raw, t0, t0 + 6 * S, hz=1.0)
     assert out.schema == pl.Schema(shape.QUOTES_SCHEMA)
     # bucket 0 [0,1s) has no quote before its right edge -> left out; buckets 1..5 present

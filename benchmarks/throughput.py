@@ -1,0 +1,285 @@
+"""Throughput at a request budget: our FetchEngine vs the official ``massive`` client vs a naive loop.
+
+The simulator runs in its own process with 100 ms +- 20 ms latency per request and, by default, a
+server-side rate limit equal to the budget (``--server-limit``). Its tick data for the whole
+manifest is generated before any clock starts, so the server is never the bottleneck. For each
+budget, every client gets the same manifest (sized so ours takes about ``--seconds`` at the
+budget); massive and naive stop starting new events after ``--cap`` x ``--seconds``.
+
+* ours    ``FetchEngine`` (12 workers, hz 1, max over-fetch 4, cold ``DensityStore``) with a fresh
+          ``RequestBudget`` file at the budget; it fetches, shapes and writes parquet.
+* massive ``massive.RESTClient(api_key, base=<simulator>, maxsize=12)`` driven by
+          ``ThreadPoolExecutor(12)``: per event one ``list(list_trades(...))`` and one
+          ``list(list_quotes(...))`` (``timestamp_gte/lt``, ``order="asc"``, ``limit=50000``; the
+          iterators follow ``next_url``). Client-side limit the way users write it: a lock-shared
+          spacing limiter (``next_slot += 1/budget``; ``time.sleep`` until the slot) before each
+          ``list_*`` call. Pages after the first are inside the iterator and not limited; 429s are
+          retried by the client's own urllib3 ``Retry`` (3 retries, honours Retry-After). An event
+          whose call raises is counted as failed. Rows are only materialised (no parquet).
+* naive   one thread, ``requests.Session``, ``?apiKey=``: per event one GET per endpoint plus one
+          per ``next_url`` page, ``resp.json()``; the same spacing limiter before every GET; on a
+          429 it sleeps Retry-After and repeats. Rows are only materialised.
+
+Figures per run, from the simulator's request log: utilization = 200s per second over the active
+interval / budget; 429 count; the most requests that arrived in any 1-s sliding window; requests
+per event; events per minute (events completed / run wall time). Then ours/massive and ours/naive,
+and a ground-truth check of a sample of ours' output files.
+
+    python benchmarks/throughput.py                               # clustered, budgets 10,50,100 (~5 min)
+    python benchmarks/throughput.py --seconds 8 --budgets 10,50   # quick
+    python benchmarks/throughput.py --server-limit 40 --budgets 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import _bootstrap  # noqa: F401
+import requests
+from _common import API_KEY, SimHost, run_ours, served_rate, table, verify_outputs
+from manifests import KINDS, Event, describe, make, to_work
+
+from smallcaps_ingest.plan import DensityStore, group_by_day, plan_symbol
+
+CLIENT_WORKERS = 12
+PAGE_LIMIT = 50_000
+
+
+class Spacing:
+    """The limiter users write: one slot every 1/rps seconds, shared by all threads."""
+
+    def __init__(self, rps: float):
+        self.interval = 1.0 / rps
+        self.next = time.monotonic()
+        self.lock = threading.Lock()
+
+    def wait(self) -> None:
+        with self.lock:
+            now = time.monotonic()
+            slot = max(now, self.next)
+            self.next = slot + self.interval
+        if slot > now:
+            time.sleep(slot - now)
+
+
+@dataclass
+class Result:
+    client: str
+    events: int
+    seconds: float
+    failed: int = 0
+    log: list = field(default_factory=list)
+    max_1s: int = 0
+    note: str = ""
+
+
+def run_massive(base_url: str, events: Sequence[Event], budget: float, deadline: float) -> tuple[int, int, float]:
+    from massive import RESTClient
+
+    client = RESTClient(api_key=API_KEY, base=base_url, maxsize=CLIENT_WORKERS)
+    limiter = Spacing(budget)
+    done = failed = 0
+    lock = threading.Lock()
+
+    def one(e: Event) -> None:
+        nonlocal done, failed
+        if time.monotonic() > deadline:
+            return
+        try:
+            limiter.wait()
+            trades = list(client.list_trades(e.symbol, timestamp_gte=e.start_ns, timestamp_lt=e.end_ns,
+                                             order="asc", limit=PAGE_LIMIT))
+            limiter.wait()
+            quotes = list(client.list_quotes(e.symbol, timestamp_gte=e.start_ns, timestamp_lt=e.end_ns,
+                                             order="asc", limit=PAGE_LIMIT))
+            assert trades is not None and quotes is not None
+            with lock:
+                done += 1
+        except Exception:  # noqa: BLE001 - a user's script would log it and go on
+            with lock:
+                failed += 1
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(CLIENT_WORKERS) as pool:
+        list(pool.map(one, events))
+    return done, failed, time.monotonic() - t0
+
+
+def run_naive(base_url: str, events: Sequence[Event], budget: float, deadline: float) -> tuple[int, int, float]:
+    session = requests.Session()
+    limiter = Spacing(budget)
+    done = 0
+    t0 = time.monotonic()
+
+    def get(url: str, params: dict[str, object]) -> dict:
+        while True:
+            limiter.wait()
+            r = session.get(url, params=params, timeout=30)
+            if r.status_code == 429:
+                time.sleep(float(r.headers.get("Retry-After", "1")))
+                continue
+            r.raise_for_status()
+            return r.json()
+
+    for e in events:
+        if time.monotonic() > deadline:
+            break
+        for kind in ("trades", "quotes"):
+            rows: list[dict] = []
+            body = get(f"{base_url}/v3/{kind}/{e.symbol}", {
+                "timestamp.gte": e.start_ns, "timestamp.lt": e.end_ns, "order": "asc", "limit": PAGE_LIMIT,
+                "apiKey": API_KEY})
+            rows.extend(body.get("results", []))
+            while "next_url" in body:
+                body = get(body["next_url"], {"apiKey": API_KEY})
+                rows.extend(body.get("results", []))
+        done += 1
+    return done, 0, time.monotonic() - t0
+
+
+def planned_rpe(kind: str) -> float:
+    """Requests per event the planner predicts (cold) for a sample of the manifest: sizes the runs."""
+    events = make(kind, 400)
+    ranges = 0
+    for symbol, windows in to_work(events).items():
+        for day in group_by_day(windows).values():
+            ranges += len(plan_symbol(symbol, day, DensityStore(None), 4.0))
+    return ranges / len(events)
+
+
+def measure(sim: SimHost, name: str, fn: Callable[[], tuple[int, int, float]]) -> Result:
+    time.sleep(1.2)  # let the server's rate-limit window drain from the previous run
+    sim.reset()
+    events, failed, seconds = fn()
+    log = sim.log()
+    return Result(name, events, seconds, failed, log, sim.max_in_window(1.0))
+
+
+def row(budget: float, server_limit: float | None, r: Result) -> tuple[object, ...]:
+    rate, span, ok = served_rate(r.log)
+    n429 = sum(1 for x in r.log if x[1] == 429)
+    other = sum(1 for x in r.log if x[1] not in (200, 429))
+    reqs = len(r.log)
+    rpe = reqs / r.events if r.events else math.nan
+    epm = r.events / r.seconds * 60 if r.seconds > 0 else math.nan
+    util_server = rate / server_limit if server_limit else math.nan
+    return (f"{budget:g}", r.client, r.events, r.failed, reqs, f"{span:.1f}", rate, rate / budget, util_server,
+            n429, other, r.max_1s, rpe, epm)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budgets", default="10,50,100", help="request budgets (req/s), comma-separated")
+    p.add_argument("--manifest", choices=KINDS, default="clustered")
+    p.add_argument("--seconds", type=float, default=20.0, help="target duration of ours' run at the budget")
+    p.add_argument("--cap", type=float, default=1.4, help="massive/naive stop starting events after "
+                   "cap x seconds")
+    p.add_argument("--server-limit", default="budget",
+                   help="simulator rate_limit_rps: 'budget' (= each budget), 'none', or a number")
+    p.add_argument("--clients", default="ours,massive,naive")
+    p.add_argument("--verify", type=int, default=24, help="ours' events checked against ground truth")
+    p.add_argument("--latency-ms", type=float, default=100.0)
+    p.add_argument("--jitter-ms", type=float, default=20.0)
+    a = p.parse_args()
+    budgets = [float(x) for x in a.budgets.split(",") if x.strip()]
+    clients = [c.strip() for c in a.clients.split(",") if c.strip()]
+
+    rpe = planned_rpe(a.manifest)
+    sizes = {b: max(10, round(b * a.seconds / rpe)) for b in budgets}
+    manifests = {b: make(a.manifest, n) for b, n in sizes.items()}
+    largest = max(manifests.values(), key=len)
+    print(f"manifest {a.manifest}: planner predicts {rpe:.2f} req/event; per budget: "
+          + ", ".join(f"{b:g} req/s -> {len(m)} events" for b, m in manifests.items()))
+    print(f"largest: {describe(largest)}")
+
+    t_start = time.monotonic()
+    rows: list[tuple[object, ...]] = []
+    ratio_rows: list[tuple[object, ...]] = []
+    checks: list[str] = []
+    with SimHost(latency_ms=a.latency_ms, latency_jitter_ms=a.jitter_ms) as sim, \
+            tempfile.TemporaryDirectory(prefix="bench-tp-") as tmp:
+        rows_warm, cpu, minutes, nbytes = sim.warm(largest)
+        print(f"simulator warmed: {rows_warm:,} rows in {minutes:,} minutes ({nbytes / 2**30:.2f} GiB) in "
+              f"{cpu:.1f} s CPU", flush=True)
+        for b in budgets:
+            limit = b if a.server_limit == "budget" else None if a.server_limit == "none" else float(
+                a.server_limit)
+            sim.set(rate_limit_rps=limit)
+            events = manifests[b]
+            deadline_s = a.seconds * a.cap
+            results: dict[str, Result] = {}
+            for c in clients:
+                print(f"  budget {b:g} req/s, server limit {limit}, {c}: {len(events)} events ...", end="",
+                      flush=True)
+                if c == "ours":
+                    out = Path(tmp) / f"ours-{b:g}"
+                    holder: dict[str, object] = {}
+
+                    def go(out: Path = out, holder: dict[str, object] = holder) -> tuple[int, int, float]:
+                        run = run_ours(sim.base_url, events, b, out)
+                        holder["run"] = run
+                        return run.events, run.errors, run.seconds
+                    r = measure(sim, c, go)
+                    step = max(1, len(events) // max(1, a.verify))
+                    sample = events[::step][: a.verify]
+                    checked = verify_outputs(out / "data", sample)
+                    bad = [x for x in checked if not x[-1]]
+                    checks.append(f"budget {b:g}: {len(checked) - len(bad)}/{len(checked)} events OK"
+                                  + ("" if not bad else f", MISMATCH: {bad[:3]}"))
+                elif c == "massive":
+                    r = measure(sim, c, lambda: run_massive(sim.base_url, events, b,
+                                                            time.monotonic() + deadline_s))
+                elif c == "naive":
+                    r = measure(sim, c, lambda: run_naive(sim.base_url, events, b,
+                                                          time.monotonic() + deadline_s))
+                else:
+                    raise SystemExit(f"unknown client {c!r}")
+                results[c] = r
+                print(f" {r.events} events in {r.seconds:.1f} s", flush=True)
+                rows.append(row(b, limit, r))
+            if "ours" in results:
+                o = results["ours"]
+                o_rate = served_rate(o.log)[0]
+                o_epm = o.events / o.seconds * 60
+                for c in ("massive", "naive"):
+                    if c in results:
+                        x = results[c]
+                        x_rate = served_rate(x.log)[0]
+                        x_epm = x.events / x.seconds * 60 if x.seconds else math.nan
+                        x_rpe = len(x.log) / x.events if x.events else math.nan
+                        o_rpe = len(o.log) / o.events
+                        ratio_rows.append((f"{b:g}", f"ours/{c}", o_rate / x_rate if x_rate else math.nan,
+                                           o_epm / x_epm if x_epm else math.nan, o_rpe / x_rpe))
+
+    print()
+    print(table(
+        ["budget", "client", "events", "failed", "requests", "active s", "served/s", "util", "util(srv)",
+         "429s", "other", "max 1s", "req/event", "events/min"],
+        rows,
+        title=f"Throughput, manifest {a.manifest}, latency {a.latency_ms:g}+-{a.jitter_ms:g} ms, "
+              f"server limit {a.server_limit}",
+    ))
+    if ratio_rows:
+        print()
+        print(table(["budget", "ratio", "served/s", "events/min", "req/event"], ratio_rows,
+                    title="Ratios (ours / other)"))
+    if checks:
+        print()
+        print("Ground truth (trades by sequence number, sum of 1 Hz quote_count = raw quotes):")
+        for c in checks:
+            print(f"  {c}")
+    print(f"\n(util = 200s per second over the active interval / budget; util(srv) = the same / server "
+          f"limit; max 1s = most arrivals in any 1-s sliding window at the server; total "
+          f"{time.monotonic() - t_start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
