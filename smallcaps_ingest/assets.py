@@ -1,5 +1,6 @@
 """Dagster glue: manifest -> event_windows (partitioned by symbol) and its checks. Kept thin."""
 
+import hashlib
 import queue
 import threading
 from datetime import date
@@ -16,6 +17,9 @@ from smallcaps_ingest.resources import IngestSettings, PolygonResource
 
 symbols_partitions = dg.DynamicPartitionsDefinition(name="symbols")
 POOL = "polygon_api"
+# Bump when the files' content changes for the same events (schema, shaping): every partition
+# then shows as stale and a re-materialization rewrites it.
+EVENT_WINDOWS_CODE_VERSION = "1"
 
 
 class ManifestConfig(dg.Config):
@@ -34,14 +38,30 @@ def _date(value: str | None, name: str) -> date | None:
         raise dg.Failure(f"manifest config {name}={value!r} is not a YYYY-MM-DD date") from None
 
 
+# Each symbol's slice of the manifest, as its own partitioned (external) asset. The manifest
+# observes it with a data version per symbol (a hash of that symbol's event ids), so when the
+# events of one symbol change, only that event_windows partition turns stale.
+symbol_events = dg.AssetSpec(
+    "symbol_events",
+    partitions_def=symbols_partitions,
+    group_name="ingest",
+    description="Per-symbol slice of the manifest; its data version (observed by `manifest`) is a hash "
+    "of the symbol's event ids, so a change to one symbol's events marks only that partition stale.",
+)
+
+
+def symbol_versions(df: pl.DataFrame) -> dict[str, str]:
+    """A stable version per symbol: sha256 of its sorted event ids."""
+    joined = df.group_by("symbol").agg(pl.col("event_id").sort().str.join("\n"))
+    return {sym: hashlib.sha256(ids.encode()).hexdigest()[:16] for sym, ids in joined.iter_rows()}
+
+
 @dg.asset(
     io_manager_key="io_manager",
     description="Validated, de-duplicated events with their [-3, +7] min windows; registers symbols.",
     group_name="ingest",
 )
-def manifest(
-    context: dg.AssetExecutionContext, config: ManifestConfig, settings: IngestSettings
-) -> pl.DataFrame:
+def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, settings: IngestSettings):  # type: ignore[no-untyped-def]
     from datetime import timedelta
 
     events = read_events(settings.events_path)
@@ -57,8 +77,17 @@ def manifest(
     new = [s for s in symbols if s not in known]
     if new:
         context.instance.add_dynamic_partitions(symbols_partitions.name, new)
-    context.add_output_metadata(
-        {
+    for sym, version in symbol_versions(df).items():
+        yield dg.AssetObservation(
+            asset_key=symbol_events.key, partition=sym, tags={"dagster/data_version": version}
+        )
+    # The manifest's own version covers what applies to every symbol (the window and date filter),
+    # not the events: those are versioned per symbol above.
+    shape_version = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+    yield dg.Output(
+        df,
+        data_version=dg.DataVersion(shape_version),
+        metadata={
             "events": stats.events,
             "symbols": stats.symbols,
             "duplicates_dropped": stats.duplicates_dropped,
@@ -66,9 +95,8 @@ def manifest(
             **{f"session_{k}": v for k, v in stats.per_session.items()},
             "new_partitions": len(new),
             "source_file": settings.events_path,
-        }
+        },
     )
-    return df
 
 
 def _metadata(o: SymbolOutcome) -> dict[str, object]:
@@ -95,6 +123,39 @@ def _metadata(o: SymbolOutcome) -> dict[str, object]:
     }
 
 
+def _provenance_tags(instance: dg.DagsterInstance, symbol: str, code_version: str) -> dict[str, str]:
+    """Data-version provenance for one partition's materialization in a multi-partition run.
+
+    Dagster writes these tags itself for a run's regular output; per-partition materializations
+    logged mid-run need them too, or every partition would look stale after any manifest run.
+    """
+    from dagster._core.definitions.data_version import (
+        CODE_VERSION_TAG,
+        DATA_VERSION_TAG,
+        compute_logical_data_version,
+        get_input_data_version_tag,
+        get_input_event_pointer_tag,
+    )
+
+    inputs: dict[dg.AssetKey, tuple[str, int | None]] = {}
+    man = instance.fetch_materializations(dg.AssetKey("manifest"), limit=1).records
+    obs = instance.fetch_observations(
+        dg.AssetRecordsFilter(asset_key=symbol_events.key, asset_partitions=[symbol]), limit=1
+    ).records
+    for key, recs in ((dg.AssetKey("manifest"), man), (symbol_events.key, obs)):
+        event_tags = (recs[0].event_log_entry.tags or {}) if recs else {}
+        version = event_tags.get(DATA_VERSION_TAG, "INITIAL")
+        inputs[key] = (version, recs[0].storage_id if recs else None)
+    tags = {CODE_VERSION_TAG: code_version}
+    for key, (version, storage_id) in inputs.items():
+        tags[get_input_data_version_tag(key)] = version
+        tags[get_input_event_pointer_tag(key)] = str(storage_id) if storage_id else "NULL"
+    tags[DATA_VERSION_TAG] = compute_logical_data_version(
+        code_version, {k: dg.DataVersion(v) for k, (v, _) in inputs.items()}
+    ).value
+    return tags
+
+
 def _check_evaluations(settings: IngestSettings, symbol: str, manifest_df: pl.DataFrame):  # type: ignore[no-untyped-def]
     windows = windows_from_frame(manifest_df.filter(pl.col("symbol") == symbol))
     yield from check.evaluate_symbol(settings.data_dir, symbol, windows, settings.quotes_hz)
@@ -103,6 +164,8 @@ def _check_evaluations(settings: IngestSettings, symbol: str, manifest_df: pl.Da
 @dg.asset(
     partitions_def=symbols_partitions,
     ins={"manifest": dg.AssetIn()},
+    deps=[symbol_events],
+    code_version=EVENT_WINDOWS_CODE_VERSION,
     backfill_policy=dg.BackfillPolicy.single_run(),
     pool=POOL,
     output_required=False,
@@ -158,7 +221,12 @@ def event_windows(
             continue  # one partition: the MaterializeResult below, then the check steps
         # many partitions in one run: record each symbol as soon as it is complete, so a
         # failure later in the run keeps what finished, and evaluate its checks right here.
-        yield dg.AssetMaterialization(asset_key=context.asset_key, partition=o.symbol, metadata=_metadata(o))
+        yield dg.AssetMaterialization(
+            asset_key=context.asset_key,
+            partition=o.symbol,
+            metadata=_metadata(o),
+            tags=_provenance_tags(context.instance, o.symbol, EVENT_WINDOWS_CODE_VERSION),
+        )
         for r in _check_evaluations(settings, o.symbol, manifest):
             yield dg.AssetCheckEvaluation(
                 asset_key=context.asset_key,

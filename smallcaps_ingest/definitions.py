@@ -12,8 +12,9 @@ import os
 import dagster as dg
 from dagster_polars import PolarsParquetIOManager
 
-from smallcaps_ingest.assets import event_windows, event_windows_checks, manifest
+from smallcaps_ingest.assets import event_windows, event_windows_checks, manifest, symbol_events
 from smallcaps_ingest.fetch import OFFICIAL_BASE_URL
+from smallcaps_ingest.ops import cleanup_and_reconcile, ingestion_report
 from smallcaps_ingest.resources import IngestSettings, PolygonResource, env_number
 from smallcaps_ingest.sample import SAMPLE_EVENTS_PATH
 
@@ -45,9 +46,9 @@ checks_job = dg.define_asset_job(
 )
 
 defs = dg.Definitions(
-    assets=[manifest, event_windows],
+    assets=[manifest, symbol_events, event_windows, ingestion_report],
     asset_checks=[event_windows_checks],
-    jobs=[ingest_job, checks_job],
+    jobs=[ingest_job, checks_job, cleanup_and_reconcile],
     resources={
         "polygon": polygon,
         "settings": settings,

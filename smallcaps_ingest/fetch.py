@@ -252,11 +252,17 @@ def parse_page(kind: str, body: bytes, nbbo_only: bool = False) -> tuple[pl.Data
     """
     slim = kind == "quotes" and nbbo_only
     page = _DECODERS["nbbo" if slim else kind].decode(body)
-    schema = {k: shape.RAW_SCHEMAS[kind][k] for k in _NbboQuote.__struct_fields__} if slim else shape.RAW_SCHEMAS[kind]
+    schema = (
+        {k: shape.RAW_SCHEMAS[kind][k] for k in _NbboQuote.__struct_fields__}
+        if slim
+        else shape.RAW_SCHEMAS[kind]
+    )
     rows = page.results
     if not rows:
         return pl.DataFrame(schema=schema), page.next_url
-    arrays = [pa.array([getattr(r, name) for r in rows], type=_ARROW[dtype]) for name, dtype in schema.items()]
+    arrays = [
+        pa.array([getattr(r, name) for r in rows], type=_ARROW[dtype]) for name, dtype in schema.items()
+    ]
     return pl.from_arrow(pa.Table.from_arrays(arrays, names=list(schema))), page.next_url  # type: ignore[return-value]
 
 
@@ -324,7 +330,12 @@ class PolygonClient:
         return text.replace(self._key, "***") if self._key else text
 
     def get_page(
-        self, kind: str, url: str, params: Mapping[str, object] | None, stats: FetchStats, nbbo_only: bool = False
+        self,
+        kind: str,
+        url: str,
+        params: Mapping[str, object] | None,
+        stats: FetchStats,
+        nbbo_only: bool = False,
     ) -> tuple[pl.DataFrame, str | None]:
         """One page, retried until it is a complete, valid 200 body."""
         _current.stats = stats

@@ -81,9 +81,10 @@ def test_definitions_graph() -> None:
 
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {"manifest", "event_windows"}
+    assert keys == {"manifest", "symbol_events", "event_windows"}
     windows = graph.get(dg.AssetKey("event_windows"))
-    assert {p.to_user_string() for p in windows.parent_keys} == {"manifest"}
+    assert {p.to_user_string() for p in windows.parent_keys} == {"manifest", "symbol_events"}
+    assert graph.get(dg.AssetKey("symbol_events")).partitions_def == windows.partitions_def
     assert isinstance(windows.partitions_def, dg.DynamicPartitionsDefinition)
     assert windows.partitions_def.name == "symbols"
     assert windows.backfill_policy == dg.BackfillPolicy.single_run()
@@ -309,3 +310,51 @@ def test_bad_environment_is_named(tmp_path: Path) -> None:
     env = cli_env(tmp_path, POLYGON_BASE_URL="simulator", POLYGON_MAX_RPS="fast")
     proc = materialize(env, "--select", "manifest", ok=False)
     assert "POLYGON_MAX_RPS='fast' is not a valid float" in proc.stdout + proc.stderr
+
+
+def _stale(env: dict[str, str], partition: str) -> str:
+    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver
+    from dagster._time import get_current_datetime
+
+    from smallcaps_ingest import defs
+
+    instance = _instance(env)
+    graph = defs.resolve_asset_graph()
+    view = AssetGraphView(
+        temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+        instance=instance,
+        asset_graph=graph,
+    )
+    resolver = CachingStaleStatusResolver(instance=instance, asset_graph=graph, loading_context=view)
+    return resolver.get_status(dg.AssetKey("event_windows"), partition).value
+
+
+def test_changed_symbol_turns_stale_and_fetches_only_new_events(
+    tmp_path: Path, sim: Simulator, env: dict[str, str]
+) -> None:
+    from smallcaps_ingest.events import read_events
+    from smallcaps_ingest.sample import SAMPLE_EVENTS_PATH
+
+    events = read_events(SAMPLE_EVENTS_PATH).filter(pl.col("symbol").is_in(["AAOI", "BBIG"]))
+    path = tmp_path / "events.parquet"
+    events.write_parquet(path)
+    env = {**env, "SMALLCAPS_EVENTS": str(path)}
+    materialize(env, "--select", "manifest")
+    materialize(env, "--select", "event_windows", "--partition-range", "AAOI...BBIG")
+    assert _stale(env, "AAOI") == _stale(env, "BBIG") == "FRESH"
+    extra = (
+        events.filter(pl.col("symbol") == "AAOI")
+        .head(1)
+        .with_columns(
+            (pl.col("timestamp") + pl.duration(hours=1, seconds=7)).cast(events.schema["timestamp"])
+        )
+    )
+    pl.concat([events, extra]).write_parquet(path)
+    materialize(env, "--select", "manifest")
+    assert _stale(env, "AAOI") == "STALE"
+    assert _stale(env, "BBIG") == "FRESH"  # its events did not change
+    sim.reset_counters()
+    materialize(env, "--select", "event_windows", "--partition", "AAOI")
+    assert sim.counters()["total"] == 2  # trades + quotes of the one new event
+    assert _stale(env, "AAOI") == "FRESH"
