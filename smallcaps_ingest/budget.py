@@ -53,6 +53,7 @@ class RequestBudget:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # one SQLite connection per budget, used under this lock
         self._conn: sqlite3.Connection | None = None
+        self._grant = threading.local()  # this thread's last grant, re-stamped when it is sent
         with self._connect() as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS grants (bucket TEXT NOT NULL, t REAL NOT NULL)")
             conn.execute("CREATE INDEX IF NOT EXISTS grants_bt ON grants (bucket, t)")
@@ -120,7 +121,8 @@ class RequestBudget:
                 )
             ]
             if len(times) < allowed:
-                conn.execute("INSERT INTO grants (bucket, t) VALUES (?, ?)", (self.bucket, now))
+                cur = conn.execute("INSERT INTO grants (bucket, t) VALUES (?, ?)", (self.bucket, now))
+                self._grant.rowid = cur.lastrowid
                 return 0.0
             # The oldest of the last `allowed` grants must leave the window first.
             return max(0.0005, times[-1] + window - now)
@@ -134,6 +136,20 @@ class RequestBudget:
                 return waited
             time.sleep(wait)
             waited += wait
+
+    def mark_sent(self) -> None:
+        """Re-stamp this thread's last grant with the moment its request goes on the wire.
+
+        Between a grant and the send, a thread may wait for the GIL (a large JSON decode on another
+        thread holds it for milliseconds). Counting the window from the real send time means the
+        next grants see when the server saw it, so the server never counts budget+1 in a second.
+        """
+        rowid = getattr(self._grant, "rowid", None)
+        if rowid is None:
+            return
+        self._grant.rowid = None
+        with self._lock, self._connect() as conn:
+            conn.execute("UPDATE grants SET t = ? WHERE rowid = ?", (time.time(), rowid))
 
     def close(self) -> None:
         with self._lock:

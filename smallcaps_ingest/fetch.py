@@ -167,6 +167,18 @@ class BudgetedRetry(Retry):
                 stats.count("requests", getattr(_current, "endpoint", "other"))
 
 
+class BudgetedAdapter(HTTPAdapter):
+    """Stamps the budget grant with the real send time, as late as requests allows."""
+
+    def __init__(self, budget: RequestBudget, **kw: object):
+        self.budget = budget
+        super().__init__(**kw)  # type: ignore[arg-type]
+
+    def send(self, request, **kw):  # type: ignore[no-untyped-def, override]
+        self.budget.mark_sent()
+        return super().send(request, **kw)
+
+
 class _Trade(msgspec.Struct, gc=False):
     sip_timestamp: int = 0
     participant_timestamp: int | None = None
@@ -304,7 +316,7 @@ class PolygonClient:
         )
         retry.budget = budget
         self.session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(workers, 1) + 4, max_retries=retry)
+        adapter = BudgetedAdapter(budget, pool_connections=4, pool_maxsize=max(workers, 1) + 4, max_retries=retry)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers.update(

@@ -14,6 +14,7 @@ import fcntl
 import json
 import math
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -97,6 +98,7 @@ class DensityStore:
         self.path = Path(path) if path is not None else None
         self._obs: dict[str, dict[str, dict[str, list[float]]]] = {}
         self._pending: dict[str, dict[str, dict[str, list[float]]]] = {}
+        self._lock = threading.Lock()  # observe() runs on the engine's worker threads
         if self.path is not None and self.path.exists():
             self._obs = json.loads(self.path.read_text() or "{}")
 
@@ -113,12 +115,13 @@ class DensityStore:
         segs = [(s, secs) for s, secs in session_segments(start_ns, end_ns) if secs > 0]
         weights = [PRIOR_DENSITY[kind][s] * secs for s, secs in segs]
         total = sum(weights)
-        for (session, secs), w in zip(segs, weights, strict=True):
-            share = rows * (w / total) if total > 0 else 0.0
-            for store in (self._obs, self._pending):
-                cell = store.setdefault(symbol, {}).setdefault(kind, {}).setdefault(session, [0.0, 0.0])
-                cell[0] += share
-                cell[1] += secs
+        with self._lock:
+            for (session, secs), w in zip(segs, weights, strict=True):
+                share = rows * (w / total) if total > 0 else 0.0
+                for store in (self._obs, self._pending):
+                    cell = store.setdefault(symbol, {}).setdefault(kind, {}).setdefault(session, [0.0, 0.0])
+                    cell[0] += share
+                    cell[1] += secs
 
     def save(self) -> None:
         """Merge this process's new observations into the file (atomic replace under flock)."""

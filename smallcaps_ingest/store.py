@@ -132,15 +132,19 @@ def iter_symbols(data_dir: str | os.PathLike[str]) -> Iterator[str]:
 def check_source(data_dir: str | os.PathLike[str], source: str) -> None:
     """Record which source filled this tree; refuse to continue with a different one."""
     path = Path(data_dir) / SOURCE_FILE
-    if path.exists():
-        recorded = json.loads(path.read_text()).get("source")
-        if recorded != source:
-            raise SourceMismatchError(
-                f"{Path(data_dir).resolve()} holds data from source {recorded!r} but this run fetches from "
-                f"{source!r}; simulated and real data must never mix. Use another SMALLCAPS_DATA_DIR."
-            )
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f"{TMP_MARK}.{os.getpid()}")
-    tmp.write_text(json.dumps({"source": source}))
-    os.replace(tmp, path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}{TMP_MARK}.{os.getpid()}.{time.monotonic_ns()}")
+        tmp.write_text(json.dumps({"source": source}))
+        try:
+            os.link(tmp, path)  # atomic and exclusive: the first writer wins, a racing one re-reads
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    recorded = json.loads(path.read_text()).get("source")
+    if recorded != source:
+        raise SourceMismatchError(
+            f"{Path(data_dir).resolve()} holds data from source {recorded!r} but this run fetches from "
+            f"{source!r}; simulated and real data must never mix. Use another SMALLCAPS_DATA_DIR."
+        )
