@@ -316,7 +316,9 @@ class PolygonClient:
         )
         retry.budget = budget
         self.session = requests.Session()
-        adapter = BudgetedAdapter(budget, pool_connections=4, pool_maxsize=max(workers, 1) + 4, max_retries=retry)
+        adapter = BudgetedAdapter(
+            budget, pool_connections=4, pool_maxsize=max(workers, 1) + 4, max_retries=retry
+        )
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers.update(
