@@ -156,6 +156,24 @@ def _provenance_tags(instance: dg.DagsterInstance, symbol: str, code_version: st
     return tags
 
 
+def _latest_materialization(instance: dg.DagsterInstance, symbol: str):  # type: ignore[no-untyped-def]
+    """The materialization a check evaluation refers to; without it the UI treats the result as
+    out of date and shows the partition's check as skipped."""
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+        AssetCheckEvaluationTargetMaterializationData,
+    )
+
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("event_windows"), asset_partitions=[symbol]), limit=1
+    ).records
+    if not records:
+        return None
+    rec = records[0]
+    return AssetCheckEvaluationTargetMaterializationData(
+        storage_id=rec.storage_id, run_id=rec.event_log_entry.run_id, timestamp=rec.timestamp
+    )
+
+
 def _check_evaluations(settings: IngestSettings, symbol: str, manifest_df: pl.DataFrame):  # type: ignore[no-untyped-def]
     windows = windows_from_frame(manifest_df.filter(pl.col("symbol") == symbol))
     yield from check.evaluate_symbol(settings.data_dir, symbol, windows, settings.quotes_hz)
@@ -204,7 +222,9 @@ def event_windows(
             done.put(None)
 
     threading.Thread(target=run, name="fetch-engine", daemon=True).start()
-    single = len(symbols) == 1
+    # Only a run tagged dagster/partition gives its check step a partition; any range run (even
+    # XELB...XELB from a UI backfill) records materializations and check results per symbol here.
+    single = context.has_partition_key
     failed: list[SymbolOutcome] = []
     outcomes: list[SymbolOutcome] = []
     while (o := done.get()) is not None:
@@ -227,8 +247,10 @@ def event_windows(
             metadata=_metadata(o),
             tags=_provenance_tags(context.instance, o.symbol, EVENT_WINDOWS_CODE_VERSION),
         )
+        target = _latest_materialization(context.instance, o.symbol)
         for r in _check_evaluations(settings, o.symbol, manifest):
             yield dg.AssetCheckEvaluation(
+                target_materialization_data=target,
                 asset_key=context.asset_key,
                 check_name=r.name,
                 passed=r.passed,

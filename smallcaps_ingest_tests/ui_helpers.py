@@ -6,6 +6,7 @@ simulator and Chromium runs with background networking, component updates and sy
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -66,7 +67,8 @@ class DagsterDev:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [str(bin_dir / "dagster"), "dev", "-m", "smallcaps_ingest", "-h", "127.0.0.1", "-p", str(self.port)],
+            [str(bin_dir / "dagster"), "dev", "-m", "smallcaps_ingest",
+             "-h", "127.0.0.1", "-p", str(self.port)],
             cwd=cwd,
             env=dict(env),
             stdin=subprocess.DEVNULL,
@@ -95,7 +97,9 @@ class DagsterDev:
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
-                raise AssertionError(f"{self.url}/server_info did not answer in {timeout:.0f}s:\n{self.log_tail()}")
+                raise AssertionError(
+                    f"{self.url}/server_info did not answer in {timeout:.0f}s:\n{self.log_tail()}"
+                )
             time.sleep(0.25)
         query = """{ workspaceOrError { __typename ... on Workspace { locationEntries {
             name loadStatus locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
@@ -103,16 +107,21 @@ class DagsterDev:
             self._alive_or_fail()
             entries = self.gql(query)["workspaceOrError"].get("locationEntries") or []
             if entries and all(e["loadStatus"] == "LOADED" for e in entries):
-                errors = [e for e in entries if e["locationOrLoadError"]["__typename"] != "RepositoryLocation"]
+                errors = [
+                    e for e in entries if e["locationOrLoadError"]["__typename"] != "RepositoryLocation"
+                ]
                 if errors:
                     raise AssertionError(f"code location failed to load: {errors}")
                 return
             if time.monotonic() > deadline:
-                raise AssertionError(f"code location not loaded in {timeout:.0f}s: {entries}\n{self.log_tail()}")
+                raise AssertionError(
+                    f"code location not loaded in {timeout:.0f}s: {entries}\n{self.log_tail()}"
+                )
             time.sleep(0.25)
 
     def gql(self, query: str, variables: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        r = requests.post(f"{self.url}/graphql", json={"query": query, "variables": dict(variables or {})}, timeout=30)
+        payload = {"query": query, "variables": dict(variables or {})}
+        r = requests.post(f"{self.url}/graphql", json=payload, timeout=30)
         r.raise_for_status()
         body = r.json()
         if body.get("errors"):
@@ -123,22 +132,14 @@ class DagsterDev:
         """SIGTERM the whole group, then SIGKILL whatever is left (the code server may linger)."""
         try:
             if self.proc.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     self.proc.wait(grace)
-                except subprocess.TimeoutExpired:
-                    pass
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers of the group, if any
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers of the group (the code server)
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
         finally:
             self._log.close()
 
@@ -202,9 +203,35 @@ def _run_errors(dev: DagsterDev, run_id: str) -> list[str]:
     ]
 
 
-def wait_backfill(dev: DagsterDev, backfill_id: str, timeout: float = 120.0) -> dict[str, Any]:
-    """Poll until the backfill completes; fail with its error, its failed runs' errors and the log."""
-    deadline = time.monotonic() + timeout
+ASSET_PARTITIONS = """
+query AssetPartitions($path: [String!]!) {
+  assetNodes(assetKeys: [{path: $path}]) {
+    assetPartitionStatuses {
+      __typename
+      ... on DefaultPartitionStatuses { materializedPartitions failedPartitions materializingPartitions }
+    }
+  }
+}
+"""
+
+
+def materialized_partitions(dev: DagsterDev, asset: str) -> set[str]:
+    nodes = dev.gql(ASSET_PARTITIONS, {"path": [asset]})["assetNodes"]
+    return set(nodes[0]["assetPartitionStatuses"].get("materializedPartitions") or [])
+
+
+def wait_backfill(
+    dev: DagsterDev, backfill_id: str, asset: str, partitions: Sequence[str], timeout: float = 120.0
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Poll until the backfill is done; fail with its error, its failed runs' errors and the log.
+
+    Done means COMPLETED_SUCCESS, or every run it launched succeeded and every requested partition
+    is materialized: the daemon marks the backfill complete only on its next tick (up to 30 s later).
+    Returns the backfill and the seconds until its first run existed and until it was done.
+    """
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    marks: dict[str, float] = {}
     last: dict[str, Any] = {}
     while True:
         if dev.proc.poll() is not None:
@@ -213,6 +240,8 @@ def wait_backfill(dev: DagsterDev, backfill_id: str, timeout: float = 120.0) -> 
         if last["__typename"] != "PartitionBackfill":
             raise AssertionError(f"backfill {backfill_id}: {last}")
         runs = last.get("runs") or []
+        if runs and "runs_created_s" not in marks:
+            marks["runs_created_s"] = time.monotonic() - t0
         bad_runs = [r for r in runs if r["status"] in RUN_BAD]
         if last["status"] in BACKFILL_BAD or bad_runs:
             details = {r["id"]: (r["status"], _run_errors(dev, r["id"])) for r in bad_runs}
@@ -220,8 +249,14 @@ def wait_backfill(dev: DagsterDev, backfill_id: str, timeout: float = 120.0) -> 
                 f"backfill {backfill_id} status {last['status']}, error {last.get('error')}, "
                 f"failed runs {details}\n{dev.log_tail()}"
             )
-        if last["status"] in BACKFILL_DONE:
-            return last
+        done = last["status"] in BACKFILL_DONE or (
+            runs
+            and all(r["status"] == "SUCCESS" for r in runs)
+            and set(partitions) <= materialized_partitions(dev, asset)
+        )
+        if done:
+            marks["done_s"] = time.monotonic() - t0
+            return last, marks
         if time.monotonic() > deadline:
             raise AssertionError(
                 f"backfill {backfill_id} not done in {timeout:.0f}s: status {last['status']}, "
