@@ -119,6 +119,8 @@ def _metadata(o: SymbolOutcome) -> dict[str, object]:
         "events_per_min": round(o.events_per_min, 1),
         "budget_wait_s": round(s.budget_wait_s, 3),
         "errors_by_type": dg.MetadataValue.json(s.error_counts()),
+        "requests_by_endpoint": dg.MetadataValue.json(dict(s.requests)),
+        "retries_by_cause": dg.MetadataValue.json(dict(s.retries)),
         "seconds": round(o.seconds, 3),
     }
 

@@ -81,7 +81,9 @@ def test_definitions_graph() -> None:
 
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {"manifest", "symbol_events", "event_windows"}
+    assert keys == {"manifest", "symbol_events", "event_windows", "ingestion_report"}
+    report = graph.get(dg.AssetKey("ingestion_report"))
+    assert dg.AssetKey("event_windows") in report.parent_keys
     windows = graph.get(dg.AssetKey("event_windows"))
     assert {p.to_user_string() for p in windows.parent_keys} == {"manifest", "symbol_events"}
     assert graph.get(dg.AssetKey("symbol_events")).partitions_def == windows.partitions_def
@@ -94,7 +96,7 @@ def test_definitions_graph() -> None:
     assert checks == CHECK_NAMES
     assert graph.get(dg.AssetKey("manifest")).partitions_def is None
     jobs = {j.name for j in defs.resolve_all_job_defs()}
-    assert {"ingest_event_windows", "check_event_windows"} <= jobs
+    assert {"ingest_event_windows", "check_event_windows", "cleanup_and_reconcile"} <= jobs
     assert set(defs.resources) >= {"polygon", "settings", "io_manager"}
 
 
