@@ -27,7 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
-from _common import Truth, run_ours, table
+from _common import Truth, load_average, run_ours, table
 from manifests import Event, describe, make, to_work
 
 from smallcaps_ingest.plan import PAGE_ROWS, DensityStore, group_by_day, plan_symbol
@@ -45,7 +45,8 @@ def predict(events: list[Event], density: DensityStore) -> tuple[int, int]:
         for day_windows in group_by_day(windows).values():
             for r in plan_symbol(symbol, day_windows, density, BOUND):
                 ranges += 1
-                pages += max(1, math.ceil(density.expected_rows(symbol, r.kind, r.start_ns, r.end_ns) / PAGE_ROWS))
+                expected = density.expected_rows(symbol, r.kind, r.start_ns, r.end_ns)
+                pages += max(1, math.ceil(expected / PAGE_ROWS))
     return ranges, pages
 
 
@@ -94,6 +95,7 @@ def main() -> None:
 
     main_rows, plan_rows, liq_rows = [], [], []
     t_start = time.monotonic()
+    print(f"load average at start: {load_average()}")
     with Simulator(SimConfig()) as sim, tempfile.TemporaryDirectory(prefix="bench-rpe-") as tmp:
         for kind in kinds:
             events = make(kind, max(3, round(SIZES[kind] * a.scale)))
@@ -143,7 +145,7 @@ def main() -> None:
         ["manifest (pass)", "events", "requests", "req/event", "target", "", "per-event", "floor",
          "overfetch", "worst range", "ranges >4x", "bound"],
         main_rows,
-        title="Requests per event (pages counted at the simulator) and over-fetch (raw rows / rows in windows)",
+        title="Requests per event (pages counted at the simulator), over-fetch (raw rows / rows in windows)",
     ))
     print()
     print(table(

@@ -44,9 +44,10 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 import requests
-from _common import API_KEY, SimHost, run_ours, served_rate, table, verify_outputs
+from _common import API_KEY, SimHost, load_average, run_ours, served_rate, table, verify_outputs
 from manifests import KINDS, Event, describe, make, to_work
 
+from smallcaps_ingest import budget as budget_mod
 from smallcaps_ingest.plan import DensityStore, group_by_day, plan_symbol
 
 CLIENT_WORKERS = 12
@@ -81,7 +82,8 @@ class Result:
     note: str = ""
 
 
-def run_massive(base_url: str, events: Sequence[Event], budget: float, deadline: float) -> tuple[int, int, float]:
+def run_massive(base_url: str, events: Sequence[Event], budget: float,
+                deadline: float) -> tuple[int, int, float]:
     from massive import RESTClient
 
     client = RESTClient(api_key=API_KEY, base=base_url, maxsize=CLIENT_WORKERS)
@@ -113,7 +115,8 @@ def run_massive(base_url: str, events: Sequence[Event], budget: float, deadline:
     return done, failed, time.monotonic() - t0
 
 
-def run_naive(base_url: str, events: Sequence[Event], budget: float, deadline: float) -> tuple[int, int, float]:
+def run_naive(base_url: str, events: Sequence[Event], budget: float,
+              deadline: float) -> tuple[int, int, float]:
     session = requests.Session()
     limiter = Spacing(budget)
     done = 0
@@ -171,8 +174,30 @@ def row(budget: float, server_limit: float | None, r: Result) -> tuple[object, .
     rpe = reqs / r.events if r.events else math.nan
     epm = r.events / r.seconds * 60 if r.seconds > 0 else math.nan
     util_server = rate / server_limit if server_limit else math.nan
-    return (f"{budget:g}", r.client, r.events, r.failed, reqs, f"{span:.1f}", rate, rate / budget, util_server,
-            n429, other, r.max_1s, rpe, epm)
+    return (f"{budget:g}", r.client, r.events, r.failed, reqs, f"{span:.1f}", rate, rate / budget,
+            util_server, n429, other, r.max_1s, rpe, epm)
+
+
+def run_client(sim: SimHost, client: str, events: Sequence[Event], budget: float, a: argparse.Namespace,
+               out: Path) -> tuple[Result, str | None]:
+    """One measured run of one client; for ours also the ground-truth check of a sample of events."""
+    cap = a.seconds * a.cap
+    if client == "ours":
+        def go() -> tuple[int, int, float]:
+            run = run_ours(sim.base_url, events, budget, out, workers=a.workers)
+            return run.events, run.errors, run.seconds
+
+        r = measure(sim, client, go)
+        step = max(1, len(events) // max(1, a.verify))
+        checked = verify_outputs(out / "data", events[::step][: a.verify])
+        bad = [x for x in checked if not x[-1]]
+        return r, (f"budget {budget:g}: {len(checked) - len(bad)}/{len(checked)} events OK"
+                   + ("" if not bad else f", MISMATCH (event, trades got/want, quotes got/want): {bad[:3]}"))
+    runner = {"massive": run_massive, "naive": run_naive}.get(client)
+    if runner is not None:
+        result = measure(sim, client, lambda: runner(sim.base_url, events, budget, time.monotonic() + cap))
+        return result, None
+    raise SystemExit(f"unknown client {client!r}")
 
 
 def main() -> None:
@@ -188,7 +213,22 @@ def main() -> None:
     p.add_argument("--verify", type=int, default=24, help="ours' events checked against ground truth")
     p.add_argument("--latency-ms", type=float, default=100.0)
     p.add_argument("--jitter-ms", type=float, default=20.0)
+    p.add_argument("--workers", type=int, default=12, help="ours' worker threads (POLYGON default 12)")
+    p.add_argument("--what-if-margin", type=float, default=None, metavar="FRACTION",
+                   help="what-if: override budget.WINDOW_MARGIN (0.01) in this process")
+    p.add_argument("--what-if-aimd", default=None, metavar="DECREASE,INCREASE",
+                   help="what-if: override budget.DECREASE_FACTOR (0.7) and INCREASE_PER_SECOND (0.02)")
     a = p.parse_args()
+    what_if = []
+    if a.what_if_margin is not None:
+        budget_mod.WINDOW_MARGIN = a.what_if_margin
+        what_if.append(f"WINDOW_MARGIN={a.what_if_margin:g}")
+    if a.what_if_aimd:
+        dec, inc = (float(x) for x in a.what_if_aimd.split(","))
+        budget_mod.DECREASE_FACTOR, budget_mod.INCREASE_PER_SECOND = dec, inc
+        what_if.append(f"DECREASE_FACTOR={dec:g}, INCREASE_PER_SECOND={inc:g}")
+    if what_if:
+        print("WHAT-IF (engine constants overridden in this process): " + "; ".join(what_if))
     budgets = [float(x) for x in a.budgets.split(",") if x.strip()]
     clients = [c.strip() for c in a.clients.split(",") if c.strip()]
 
@@ -201,6 +241,7 @@ def main() -> None:
     print(f"largest: {describe(largest)}")
 
     t_start = time.monotonic()
+    print(f"load average at start: {load_average()}")
     rows: list[tuple[object, ...]] = []
     ratio_rows: list[tuple[object, ...]] = []
     checks: list[str] = []
@@ -214,34 +255,13 @@ def main() -> None:
                 a.server_limit)
             sim.set(rate_limit_rps=limit)
             events = manifests[b]
-            deadline_s = a.seconds * a.cap
             results: dict[str, Result] = {}
             for c in clients:
                 print(f"  budget {b:g} req/s, server limit {limit}, {c}: {len(events)} events ...", end="",
                       flush=True)
-                if c == "ours":
-                    out = Path(tmp) / f"ours-{b:g}"
-                    holder: dict[str, object] = {}
-
-                    def go(out: Path = out, holder: dict[str, object] = holder) -> tuple[int, int, float]:
-                        run = run_ours(sim.base_url, events, b, out)
-                        holder["run"] = run
-                        return run.events, run.errors, run.seconds
-                    r = measure(sim, c, go)
-                    step = max(1, len(events) // max(1, a.verify))
-                    sample = events[::step][: a.verify]
-                    checked = verify_outputs(out / "data", sample)
-                    bad = [x for x in checked if not x[-1]]
-                    checks.append(f"budget {b:g}: {len(checked) - len(bad)}/{len(checked)} events OK"
-                                  + ("" if not bad else f", MISMATCH: {bad[:3]}"))
-                elif c == "massive":
-                    r = measure(sim, c, lambda: run_massive(sim.base_url, events, b,
-                                                            time.monotonic() + deadline_s))
-                elif c == "naive":
-                    r = measure(sim, c, lambda: run_naive(sim.base_url, events, b,
-                                                          time.monotonic() + deadline_s))
-                else:
-                    raise SystemExit(f"unknown client {c!r}")
+                r, check = run_client(sim, c, events, b, a, Path(tmp) / f"ours-{b:g}")
+                if check:
+                    checks.append(check)
                 results[c] = r
                 print(f" {r.events} events in {r.seconds:.1f} s", flush=True)
                 rows.append(row(b, limit, r))
@@ -265,7 +285,8 @@ def main() -> None:
          "429s", "other", "max 1s", "req/event", "events/min"],
         rows,
         title=f"Throughput, manifest {a.manifest}, latency {a.latency_ms:g}+-{a.jitter_ms:g} ms, "
-              f"server limit {a.server_limit}",
+              f"server limit {a.server_limit}, ours with {a.workers} workers"
+              + (f" [WHAT-IF {'; '.join(what_if)}]" if what_if else ""),
     ))
     if ratio_rows:
         print()
@@ -277,8 +298,8 @@ def main() -> None:
         for c in checks:
             print(f"  {c}")
     print(f"\n(util = 200s per second over the active interval / budget; util(srv) = the same / server "
-          f"limit; max 1s = most arrivals in any 1-s sliding window at the server; total "
-          f"{time.monotonic() - t_start:.0f} s)")
+          f"limit; max 1s = most arrivals in any 1-s sliding window at the server; load average at end "
+          f"{load_average()}; total {time.monotonic() - t_start:.0f} s)")
 
 
 if __name__ == "__main__":

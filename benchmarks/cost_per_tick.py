@@ -1,0 +1,286 @@
+"""CPU cost per tick of the fetch path (parse, shape, write), JSON decoders, and peak RSS of a run.
+
+1. End to end, on page bodies fetched once from the simulator (dense symbol HVY, [-3, +7] min
+   windows in RTH, ``limit=50000`` pages): CPU ms per 1,000 raw ticks, by stage, measured with
+   ``time.process_time()`` (all threads of this process, so polars' own threads count):
+     parse = ``fetch.parse_page`` on every page; then concat + sort per range (as ``fetch_range``);
+     shape = ``shape.shape_trades`` + ``shape.shape_quotes`` (1 Hz) per event;
+     write = ``store.write_event`` (two zstd parquet files, fsync, atomic rename) per event.
+   Each stage runs ``--repeat`` times; the lowest CPU is kept. The same is then done for typical
+   small-cap pages (``--mixed-events`` of the clustered manifest, one range per event and
+   endpoint), where per-page and per-file fixed costs weigh more.
+2. Decoders on one 50,000-row quotes page, each followed by building the typed polars frame:
+   stdlib ``json``, ``orjson``, ``msgspec`` untyped, ``msgspec`` typed structs (``fetch.parse_page``,
+   what the engine uses) and ``polars.read_json``.
+3. Peak RSS (``ru_maxrss``) of a child process that runs a 12-worker ``FetchEngine`` over a few
+   hundred events of mixed liquidity (in_play + isolated manifests; the simulator runs in another
+   process, warmed, no latency, budget 1,000 req/s).
+
+    python benchmarks/cost_per_tick.py            # ~1 min
+    python benchmarks/cost_per_tick.py --events 3 --repeat 2 --rss-events 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import _bootstrap  # noqa: F401
+import msgspec
+import orjson
+import polars as pl
+import requests
+from _common import API_KEY, SimHost, load_average, run_ours, table
+from manifests import Event, _instant, describe, make, weekdays
+
+from smallcaps_ingest import shape, store
+from smallcaps_ingest.fetch import parse_page
+
+SYMBOL = "HVY"
+NS = 1_000_000_000
+TARGET_MS = 1.0
+TARGET_RSS_MB = 300
+
+
+def dense_events(n: int) -> list[Event]:
+    """``n`` HVY events on distinct weekdays, at RTH times spread over the day."""
+    days = weekdays()
+    times = (10 * 60 + 5, 11 * 60 + 20, 12 * 60 + 40, 13 * 60 + 50, 14 * 60 + 30, 9 * 60 + 45)
+    out = []
+    for i in range(n):
+        t = _instant(days[20 + 17 * i], times[i % len(times)])
+        out.append(Event(SYMBOL, f"{SYMBOL}_{i}", t - 3 * 60 * NS, t + 7 * 60 * NS))
+    return out
+
+
+def fetch_bodies(base_url: str, events: list[Event]) -> list[tuple[Event, str, list[bytes]]]:
+    s = requests.Session()
+    s.headers["Authorization"] = f"Bearer {API_KEY}"
+    out = []
+    for e in events:
+        for kind in ("trades", "quotes"):
+            bodies = []
+            r = s.get(f"{base_url}/v3/{kind}/{e.symbol}", params={
+                "timestamp.gte": e.start_ns, "timestamp.lt": e.end_ns, "order": "asc", "sort": "timestamp",
+                "limit": 50_000}, timeout=60)
+            while True:
+                r.raise_for_status()
+                bodies.append(r.content)
+                nxt = orjson.loads(r.content).get("next_url")
+                if not nxt:
+                    break
+                r = s.get(nxt, timeout=60)
+            out.append((e, kind, bodies))
+    return out
+
+
+def cpu_of(fn: Callable[[], object], repeat: int) -> tuple[float, float, object]:
+    """(lowest process CPU seconds, its wall seconds, last result) over ``repeat`` runs."""
+    best = (float("inf"), 0.0)
+    result: object = None
+    for _ in range(repeat):
+        w0, c0 = time.perf_counter(), time.process_time()
+        result = fn()
+        c, w = time.process_time() - c0, time.perf_counter() - w0
+        if c < best[0]:
+            best = (c, w)
+    return best[0], best[1], result
+
+
+def end_to_end(fetched: list[tuple[Event, str, list[bytes]]], repeat: int,
+               label: str) -> tuple[list[tuple[object, ...]], float, str]:
+    """Stage rows for one data set; returns (rows, CPU ms per 1k ticks end to end, description)."""
+    events = {e.event_id: e for e, _, _ in fetched}
+
+    def parse() -> dict[tuple[str, str], list[pl.DataFrame]]:
+        return {(e.event_id, kind): [parse_page(kind, b)[0] for b in bodies] for e, kind, bodies in fetched}
+
+    c_parse, w_parse, pages = cpu_of(parse, repeat)
+    assert isinstance(pages, dict)
+
+    def assemble() -> dict[tuple[str, str], pl.DataFrame]:
+        return {key: pl.concat(frames).sort("sip_timestamp", "sequence_number")
+                for key, frames in pages.items()}
+
+    c_asm, w_asm, raw = cpu_of(assemble, repeat)
+    assert isinstance(raw, dict)
+    ticks = {"trades": 0, "quotes": 0}
+    for (_, kind), df in raw.items():
+        ticks[kind] += df.height
+
+    def shape_all() -> dict[str, tuple[pl.DataFrame, pl.DataFrame]]:
+        return {eid: (shape.shape_trades(raw[(eid, "trades")], e.start_ns, e.end_ns),
+                      shape.shape_quotes(raw[(eid, "quotes")], e.start_ns, e.end_ns, 1.0))
+                for eid, e in events.items()}
+
+    c_shape, w_shape, shaped = cpu_of(shape_all, repeat)
+    assert isinstance(shaped, dict)
+
+    with tempfile.TemporaryDirectory(prefix="bench-cpt-") as tmp:
+        counter = iter(range(10**9))
+
+        def write_all() -> int:
+            d = Path(tmp) / str(next(counter))
+            return sum(store.write_event(d, e.symbol, eid, *shaped[eid]) for eid, e in events.items())
+
+        c_write, w_write, _ = cpu_of(write_all, repeat)
+
+    k = sum(ticks.values()) / 1000
+    total = c_parse + c_asm + c_shape + c_write
+    wall = w_parse + w_asm + w_shape + w_write
+    rows = [
+        (label, "parse_page (msgspec -> typed frame)", c_parse * 1000, w_parse * 1000, c_parse * 1000 / k),
+        ("", "concat + sort per range", c_asm * 1000, w_asm * 1000, c_asm * 1000 / k),
+        ("", "shape (trades raw, quotes 1 Hz)", c_shape * 1000, w_shape * 1000, c_shape * 1000 / k),
+        ("", "write (2 zstd parquet, fsync, rename)", c_write * 1000, w_write * 1000, c_write * 1000 / k),
+        ("", "end to end", total * 1000, wall * 1000, total * 1000 / k),
+    ]
+    n_pages = sum(len(b) for _, _, b in fetched)
+    desc = (f"{label}: {len(events)} events, {sum(ticks.values()):,} raw ticks (trades {ticks['trades']:,}, "
+            f"quotes {ticks['quotes']:,}) in {n_pages} pages")
+    return rows, total * 1000 / k, desc
+
+
+def decoders(body: bytes, repeat: int) -> None:
+    schema = shape.RAW_QUOTES_SCHEMA
+
+    def from_dicts(rows: list[dict]) -> pl.DataFrame:
+        return pl.DataFrame(rows, schema=schema, strict=False)
+
+    untyped = msgspec.json.Decoder()
+    read_json_schema = {"results": pl.List(pl.Struct(schema)), "status": pl.String(),
+                        "request_id": pl.String(), "next_url": pl.String()}
+
+    def polars_read_json() -> pl.DataFrame:
+        df = pl.read_json(io.BytesIO(body), schema=read_json_schema)
+        return df.select(pl.col("results").explode(empty_as_null=True)).unnest("results").select(
+            pl.col(c).cast(t) for c, t in schema.items())
+
+    cases: list[tuple[str, Callable[[], pl.DataFrame]]] = [
+        ("stdlib json.loads + DataFrame(dicts)", lambda: from_dicts(json.loads(body)["results"])),
+        ("orjson.loads + DataFrame(dicts)", lambda: from_dicts(orjson.loads(body)["results"])),
+        ("msgspec untyped + DataFrame(dicts)", lambda: from_dicts(untyped.decode(body)["results"])),
+        ("msgspec typed structs (fetch.parse_page)", lambda: parse_page("quotes", body)[0]),
+        ("polars read_json + explode/unnest", polars_read_json),
+    ]
+    reference = parse_page("quotes", body)[0]
+    n = reference.height
+    rows = []
+    for name, fn in cases:
+        c, w, df = cpu_of(fn, repeat)
+        assert isinstance(df, pl.DataFrame)
+        same = df.equals(reference)
+        rows.append((name, c * 1000, w * 1000, c * 1000 / (n / 1000), "yes" if same else "NO"))
+    print(table(["decoder (+ typed polars frame)", "CPU ms", "wall ms", "CPU ms / 1k rows", "same frame"],
+                rows, title=f"JSON decoders on one {n:,}-row quotes page ({len(body) / 1e6:.1f} MB), "
+                            f"best of {repeat}"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Peak RSS in a clean child process
+# ----------------------------------------------------------------------------------------------
+def rss_manifest(n: int) -> list[Event]:
+    return make("in_play", n // 2) + make("isolated", n - n // 2)
+
+
+def vm_hwm_mb() -> float:
+    """Peak RSS of this address space (VmHWM); unlike ru_maxrss it does not carry the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_child(base_url: str, n: int, workers: int) -> None:
+    events = rss_manifest(n)
+    base_mb = vm_hwm_mb()
+    with tempfile.TemporaryDirectory(prefix="bench-rss-") as tmp:
+        run = run_ours(base_url, events, 1000, tmp, workers=workers)
+    print(json.dumps({"events": run.events, "requests": run.requests, "rows_raw": run.rows_raw,
+                      "seconds": run.seconds, "base_mb": base_mb, "hwm_mb": vm_hwm_mb(),
+                      "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "errors": run.errors}))
+
+
+def peak_rss(n: int, workers: int) -> None:
+    events = rss_manifest(n)
+    with SimHost() as sim:
+        rows, cpu, _, _ = sim.warm(events)
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--rss-child", sim.base_url,
+                               "--rss-events", str(n), "--workers", str(workers)],
+                              capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:])
+        raise SystemExit("RSS child failed")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    peak = max(res["maxrss_mb"], res["hwm_mb"])
+    verdict = "OK" if peak < TARGET_RSS_MB else "ABOVE TARGET"
+    print(table(
+        ["run", "events", "requests", "raw rows", "seconds", "RSS after imports MB", "ru_maxrss MB",
+         "VmHWM MB", "target"],
+        [(f"FetchEngine, {workers} workers", res["events"], res["requests"], res["rows_raw"], res["seconds"],
+          res["base_mb"], res["maxrss_mb"], res["hwm_mb"], f"< {TARGET_RSS_MB} MB: {verdict}")],
+        title=f"Peak RSS of a child process (engine only; simulator in another process): {describe(events)}",
+    ))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--events", type=int, default=6, help=f"dense ({SYMBOL}) events, end-to-end figures")
+    p.add_argument("--mixed-events", type=int, default=150, help="clustered-manifest events, end-to-end "
+                   "figures for typical small-cap pages (0 = skip)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--rss-events", type=int, default=300)
+    p.add_argument("--workers", type=int, default=12)
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: e2e,decoders,rss")
+    p.add_argument("--rss-child", metavar="BASE_URL", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.rss_child:
+        rss_child(a.rss_child, a.rss_events, a.workers)
+        return
+    skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+    t0 = time.monotonic()
+    print(f"load average at start: {load_average()}")
+    if "rss" not in skip:  # first, while this parent process is still small
+        peak_rss(a.rss_events, a.workers)
+        print()
+    if not {"e2e", "decoders"} <= skip:
+        dense = dense_events(a.events)
+        mixed = make("clustered", a.mixed_events) if a.mixed_events else []
+        with SimHost() as sim:
+            fetched = fetch_bodies(sim.base_url, dense)
+            fetched_mixed = fetch_bodies(sim.base_url, mixed)
+        if "e2e" not in skip:
+            rows, per_k, desc = end_to_end(fetched, a.repeat, f"dense {SYMBOL}")
+            notes = [desc]
+            verdicts = [f"dense {SYMBOL}: {per_k:.3f} ms -> {'OK' if per_k <= TARGET_MS else 'ABOVE TARGET'}"]
+            if fetched_mixed:
+                rows_m, per_m, desc_m = end_to_end(fetched_mixed, a.repeat, "mixed small caps")
+                rows += rows_m
+                notes.append(desc_m + " (one range per event and endpoint)")
+                verdicts.append(f"mixed: {per_m:.3f} ms -> {'OK' if per_m <= TARGET_MS else 'ABOVE TARGET'}")
+            print(table(["data", "stage", "CPU ms", "wall ms", "CPU ms / 1k ticks"], rows,
+                        title=f"CPU per 1,000 ticks, parse -> shape -> write (best of {a.repeat} per stage)"))
+            for n in notes:
+                print(f"  {n}")
+            print(f"target <= {TARGET_MS:g} ms CPU per 1,000 ticks end to end: " + "; ".join(verdicts))
+            print()
+        if "decoders" not in skip:
+            page = next(b for _, kind, bodies in fetched if kind == "quotes" for b in bodies
+                        if len(bodies) > 1)
+            decoders(page, max(a.repeat, 3))
+    print(f"\n(load average at end: {load_average()}; total {time.monotonic() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

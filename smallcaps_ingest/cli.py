@@ -1,0 +1,188 @@
+"""``smallcaps-ingest``: status, partition-range, cleanup, reconcile and report, from a shell.
+
+Imports stay light at the top (stdlib only): ``status`` forks its disk scan before Dagster is imported.
+Exit codes: 0 ok, 1 a clear error (no partitions, no manifest, cleanup refused...), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from smallcaps_ingest import status as st
+
+
+def _err(msg: str) -> int:
+    print(f"smallcaps-ingest: {msg}", file=sys.stderr)
+    return 1
+
+
+def _dump(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _data_dir(args: argparse.Namespace) -> str:
+    return os.path.abspath(args.data_dir or st.default_data_dir())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    bar = None
+    if not args.no_progress and sys.stdout.isatty() and sys.stderr.isatty():
+        bar = st.ProgressBar(sys.stderr)
+    workers = args.workers or max(1, min(4, os.cpu_count() or 1))
+    try:
+        result = st.collect_status(
+            data_dir,
+            use_instance=not args.no_instance,
+            window_minutes=args.window_minutes,
+            max_rps=args.max_rps,
+            parallel=not args.no_fork,
+            workers=workers,
+            progress=bar,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        _dump(result)
+    else:
+        print(st.render_text(result))
+    return 0
+
+
+def cmd_partition_range(args: argparse.Namespace) -> int:
+    instance, message = st.open_instance()
+    if instance is None:
+        return _err(f"{message}; cannot list the '{st.PARTITIONS}' partitions")
+    keys = list(instance.get_dynamic_partitions(st.PARTITIONS))
+    if not keys:
+        return _err(
+            f"the instance at {instance.root_directory} has no '{st.PARTITIONS}' partitions yet: "
+            "materialize the manifest asset first (it registers one partition per symbol)"
+        )
+    print(f"{keys[0]}...{keys[-1]}")
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    instance, message = st.open_instance()
+    res = st.cleanup(
+        data_dir,
+        instance,
+        grace_minutes=args.grace_minutes,
+        dry_run=args.dry_run,
+        force=args.force,
+        instance_message=message,
+    )
+    if args.json:
+        _dump(res)
+    else:
+        print(st.render_cleanup(res), file=sys.stderr if res["refused"] else sys.stdout)
+    return 1 if res["refused"] or res["errors"] else 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    instance, message = st.open_instance()
+    if instance is None:
+        return _err(f"{message}; reconcile compares the disk with the instance")
+    try:
+        res = st.reconcile(data_dir, instance, fix=args.fix)
+    except st.StatusError as e:
+        return _err(str(e))
+    if args.json:
+        _dump(res)
+    else:
+        print(st.render_reconcile(res))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from smallcaps_ingest import report
+
+    data_dir = _data_dir(args)
+    try:
+        out = report.run_report(data_dir)
+    except report.ReportError as e:
+        return _err(str(e))
+    if args.json:
+        _dump({"totals": out.totals, "parquet": str(out.parquet), "plot": str(out.plot)})
+    else:
+        print(out.markdown_table)
+        print(f"\nwrote {out.parquet} and {out.plot}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="smallcaps-ingest", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def data_dir_opt(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--data-dir", help="the data directory (default: $SMALLCAPS_DATA_DIR or ./data)")
+
+    s = sub.add_parser("status", help="events done/partial/missing, throughput, ETA, API usage, errors")
+    data_dir_opt(s)
+    s.add_argument("--json", action="store_true", help="print a machine-readable dict")
+    s.add_argument(
+        "--window-minutes",
+        type=float,
+        default=st.DEFAULT_WINDOW_MINUTES,
+        help="recent window for events/min, ETA and requests/s (default 30)",
+    )
+    s.add_argument(
+        "--max-rps", type=float, default=None, help="the request budget (default $POLYGON_MAX_RPS or 90)"
+    )
+    s.add_argument(
+        "--no-instance", action="store_true", help="disk and manifest only (do not import Dagster)"
+    )
+    s.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+    s.add_argument("--no-fork", action="store_true", help="scan in this process (no forked child)")
+    s.add_argument(
+        "--workers", type=int, default=0, help="processes for the disk scan (default: CPUs, max 4)"
+    )
+    s.set_defaults(func=cmd_status)
+
+    pr = sub.add_parser("partition-range", help="FIRST...LAST of the instance's 'symbols' partitions")
+    pr.set_defaults(func=cmd_partition_range)
+
+    c = sub.add_parser("cleanup", help="remove *.tmp* orphans older than a grace period (no run in progress)")
+    data_dir_opt(c)
+    c.add_argument("--grace-minutes", type=float, default=60.0)
+    c.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    c.add_argument("--force", action="store_true", help="clean up even while runs are in progress")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_cleanup)
+
+    r = sub.add_parser("reconcile", help="disk against the instance: materialized-but-incomplete and back")
+    data_dir_opt(r)
+    r.add_argument(
+        "--fix",
+        action="store_true",
+        help="record complete partitions as materialized; mark incomplete ones for re-materialization",
+    )
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_reconcile)
+
+    rp = sub.add_parser("report", help="write _reports/ingestion_report.{parquet,png} (no Dagster needed)")
+    data_dir_opt(rp)
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:  # `smallcaps-ingest status | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
