@@ -4,9 +4,6 @@
 and the server do not share one GIL on this 2-core machine, and so the server's tick generation
 can be done before the clock starts (``warm``). The simulator's code is not changed: the host
 starts it, enlarges its minute cache for the warm-up and reads its counters and request log.
-Importing this module makes the simulator module of the importing process store its cached rows
-as exact-size ``bytes`` (``_CompactJSON``; same bytes on the wire), because orjson 3.13 pins
-~4 KiB per ``dumps`` result and a warmed cache would not otherwise fit in memory.
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import _bootstrap  # noqa: F401
-import orjson
 import polars as pl
 from manifests import Event
 
@@ -183,32 +179,7 @@ def run_ours(base_url: str, events: Sequence[Event], budget_rps: float, workdir:
 Record = tuple[float, int, str, str | None, int | None, int | None, int, bool]  # t, status, endpoint, ...
 
 
-class _CompactJSON:
-    """Stand-in for the simulator's ``orjson`` that copies each serialized row to an exact-size bytes.
-
-    With orjson 3.13 every ``orjson.dumps`` result pins a ~4 KiB allocation (RSS grows ~4 KiB per
-    cached row, ~12x the cache's own byte estimate), so a warmed cache of a few million rows would
-    not fit in memory. The bytes are identical; only their allocation changes.
-    """
-
-    loads = staticmethod(orjson.loads)
-
-    @staticmethod
-    def dumps(obj: Any) -> bytes:
-        return bytes(memoryview(orjson.dumps(obj)))
-
-
-def compact_simulator_rows() -> None:
-    """Make the simulator module of *this* process cache exact-size row bytes (see ``_CompactJSON``)."""
-    simmod.orjson = _CompactJSON  # type: ignore[assignment]
-
-
-# Every benchmark process (and the simulator host) generates ticks through ground_truth or the server.
-compact_simulator_rows()
-
-
 def _host_main(conn: Any, config: dict[str, Any]) -> None:
-    compact_simulator_rows()
     sim = simmod.Simulator(simmod.SimConfig(**config)).start()
     conn.send(sim.base_url)
     while True:

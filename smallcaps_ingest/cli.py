@@ -120,7 +120,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="smallcaps-ingest", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="smallcaps-ingest",
+        description="Ingest status, partition range, cleanup, reconcile and report for smallcaps_ingest.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def data_dir_opt(sp: argparse.ArgumentParser) -> None:

@@ -53,7 +53,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_parquet(df: pl.DataFrame, dest: Path) -> int:
+def atomic_write_parquet(df: pl.DataFrame, dest: Path, sync_dir: bool = True) -> int:
     """Write `df` to `dest` atomically; returns the bytes written."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name}{TMP_MARK}.{os.getpid()}.{time.monotonic_ns()}")
@@ -67,7 +67,8 @@ def atomic_write_parquet(df: pl.DataFrame, dest: Path) -> int:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(dest.parent)
+    if sync_dir:
+        fsync_dir(dest.parent)
     return size
 
 
@@ -76,7 +77,10 @@ def write_event(
 ) -> int:
     """Write both files of one event (quotes last: its presence marks the event complete)."""
     d = event_dir(data_dir, symbol, event_id)
-    return atomic_write_parquet(trades, d / FILES[0]) + atomic_write_parquet(quotes, d / FILES[1])
+    size = atomic_write_parquet(trades, d / FILES[0], sync_dir=False)
+    size += atomic_write_parquet(quotes, d / FILES[1], sync_dir=False)
+    fsync_dir(d)  # one directory sync makes both renames durable
+    return size
 
 
 @dataclass(frozen=True)
