@@ -92,10 +92,12 @@ def test_trades_window_and_order() -> None:
 def test_session_segments_split_at_boundaries() -> None:
     # 2024-03-05 09:20 -> 09:40 ET (14:20 -> 14:40 UTC, EST)
     segs = session_segments(ns("2024-03-05T14:20:00"), ns("2024-03-05T14:40:00"))
-    assert segs == [("PM", 600.0), ("RTH", 600.0)]
+    assert segs == [("PM", 600.0), ("OPEN", 600.0)]
     # DST: 2024-03-11 09:30 ET is 13:30 UTC
     segs = session_segments(ns("2024-03-11T13:25:00"), ns("2024-03-11T13:35:00"))
-    assert segs == [("PM", 300.0), ("RTH", 300.0)]
+    assert segs == [("PM", 300.0), ("OPEN", 300.0)]
+    segs = session_segments(ns("2024-03-05T14:55:00"), ns("2024-03-05T21:05:00"))  # 09:55 -> 16:05 ET
+    assert segs == [("OPEN", 300.0), ("RTH", 19800.0), ("CLOSE", 1800.0), ("AH", 300.0)]
 
 
 def _w(i: int, start: int, minutes: int = 10) -> Window:
