@@ -10,12 +10,16 @@ from __future__ import annotations
 import os
 
 import dagster as dg
-from dagster_polars import PolarsParquetIOManager
 
 from smallcaps_ingest.assets import event_windows, event_windows_checks, manifest, symbol_events
 from smallcaps_ingest.fetch import OFFICIAL_BASE_URL
 from smallcaps_ingest.ops import cleanup_and_reconcile, ingestion_report
-from smallcaps_ingest.resources import IngestSettings, PolygonResource, env_number
+from smallcaps_ingest.resources import (
+    AtomicPolarsParquetIOManager,
+    IngestSettings,
+    PolygonResource,
+    env_number,
+)
 from smallcaps_ingest.sample import SAMPLE_EVENTS_PATH
 
 DATA_DIR = os.path.abspath(os.environ.get("SMALLCAPS_DATA_DIR") or "./data")
@@ -23,7 +27,7 @@ DATA_DIR = os.path.abspath(os.environ.get("SMALLCAPS_DATA_DIR") or "./data")
 settings = IngestSettings(
     data_dir=DATA_DIR,
     events_path=os.path.abspath(os.environ.get("SMALLCAPS_EVENTS") or str(SAMPLE_EVENTS_PATH)),
-    quotes_hz=env_number("SMALLCAPS_QUOTES_HZ", 1.0, float, minimum=0),
+    quotes_hz=env_number("SMALLCAPS_QUOTES_HZ", 1.0, float, minimum=0, maximum=1e9),
     max_overfetch=env_number("SMALLCAPS_MAX_OVERFETCH", 4.0, float, minimum=1),
 )
 polygon = PolygonResource(
@@ -52,6 +56,6 @@ defs = dg.Definitions(
     resources={
         "polygon": polygon,
         "settings": settings,
-        "io_manager": PolarsParquetIOManager(base_dir=DATA_DIR),
+        "io_manager": AtomicPolarsParquetIOManager(base_dir=DATA_DIR),
     },
 )

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import dagster as dg
+import polars as pl
+from dagster_polars import PolarsParquetIOManager
 from pydantic import PrivateAttr
+from upath import UPath
 
 from smallcaps_ingest.budget import RequestBudget
 from smallcaps_ingest.fetch import OFFICIAL_BASE_URL, PolygonAuthError, PolygonClient
+from smallcaps_ingest.store import atomic_write_parquet
 
 SIMULATOR = "simulator"
 SIMULATOR_KEY = "simulator-demo-key"  # the bundled simulator accepts any key
@@ -19,7 +25,9 @@ class ConfigError(ValueError):
     """A setting that cannot work, named with its environment variable."""
 
 
-def env_number(name: str, default: float, kind: type = float, minimum: float | None = None) -> float:
+def env_number(
+    name: str, default: float, kind: type = float, minimum: float | None = None, maximum: float | None = None
+) -> float:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return kind(default)
@@ -27,9 +35,24 @@ def env_number(name: str, default: float, kind: type = float, minimum: float | N
         value = kind(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} must be a finite number")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name}={raw!r} must be >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={raw!r} must be <= {maximum:g}")
     return value
+
+
+class AtomicPolarsParquetIOManager(PolarsParquetIOManager):
+    """dagster-polars' Parquet IO manager, but a write never leaves a half-written manifest:
+    the frame goes to a temporary file beside the target, is fsynced, and replaces it."""
+
+    def write_df_to_path(self, context: dg.OutputContext, df: pl.DataFrame, path: UPath) -> None:  # type: ignore[override]
+        if getattr(path, "protocol", "") not in ("", "file", "local"):
+            return super().write_df_to_path(context, df, path)
+        atomic_write_parquet(df, Path(str(path)))
+        return None
 
 
 class PolygonResource(dg.ConfigurableResource):

@@ -4,11 +4,13 @@ process groups, and the Dagster instance of a CLI run (opened read-mostly from t
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import polars as pl
 from smallcaps_ingest import shape, store
 from smallcaps_ingest.fetch import windows_from_frame
 from smallcaps_ingest.plan import Window
-from smallcaps_ingest.simulator import RequestRecord, Simulator, ground_truth
+from smallcaps_ingest.simulator import RequestRecord, Simulator, clear_cache, ground_truth
 from smallcaps_ingest_tests.conftest import BIN, REPO
 
 CLI_TIMEOUT = 150  # seconds: no single CLI call of this file may take longer
@@ -27,28 +29,60 @@ CLI_TIMEOUT = 150  # seconds: no single CLI call of this file may take longer
 # The CLI
 # ----------------------------------------------------------------------------------------------
 def dagster(
-    env: Mapping[str, str], *args: str, ok: bool = True, timeout: float = CLI_TIMEOUT, **kw: object
+    env: Mapping[str, str],
+    *args: str,
+    ok: bool = True,
+    timeout: float = CLI_TIMEOUT,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [str(BIN / "dagster"), *args],
+    """``dagster ARGS`` in its own process group; on timeout the whole group (step workers too) is killed."""
+    argv = [str(BIN / "dagster"), *args]
+    proc = subprocess.Popen(
+        argv,
         cwd=REPO,
         env=dict(env),
-        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-        **kw,  # type: ignore[arg-type]
+        start_new_session=True,
+        preexec_fn=preexec_fn,
     )
-    if ok and proc.returncode != 0:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
         raise AssertionError(
-            f"dagster {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-        )
-    return proc
+            f"dagster {' '.join(args)} still running after {timeout}s:\n{err[-3000:]}"
+        ) from None
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    done = subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    if ok and done.returncode != 0:
+        raise AssertionError(f"dagster {' '.join(args)} failed:\n{out[-4000:]}\n{err[-4000:]}")
+    return done
 
 
 def materialize(
-    env: Mapping[str, str], *args: str, ok: bool = True, timeout: float = CLI_TIMEOUT, **kw: object
+    env: Mapping[str, str],
+    *args: str,
+    ok: bool = True,
+    timeout: float = CLI_TIMEOUT,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    return dagster(env, "asset", "materialize", "-m", "smallcaps_ingest", *args, ok=ok, timeout=timeout, **kw)
+    return dagster(
+        env,
+        "asset",
+        "materialize",
+        "-m",
+        "smallcaps_ingest",
+        *args,
+        ok=ok,
+        timeout=timeout,
+        preexec_fn=preexec_fn,
+    )
 
 
 def materialize_argv(*args: str) -> list[str]:
@@ -88,7 +122,7 @@ def group_pids(pgid: int, *, include_zombies: bool = False) -> set[int]:
     return found
 
 
-def kill_group(proc: subprocess.Popen[bytes], timeout: float = 30) -> set[int]:
+def kill_group(proc: subprocess.Popen, timeout: float = 30) -> set[int]:  # type: ignore[type-arg]
     """SIGKILL the whole process group of ``proc`` (started with start_new_session=True).
 
     Returns the pids that were in the group just before the kill, once none of them runs any more.
@@ -136,6 +170,26 @@ def write_events_subset(path: Path, symbols: Iterable[str] | None = None) -> pl.
     return events
 
 
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def release_memory(above_mb: float = 0.0) -> None:
+    """Drop the simulator's minute cache and give the freed heap back to the OS (when RSS > above_mb).
+
+    Serving and ground_truth() generate minutes into the process-wide cache and build many short-lived
+    dicts; before cbc2621 (compact cached rows) this test process reached 5 GB. Clearing between
+    symbols and runs keeps the peak well under 1 GB on a shared 2-core box.
+    """
+    if above_mb and rss_mb() < above_mb:
+        return
+    clear_cache()
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def truth_frame(kind: str, ticker: str, lo: int, hi: int) -> pl.DataFrame:
     schema = shape.RAW_SCHEMAS[kind]
     rows = ground_truth(kind, ticker, lo, hi)
@@ -177,6 +231,7 @@ def assert_dataset_exact(data: Path, manifest: pl.DataFrame, hz: float = 1.0) ->
     assert not (want - got), f"missing files: {sorted(map(str, want - got))[:10]}"
     n = 0
     for sym, ws in manifest_windows(manifest).items():
+        release_memory(above_mb=1000)  # minutes are never shared between symbols: bound the peak
         for w in ws:
             d = store.event_dir(data, sym, w.event_id)
             got_t = pl.read_parquet(d / "trades.parquet")
