@@ -1050,6 +1050,45 @@ def _removable(path: str) -> bool:
     return stat.S_ISREG(st.st_mode)
 
 
+def fail_dead_runs(instance: Any, exclude_run_id: str | None = None) -> list[str]:
+    """Mark runs whose process died (kill -9, OOM, reboot) as failed and free their pool slots.
+
+    An in-process CLI run that is killed stays STARTED forever and keeps its ``polygon_api`` slot,
+    so after two such kills every later run waits on the pool. A run counts as dead when the
+    process that wrote its RUN_START event on this host no longer exists.
+    """
+    import socket
+
+    import dagster as dg
+
+    dead: list[str] = []
+    records = instance.get_run_records(
+        dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING])
+    )
+    for r in records:
+        run = r.dagster_run
+        if run.run_id == exclude_run_id:
+            continue
+        starts = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.RUN_START)
+        pid = starts[0].dagster_event.pid if starts and starts[0].dagster_event else None
+        if not pid:
+            continue
+        host = (run.tags or {}).get("dagster/hostname")
+        if host and host != socket.gethostname():
+            continue  # another machine's run: its process cannot be checked from here
+        try:
+            os.kill(pid, 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # exists, owned by someone else
+        instance.report_run_failed(run, message=f"process {pid} is gone (killed); marked failed")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        dead.append(run.run_id)
+    return dead
+
+
 def cleanup(
     data_dir: str,
     instance: Any,
@@ -1070,7 +1109,10 @@ def cleanup(
     now = time.time() if now is None else now
     grace_s = grace_minutes * 60
     running: list[dict[str, Any]] = []
+    dead: list[str] = []
     if instance is not None:
+        if not dry_run:
+            dead = fail_dead_runs(instance, exclude_run_id=exclude_run_id)
         running = runs_touching(
             instance, NOT_FINISHED, (ASSET, MANIFEST_ASSET), exclude_run_id=exclude_run_id
         )
@@ -1126,6 +1168,7 @@ def cleanup(
         "message": refused_msg,
         "grace_minutes": grace_minutes,
         "runs_in_progress": running,
+        "dead_runs_failed": dead,
         "removed": [] if acting_not else removed,
         "would_remove": removed if acting_not else [],
         "removed_bytes": 0 if acting_not else sum(i["bytes"] for i in removed),
@@ -1136,7 +1179,10 @@ def cleanup(
 
 
 def render_cleanup(res: Mapping[str, Any]) -> str:
-    lines = []
+    lines = [
+        f"marked {len(res['dead_runs_failed'])} dead run(s) failed and freed their pool slots: "
+        + ", ".join(r[:8] for r in res["dead_runs_failed"])
+    ] if res.get("dead_runs_failed") else []
     if res["refused"]:
         lines.append(res["message"])
     acted = not (res["dry_run"] or res["refused"])

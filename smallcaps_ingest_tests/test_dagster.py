@@ -360,3 +360,35 @@ def test_changed_symbol_turns_stale_and_fetches_only_new_events(
     materialize(env, "--select", "event_windows", "--partition", "AAOI")
     assert sim.counters()["total"] == 2  # trades + quotes of the one new event
     assert _stale(env, "AAOI") == "FRESH"
+
+
+def test_cleanup_fails_killed_runs_and_frees_their_pool_slots(env: dict[str, str], sim: Simulator) -> None:
+    """kill -9 leaves an in-process CLI run STARTED holding a polygon_api slot; cleanup recovers it."""
+    import signal
+    import time
+
+    materialize(env, "--select", "manifest")
+    sim.config.latency_ms = 300
+    proc = subprocess.Popen(
+        [str(BIN / "dagster"), "asset", "materialize", "-m", "smallcaps_ingest", "--select", "event_windows",
+         "--partition-range", "AAOI...CLOV"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while sim.counters()["total"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    instance = _instance(env)
+    (run,) = instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+    assert instance.event_log_storage.get_concurrency_info("polygon_api").claimed_slots
+    out = subprocess.run([str(BIN / "smallcaps-ingest"), "cleanup", "--grace-minutes", "0"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "marked 1 dead run(s) failed" in out.stdout
+    instance = _instance(env)
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+    assert not instance.event_log_storage.get_concurrency_info("polygon_api").claimed_slots
+    assert not list(Path(env["SMALLCAPS_DATA_DIR"]).rglob("*.tmp*"))
+    sim.config.latency_ms = 0
+    materialize(env, "--select", "event_windows", "--partition-range", "AAOI...CLOV")
