@@ -370,9 +370,22 @@ def test_cleanup_fails_killed_runs_and_frees_their_pool_slots(env: dict[str, str
     materialize(env, "--select", "manifest")
     sim.config.latency_ms = 300
     proc = subprocess.Popen(
-        [str(BIN / "dagster"), "asset", "materialize", "-m", "smallcaps_ingest", "--select", "event_windows",
-         "--partition-range", "AAOI...CLOV"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            str(BIN / "dagster"),
+            "asset",
+            "materialize",
+            "-m",
+            "smallcaps_ingest",
+            "--select",
+            "event_windows",
+            "--partition-range",
+            "AAOI...CLOV",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 120
     while sim.counters()["total"] < 3 and time.monotonic() < deadline:
@@ -382,8 +395,14 @@ def test_cleanup_fails_killed_runs_and_frees_their_pool_slots(env: dict[str, str
     instance = _instance(env)
     (run,) = instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
     assert instance.event_log_storage.get_concurrency_info("polygon_api").claimed_slots
-    out = subprocess.run([str(BIN / "smallcaps-ingest"), "cleanup", "--grace-minutes", "0"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [str(BIN / "smallcaps-ingest"), "cleanup", "--grace-minutes", "0"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "marked 1 dead run(s) failed" in out.stdout
     instance = _instance(env)
