@@ -657,6 +657,16 @@ def _row_at(segs: list[tuple[_Minute, int, int]], desc: bool, idx: int) -> tuple
 # --------------------------------------------------------------------------------------------------
 
 
+def max_in_window(times: list[float], seconds: float = 1.0) -> int:
+    """Most of the sorted `times` inside any half-open window [t, t + seconds)."""
+    best = j = 0
+    for i in range(len(times)):
+        while times[i] - times[j] >= seconds:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
 @dataclass
 class SimConfig:
     """Fault and behaviour knobs; read on every request, so tests may mutate them while running."""
@@ -885,13 +895,7 @@ class Simulator:
 
     def max_in_window(self, seconds: float = 1.0, served_only: bool = False) -> int:
         """Max request arrivals inside any half-open window [t, t + seconds)."""
-        ts = [r.t for r in self.request_log() if not served_only or r.status == 200]
-        best = j = 0
-        for i in range(len(ts)):
-            while ts[i] - ts[j] >= seconds:
-                j += 1
-            best = max(best, i - j + 1)
-        return best
+        return max_in_window([r.t for r in self.request_log() if not served_only or r.status == 200], seconds)
 
     # ---- request handling ------------------------------------------------------------------------
 

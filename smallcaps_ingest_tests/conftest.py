@@ -8,11 +8,13 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import polars as pl
 import pytest
 
+from smallcaps_ingest import shape
 from smallcaps_ingest.budget import RequestBudget
 from smallcaps_ingest.fetch import PolygonClient
-from smallcaps_ingest.simulator import SimConfig, Simulator
+from smallcaps_ingest.simulator import SimConfig, Simulator, ground_truth
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO.parent / "shared" / "fixtures" / "polygon"
@@ -23,6 +25,16 @@ TEST_KEY = "sk_test_7f3c9a1e55d24b8f9e0a"  # a recognisable fake key, grepped fo
 def ns(text: str) -> int:
     """'2024-03-05T14:30:00' (UTC) -> integer nanoseconds."""
     return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()) * 1_000_000_000
+
+
+def truth_frame(kind: str, ticker: str, lo: int, hi: int) -> pl.DataFrame:
+    """The simulator's ground truth for [lo, hi) as a raw frame, typed like the client's pages."""
+    rows = ground_truth(kind, ticker, lo, hi)
+    return pl.DataFrame(
+        {c: [r.get(c) for r in rows] for c in shape.RAW_SCHEMAS[kind]},
+        schema=shape.RAW_SCHEMAS[kind],
+        strict=False,
+    )
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import pytest
 
 from smallcaps_ingest import shape, store
 from smallcaps_ingest.fetch import windows_from_frame
-from smallcaps_ingest.simulator import SimConfig, Simulator, ground_truth
-from smallcaps_ingest_tests.conftest import BIN, REPO, TEST_KEY, cli_env
+from smallcaps_ingest.simulator import SimConfig, Simulator
+from smallcaps_ingest_tests.conftest import BIN, REPO, TEST_KEY, cli_env, truth_frame
 
 CHECK_NAMES = {
     "no_partial_events",
@@ -48,15 +48,6 @@ def _instance(env: dict[str, str]) -> dg.DagsterInstance:
     """The CLI's instance, opened the way the CLI opens it (dagster.yaml reads DAGSTER_HOME)."""
     os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
     return dg.DagsterInstance.from_config(env["DAGSTER_HOME"])
-
-
-def _truth(kind: str, ticker: str, lo: int, hi: int) -> pl.DataFrame:
-    rows = ground_truth(kind, ticker, lo, hi)
-    return pl.DataFrame(
-        {c: [r.get(c) for r in rows] for c in shape.RAW_SCHEMAS[kind]},
-        schema=shape.RAW_SCHEMAS[kind],
-        strict=False,
-    )
 
 
 @pytest.fixture
@@ -150,8 +141,10 @@ def _assert_symbol_exact(data: Path, symbol: str, manifest: pl.DataFrame) -> int
         d = store.event_dir(data, symbol, w.event_id)
         got_t = pl.read_parquet(d / "trades.parquet")
         got_q = pl.read_parquet(d / "quotes.parquet")
-        want_t = shape.shape_trades(_truth("trades", symbol, w.start_ns, w.end_ns), w.start_ns, w.end_ns)
-        want_q = shape.shape_quotes(_truth("quotes", symbol, w.start_ns, w.end_ns), w.start_ns, w.end_ns, 1.0)
+        want_t = shape.shape_trades(truth_frame("trades", symbol, w.start_ns, w.end_ns), w.start_ns, w.end_ns)
+        want_q = shape.shape_quotes(
+            truth_frame("quotes", symbol, w.start_ns, w.end_ns), w.start_ns, w.end_ns, 1.0
+        )
         assert got_t.equals(want_t), (symbol, w.event_id)
         assert got_q.equals(want_q), (symbol, w.event_id)
     return len(ws)

@@ -24,23 +24,14 @@ from smallcaps_ingest.fetch import (
     parse_page,
 )
 from smallcaps_ingest.plan import DensityStore, Window
-from smallcaps_ingest.simulator import SimConfig, Simulator, ground_truth
-from smallcaps_ingest_tests.conftest import FIXTURES, REPO, TEST_KEY, ns
+from smallcaps_ingest.simulator import SimConfig, Simulator
+from smallcaps_ingest_tests.conftest import FIXTURES, REPO, TEST_KEY, ns, truth_frame
 
 MIN = 60_000_000_000
 
 
-def _truth(kind: str, ticker: str, lo: int, hi: int) -> pl.DataFrame:
-    rows = ground_truth(kind, ticker, lo, hi)
-    return pl.DataFrame(
-        {c: [r.get(c) for r in rows] for c in shape.RAW_SCHEMAS[kind]},
-        schema=shape.RAW_SCHEMAS[kind],
-        strict=False,
-    )
-
-
 def _assert_exact(got: pl.DataFrame, kind: str, ticker: str, lo: int, hi: int) -> None:
-    want = _truth(kind, ticker, lo, hi)
+    want = truth_frame(kind, ticker, lo, hi)
     assert want.height > 0
     assert got["sequence_number"].n_unique() == got.height, "duplicates"
     assert got.height == want.height, "gaps or extra rows"
@@ -220,10 +211,12 @@ def test_engine_writes_exact_files_and_resumes(sim: Simulator, client: PolygonCl
     for w in windows:
         d = store.event_dir(data, "AAOI", w.event_id)
         trades = pl.read_parquet(d / "trades.parquet")
-        want = shape.shape_trades(_truth("trades", "AAOI", w.start_ns, w.end_ns), w.start_ns, w.end_ns)
+        want = shape.shape_trades(truth_frame("trades", "AAOI", w.start_ns, w.end_ns), w.start_ns, w.end_ns)
         assert trades.height == want.height > 0 and trades.equals(want)
         quotes = pl.read_parquet(d / "quotes.parquet")
-        qwant = shape.shape_quotes(_truth("quotes", "AAOI", w.start_ns, w.end_ns), w.start_ns, w.end_ns, 1.0)
+        qwant = shape.shape_quotes(
+            truth_frame("quotes", "AAOI", w.start_ns, w.end_ns), w.start_ns, w.end_ns, 1.0
+        )
         assert quotes.equals(qwant) and quotes.height == 600  # a liquid ten-minute window
     empty = store.event_dir(data, "DEAD", "D1")
     assert pl.read_parquet(empty / "trades.parquet").schema == pl.Schema(shape.TRADES_SCHEMA)

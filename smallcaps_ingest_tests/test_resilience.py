@@ -29,7 +29,7 @@ import polars as pl
 import pytest
 
 from smallcaps_ingest import store
-from smallcaps_ingest.simulator import RequestRecord, SimConfig, Simulator
+from smallcaps_ingest.simulator import RequestRecord, SimConfig, Simulator, max_in_window
 from smallcaps_ingest_tests.conftest import REPO, TEST_KEY, cli_env
 from smallcaps_ingest_tests.resilience_helpers import (
     all_run_ids,
@@ -559,15 +559,6 @@ def concurrent_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         yield {"tmp": tmp, "env": env, "sim": sim, "rcs": rcs, "log": log}
 
 
-def _max_in_window(ts: list[float], seconds: float = 1.0) -> int:
-    best = j = 0
-    for i in range(len(ts)):
-        while ts[i] - ts[j] >= seconds:
-            j += 1
-        best = max(best, i - j + 1)
-    return best
-
-
 def test_concurrent_runs_complete_and_share_the_budget(concurrent_runs: dict) -> None:
     tmp, env, log = concurrent_runs["tmp"], concurrent_runs["env"], concurrent_runs["log"]
     assert concurrent_runs["rcs"] == [0, 0], [(tmp / f"run{i}.log").read_text()[-3000:] for i in (0, 1)]
@@ -590,10 +581,10 @@ def test_concurrent_runs_complete_and_share_the_budget(concurrent_runs: dict) ->
     span = log[-1].t - log[0].t
     print(
         f"concurrent: {len(log)} requests in {span:.1f}s ({len(log) / span:.1f}/s), overlap {overlap:.1f}s; "
-        f"max grants in 1 s {_max_in_window(grants)}; max arrivals at the server in 1 s "
+        f"max grants in 1 s {max_in_window(grants)}; max arrivals at the server in 1 s "
         f"{concurrent_runs['sim'].max_in_window(1.0)}; 429s {sum(r.status == 429 for r in log)}"
     )
-    assert _max_in_window(grants) <= 20
+    assert max_in_window(grants) <= 20
 
 
 @pytest.mark.xfail(
@@ -724,10 +715,7 @@ BAD_INPUTS: dict[str, tuple[object, dict[str, str], tuple[str, ...]]] = {
     "max_rps_nan": (_SAMPLE, {"POLYGON_MAX_RPS": "nan"}, ("POLYGON_MAX_RPS='nan'",)),
     "quotes_hz_inf": (_SAMPLE, {"SMALLCAPS_QUOTES_HZ": "inf"}, ("SMALLCAPS_QUOTES_HZ='inf'",)),
 }
-BAD_INPUT_PARAMS = [
-    pytest.param(case)
-    for case in BAD_INPUTS
-]
+BAD_INPUT_PARAMS = [pytest.param(case) for case in BAD_INPUTS]
 
 
 @pytest.fixture(scope="module")
