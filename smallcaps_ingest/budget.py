@@ -19,11 +19,15 @@ import threading
 import time
 from pathlib import Path
 
-# A grant is counted over a window slightly longer than one second so that jitter between the
-# send and the moment the server counts the request cannot put budget+1 requests into one
-# server-side second (measured: p99 36 ms between grant and arrival on a loaded 2-core box before
-# grants were re-stamped at send time). 2 % of the window costs at most 2 % utilisation.
+# A grant counts against the window from the moment it is granted until one window after its
+# request bytes were handed to the kernel (see ``mark_sent``): while a granted request waits for
+# a connection or for the GIL it is counted as "now", so no later grant can assume it has left the
+# window. The window is 2 % longer than a second to cover the server's own delay between the
+# bytes arriving and it counting the request. 2 % of the window costs at most 2 % utilisation.
 WINDOW_MARGIN = 0.02
+# A grant whose request never reports being sent (the process died, the connection failed before
+# the hook ran) stops counting as in flight after this long, and then ages out like any grant.
+PENDING_LEASE = 5.0
 # AIMD: multiplicative decrease on 429 (at most once per window), additive increase per second.
 # The pair must converge below a server limit L: the cut (1 - DECREASE) * L must beat the regain
 # INCREASE * budget, i.e. L > budget * INCREASE / (1 - DECREASE) = budget / 10 here. (×0.9 with
@@ -58,7 +62,6 @@ class RequestBudget:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # one SQLite connection per budget, used under this lock
         self._conn: sqlite3.Connection | None = None
-        self._grant = threading.local()  # this thread's last grant, re-stamped when it is sent
         with self._connect() as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS grants (bucket TEXT NOT NULL, t REAL NOT NULL)")
             conn.execute("CREATE INDEX IF NOT EXISTS grants_bt ON grants (bucket, t)")
@@ -126,9 +129,14 @@ class RequestBudget:
                 )
             ]
             if len(times) < allowed:
-                cur = conn.execute("INSERT INTO grants (bucket, t) VALUES (?, ?)", (self.bucket, now))
-                self._grant.rowid = cur.lastrowid
+                # In flight: stamped in the future until the send re-stamps it (see mark_sent).
+                cur = conn.execute(
+                    "INSERT INTO grants (bucket, t) VALUES (?, ?)", (self.bucket, now + PENDING_LEASE)
+                )
+                _PENDING.grant = (self, cur.lastrowid)
                 return 0.0
+            if times[-1] > now:  # the window is full of requests still being sent: poll briefly
+                return 0.002
             # The oldest of the last `allowed` grants must leave the window first.
             return max(0.0005, times[-1] + window - now)
 
@@ -142,25 +150,42 @@ class RequestBudget:
             time.sleep(wait)
             waited += wait
 
-    def mark_sent(self) -> None:
-        """Re-stamp this thread's last grant with the moment its request goes on the wire.
-
-        Between a grant and the send, a thread may wait for the GIL (a large JSON decode on another
-        thread holds it for milliseconds). Counting the window from the real send time means the
-        next grants see when the server saw it, so the server never counts budget+1 in a second.
-        """
-        rowid = getattr(self._grant, "rowid", None)
-        if rowid is None:
-            return
-        self._grant.rowid = None
+    def _stamp(self, rowid: int, t: float) -> None:
         with self._lock, self._connect() as conn:
-            conn.execute("UPDATE grants SET t = ? WHERE rowid = ?", (time.time(), rowid))
+            conn.execute("UPDATE grants SET t = ? WHERE rowid = ?", (t, rowid))
+
+    def mark_sent(self) -> None:
+        """Stamp this thread's pending grant, if it is one of this budget's, as sent now."""
+        grant = getattr(_PENDING, "grant", None)
+        if grant is not None and grant[0] is self:
+            mark_sent()
 
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+_PENDING = threading.local()  # this thread's grant whose request has not been sent yet
+
+
+def mark_sent() -> None:
+    """Stamp this thread's pending grant with the moment its request went on the wire.
+
+    Called by the HTTP connection right after the request bytes were written (fetch.py). Until
+    then the grant counts as in flight (stamped ``PENDING_LEASE`` ahead), so a request held up
+    between grant and send — waiting for the GIL behind a large JSON decode, or for a connection —
+    can never fall out of the window before the server has seen it. From the send on, the window
+    counts from when the server could first have seen it, which makes budget+1 in one server-side
+    second impossible, whatever the delays between grant and send.
+    """
+    grant = getattr(_PENDING, "grant", None)
+    if grant is None:
+        return
+    _PENDING.grant = None
+    budget, rowid = grant
+    budget._stamp(rowid, time.time())
 
 
 class _Tx:

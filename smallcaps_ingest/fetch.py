@@ -23,11 +23,13 @@ import polars as pl
 import pyarrow as pa
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProtocolError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
 from smallcaps_ingest import shape, store
-from smallcaps_ingest.budget import RequestBudget
+from smallcaps_ingest.budget import RequestBudget, mark_sent
 from smallcaps_ingest.plan import DensityStore, RequestRange, Window, group_by_day, plan_symbol
 
 log = logging.getLogger(__name__)
@@ -167,16 +169,46 @@ class BudgetedRetry(Retry):
                 stats.count("requests", getattr(_current, "endpoint", "other"))
 
 
+class _ReportsSend:
+    """Stamps this thread's budget grant once the request bytes are written (see budget.mark_sent).
+
+    This is the latest point before the server can see the request and the earliest after which
+    it may: stamping here rather than before the send keeps grant-to-wire delays out of the window.
+    """
+
+    def request(self, *args, **kw):  # type: ignore[no-untyped-def]
+        try:
+            return super().request(*args, **kw)  # type: ignore[misc]
+        finally:
+            mark_sent()
+
+
+class _SentHTTPConnection(_ReportsSend, HTTPConnection):
+    pass
+
+
+class _SentHTTPSConnection(_ReportsSend, HTTPSConnection):
+    pass
+
+
+class _SentHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _SentHTTPConnection
+
+
+class _SentHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _SentHTTPSConnection
+
+
 class BudgetedAdapter(HTTPAdapter):
-    """Stamps the budget grant with the real send time, as late as requests allows."""
+    """An HTTPAdapter whose connections report to the budget when a request has been sent."""
 
     def __init__(self, budget: RequestBudget, **kw: object):
         self.budget = budget
         super().__init__(**kw)  # type: ignore[arg-type]
 
-    def send(self, request, **kw):  # type: ignore[no-untyped-def, override]
-        self.budget.mark_sent()
-        return super().send(request, **kw)
+    def init_poolmanager(self, *args, **kw):  # type: ignore[no-untyped-def, override]
+        super().init_poolmanager(*args, **kw)
+        self.poolmanager.pool_classes_by_scheme = {"http": _SentHTTPPool, "https": _SentHTTPSPool}
 
 
 class _Trade(msgspec.Struct, gc=False):

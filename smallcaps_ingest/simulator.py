@@ -22,6 +22,7 @@ import base64
 import binascii
 import calendar
 import contextlib
+import io
 import ipaddress
 import math
 import os
@@ -35,7 +36,7 @@ import sys
 import threading
 import time
 import traceback
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -657,6 +658,21 @@ def _row_at(segs: list[tuple[_Minute, int, int]], desc: bool, idx: int) -> tuple
 # --------------------------------------------------------------------------------------------------
 
 
+def _fullest_window(times: list[float], lo: int, mid: int, hi: int, window: float) -> int:
+    """Most of ``times`` in any window [x, x + window) that also holds t, t not counted.
+
+    ``times[lo:mid]`` lie in (t - window, t] and ``times[mid:hi]`` in (t, t + window); the fullest
+    such window starts at t or at one of the earlier arrivals.
+    """
+    best = hi - mid  # the window starting at t itself
+    j = mid
+    for i in range(lo, mid):
+        while j < hi and times[j] < times[i] + window:
+            j += 1
+        best = max(best, j - i)
+    return best
+
+
 def max_in_window(times: list[float], seconds: float = 1.0) -> int:
     """Most of the sorted `times` inside any half-open window [t, t + seconds)."""
     best = j = 0
@@ -698,6 +714,7 @@ class RequestRecord:
     rows: int
     had_api_key_in_query: bool
     truncated: bool = False
+    handled: float = 0.0  # when a handler thread got to it (t is when its bytes arrived)
 
 
 @dataclass(frozen=True)
@@ -705,6 +722,7 @@ class _Arrival:
     """What was decided when a request arrived (fault draws are taken then, under the lock)."""
 
     now: float
+    handled: float
     reset: bool
     limited: bool
     retry_after: int
@@ -742,6 +760,9 @@ class _Server(ThreadingHTTPServer):
     def server_bind(self) -> None:
         # HTTPServer.server_bind does a reverse DNS lookup (getfqdn); skip it, we are loopback only.
         socketserver.TCPServer.server_bind(self)
+        if _SO_TIMESTAMPNS is not None:  # accepted sockets inherit it, so a first request is stamped
+            with contextlib.suppress(OSError):
+                self.socket.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
         self.server_name = str(self.server_address[0])
         self.server_port = int(self.server_address[1])
 
@@ -774,10 +795,59 @@ class _Server(ThreadingHTTPServer):
                 c.shutdown(socket.SHUT_RDWR)
 
 
+# Linux stamps every received segment for a socket with SO_TIMESTAMPNS set. A request's arrival is
+# the stamp of the segment that carried it: when the server *received* it, which is what a real
+# server's limiter counts, not when a Python handler thread next got the GIL to parse it (that lag
+# reaches tens of ms while other handlers build large bodies, and it would let the simulator count
+# requests that arrived 1.02 s apart inside one second).
+_LINUX_SO_TIMESTAMPNS = 35 if sys.platform.startswith("linux") else None
+_SO_TIMESTAMPNS: int | None = getattr(socket, "SO_TIMESTAMPNS", _LINUX_SO_TIMESTAMPNS)
+_CMSG_SPACE = socket.CMSG_SPACE(16) if hasattr(socket, "CMSG_SPACE") else 0
+
+
+class _StampedSocketReader(io.RawIOBase):
+    """The handler's raw input: recvmsg so the kernel's receive stamp comes with the bytes."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.stamp: float | None = None  # time.time() base, of the latest segment read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n, ancillary, _flags, _addr = self._sock.recvmsg_into([b], _CMSG_SPACE)
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(data) >= 16:
+                sec, nsec = struct.unpack_from("qq", data)
+                self.stamp = sec + nsec / 1e9
+        return n
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
     server: _Server
+    _stamped: _StampedSocketReader | None = None
+
+    def setup(self) -> None:
+        super().setup()
+        if _SO_TIMESTAMPNS is not None and _CMSG_SPACE:
+            try:
+                self.connection.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+            except OSError:
+                return
+            self._stamped = _StampedSocketReader(self.connection)
+            self.rfile = io.BufferedReader(self._stamped, 65536)
+
+    def handle_one_request(self) -> None:
+        if self._stamped is not None:
+            self._stamped.stamp = None  # a request already buffered (pipelined) has no own stamp
+        super().handle_one_request()
+
+    def arrival(self) -> float | None:
+        """When this request's bytes reached the socket (time.time() base), if the kernel said."""
+        return self._stamped.stamp if self._stamped is not None else None
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silenced: per-request logging is slow and the path may carry apiKey."""
@@ -814,7 +884,7 @@ class Simulator:
         self._lock = threading.Lock()
         self._fault_rng = random.Random(self.config.seed)
         self._fault_seed = self.config.seed
-        self._served: deque[float] = deque()
+        self._served: list[float] = []  # sorted arrival times of admitted requests
         self._active = 0
         self._reset_state()
 
@@ -893,9 +963,13 @@ class Simulator:
         log.sort(key=lambda r: r.t)  # records are appended on completion; report arrival order
         return log
 
-    def max_in_window(self, seconds: float = 1.0, served_only: bool = False) -> int:
-        """Max request arrivals inside any half-open window [t, t + seconds)."""
-        return max_in_window([r.t for r in self.request_log() if not served_only or r.status == 200], seconds)
+    def max_in_window(self, seconds: float = 1.0, served_only: bool = False, handled: bool = False) -> int:
+        """Max request arrivals inside any half-open window [t, t + seconds).
+
+        ``handled=True`` counts by when a handler thread got to each request instead (diagnostic).
+        """
+        log = [r for r in self.request_log() if not served_only or r.status == 200]
+        return max_in_window(sorted(r.handled if handled else r.t for r in log), seconds)
 
     # ---- request handling ------------------------------------------------------------------------
 
@@ -962,7 +1036,7 @@ class Simulator:
                 )
             except _BadRequest as e:
                 bad = str(e)
-        arr = self._arrive(cfg)
+        arr = self._arrive(cfg, h.arrival())
         try:
             self._respond(h, cfg, q, endpoint, ticker, qy, bad, arr)
         except OSError:
@@ -971,10 +1045,17 @@ class Simulator:
             with self._lock:
                 self._active -= 1
 
-    def _arrive(self, cfg: SimConfig) -> _Arrival:
-        """Arrival bookkeeping, fault draws and the rate limiter, atomically under the lock."""
+    def _arrive(self, cfg: SimConfig, stamp: float | None = None) -> _Arrival:
+        """Arrival bookkeeping, fault draws and the rate limiter, atomically under the lock.
+
+        ``stamp`` is the kernel's receive time (time.time() base); the limiter and the request log
+        count arrivals at that moment, converted to the monotonic clock. Handlers may reach this
+        out of arrival order, so the limiter keeps arrivals sorted and admits a request only if no
+        window of the limit's length that contains it would then hold more than the limit.
+        """
         with self._lock:
-            now = time.monotonic()
+            handled = time.monotonic()
+            now = handled - max(0.0, time.time() - stamp) if stamp is not None else handled
             self._active += 1
             self._max_conc = max(self._max_conc, self._active)
             if cfg.seed != self._fault_seed:
@@ -989,18 +1070,24 @@ class Simulator:
                 rps = cfg.rate_limit_rps
                 allowed = max(1, int(rps)) if rps >= 1 else 1
                 window = 1.0 if rps >= 1 else 1.0 / max(rps, 1e-9)
-                while dq and dq[0] <= now - window:
-                    dq.popleft()
-                if len(dq) >= allowed:
+                old = bisect_left(dq, handled - 2.0 * window - 1.0)
+                if old:
+                    del dq[:old]
+                lo, mid, hi = (
+                    bisect_right(dq, now - window),
+                    bisect_right(dq, now),
+                    bisect_left(dq, now + window),
+                )
+                if _fullest_window(dq, lo, mid, hi, window) >= allowed:
                     limited = True
-                    retry_after = max(1, math.ceil(dq[0] + window - now))
+                    retry_after = max(1, math.ceil(dq[lo] + window - now)) if lo < hi else 1
                 else:
-                    dq.append(now)
+                    insort(dq, now)
             elif not reset:
-                dq.append(now)  # keep the window warm so turning the limiter on mid-run is exact
+                insort(dq, now)  # keep the window warm so turning the limiter on mid-run is exact
                 if len(dq) > 100_000:
-                    dq.popleft()
-        return _Arrival(now, reset, limited, retry_after, *u[1:])
+                    del dq[:50_000]
+        return _Arrival(now, handled, reset, limited, retry_after, *u[1:])
 
     def _respond(
         self,
@@ -1059,6 +1146,7 @@ class Simulator:
         # Record before sending: a client that has its response must already see it in the log.
         rec = RequestRecord(
             t=arr.now,
+            handled=arr.handled,
             endpoint=endpoint,
             ticker=ticker,
             status=status,

@@ -156,6 +156,7 @@ def test_budget_limits_threads_in_any_window(tmp_path: Path) -> None:
     def worker() -> None:
         for _ in range(10):
             b.acquire()
+            b.mark_sent()  # what the HTTP connection does once the request bytes are written
             with lock:
                 stamps.append(time.time())
 
@@ -190,4 +191,25 @@ def test_budget_rejects_bad_rate(tmp_path: Path) -> None:
         RequestBudget(0, tmp_path / "b.sqlite")
     slow = RequestBudget(0.5, tmp_path / "s.sqlite")  # below one per second: 1 per 2 s
     assert slow.try_acquire() == 0.0
+    slow.mark_sent()
     assert 1.9 < slow.try_acquire() <= 2.05
+
+
+def test_budget_counts_a_grant_until_its_request_is_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A granted request held up before the send (GIL, connection) never leaves the window early."""
+    b = RequestBudget(2, tmp_path / "b.sqlite")
+    real = time.time
+    at = lambda s: monkeypatch.setattr(time, "time", lambda: real() + s)  # noqa: E731
+    assert b.try_acquire() == 0.0  # grant 1: its request never reports being sent (say it died)
+    at(3)
+    assert b.try_acquire() == 0.0  # grant 2: 3 s later grant 1 still counts, one slot is left
+    assert 0 < b.try_acquire() <= 0.002  # both unsent: full, poll until a send is reported
+    b.mark_sent()  # grant 2 went on the wire at +3 s: it counts one window from then
+    assert 0.99 < b.try_acquire() <= 1.03
+    at(4.5)
+    assert b.try_acquire() == 0.0  # grant 2 aged out; grant 1 (never sent) still counts
+    assert 0 < b.try_acquire() <= 0.002
+    at(6.1)  # past grant 1's lease (5 s) plus one window: it no longer blocks anyone
+    assert b.try_acquire() == 0.0

@@ -544,3 +544,27 @@ def test_fault_rng_is_seeded() -> None:
 
     assert statuses(7) == statuses(7)
     assert statuses(7) != statuses(8)
+
+
+def test_arrivals_are_counted_when_the_bytes_reach_the_server() -> None:
+    """The log and the limiter use the kernel's receive stamp, not when a handler got to it."""
+    from smallcaps_ingest.simulator import _fullest_window
+
+    with Simulator(SimConfig()) as sim:
+        host, port = sim.host, sim.port
+        with sim._lock:  # hold every handler at the door for 0.3 s after the request arrived
+            s = socket.create_connection((host, port))
+            sent = time.monotonic()
+            s.sendall(f"GET /v3/trades/AAOI?apiKey=k HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            time.sleep(0.3)
+        s.settimeout(10)
+        assert s.recv(12).startswith(b"HTTP/1.1")
+        s.close()
+        (rec,) = sim.request_log()
+        assert abs(rec.t - sent) < 0.05  # arrival: when it was sent
+        assert rec.handled - rec.t > 0.25  # handled after the lock was released
+    # the limiter's window test with out-of-order arrivals: t = 1.0, limit window 1 s
+    times = [0.2, 0.5, 0.9, 1.5, 1.6, 1.95]
+    assert _fullest_window(times, 0, 3, 6, 1.0) == 3  # [0.2, 1.2), [0.9, 1.9) and [1.0, 2.0) hold 3
+    assert _fullest_window(times, 0, 3, 5, 1.0) == 3  # without 1.95: [0.2, 1.2) still holds 3
+    assert _fullest_window([0.5, 0.9, 1.2, 1.4], 0, 2, 4, 1.0) == 4  # [0.5, 1.5) holds all four
