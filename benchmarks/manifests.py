@@ -8,6 +8,13 @@ simulator has no holiday calendar: every weekday is a session). Three shapes:
   apart (their windows overlap); the rest are isolated;
 * ``in_play``   3-6 events spread over one symbol's day (RTH mostly, weighted to the open, some
   PM/AH), on names whose simulator liquidity spans sparse (XELB 0.02) to dense (BRK.B 4, HVY 12).
+* ``clustered_in_play`` the issue's clustered shape ("about half the events come in clusters of
+  2-3 within a few minutes") placed on in-play days, where real small-cap events concentrate
+  (halt/resume sequences and spikes on the day a name is in play), instead of one lone cluster or
+  event per symbol-day: each symbol-day has 3-6 episodes timed as in ``in_play``, and each episode
+  is a cluster with ``clustered``'s rule (probability 0.3, 2-3 events 1-4 min apart), else one
+  event. Same universe as ``clustered``. Nothing here was tuned to a target: every parameter is
+  taken from ``in_play`` or ``clustered`` as is.
 
 Generators are prefix-stable: ``make(kind, n)`` is the first events of ``make(kind, m)`` for
 ``n < m`` (up to the last symbol-day group), so runs of different sizes share their data.
@@ -32,7 +39,7 @@ ET = ZoneInfo("America/New_York")
 NS = 1_000_000_000
 BEFORE_NS = 3 * 60 * NS
 AFTER_NS = 7 * 60 * NS
-KINDS = ("clustered", "in_play", "isolated")
+KINDS = ("clustered", "clustered_in_play", "in_play", "isolated")
 #: In-play names: explicit simulator tickers plus hash tickers picked across the liquidity range.
 IN_PLAY_FIXED = ("BRK.B", "HVY", "AAOI", "XELB")
 
@@ -124,6 +131,16 @@ def isolated(n: int, seed: int = 1) -> list[Event]:
     return out
 
 
+def _episode(rng: random.Random, t: float, p_cluster: float) -> list[float]:
+    """A cluster of 2-3 event minutes 1-4 min apart (prob. ``p_cluster``), else the one minute ``t``."""
+    times = [t]
+    if rng.random() < p_cluster:
+        k = rng.choice((2, 3))
+        for _ in range(k - 1):
+            times.append(times[-1] + rng.uniform(1.0, 4.0))
+    return times
+
+
 def clustered(n: int, seed: int = 2, p_cluster: float = 0.3) -> list[Event]:
     """Symbol-days hold a cluster of 2-3 events (prob. ``p_cluster``) or one isolated event."""
     rng = random.Random(seed)
@@ -131,16 +148,23 @@ def clustered(n: int, seed: int = 2, p_cluster: float = 0.3) -> list[Event]:
     for sym, day in _symbol_days(universe(), seed):
         if len(out) >= n:
             break
-        t = _minute(rng)
-        if rng.random() < p_cluster:
-            k = rng.choice((2, 3))
-            times = [t]
-            for _ in range(k - 1):
-                times.append(times[-1] + rng.uniform(1.0, 4.0))
-        else:
-            times = [t]
-        for m in times:
+        for m in _episode(rng, _minute(rng), p_cluster):
             out.append(_ev(sym, len(out), _instant(day, m)))
+    return out
+
+
+def clustered_in_play(n: int, seed: int = 4, p_cluster: float = 0.3) -> list[Event]:
+    """Symbol-days of 3-6 episodes (timed as ``in_play``), each a ``clustered`` episode."""
+    rng = random.Random(seed)
+    out: list[Event] = []
+    for sym, day in _symbol_days(universe(), seed):
+        if len(out) >= n:
+            break
+        k = rng.randint(3, 6)
+        starts = sorted(_minute(rng, pm=0.15, ah=0.10, open_bias=0.5) for _ in range(k))
+        for t in starts:
+            for m in _episode(rng, t, p_cluster):
+                out.append(_ev(sym, len(out), _instant(day, m)))
     return out
 
 
@@ -159,7 +183,12 @@ def in_play(n: int, seed: int = 3) -> list[Event]:
 
 
 def make(kind: str, n: int, seed: int | None = None) -> list[Event]:
-    gen = {"isolated": isolated, "clustered": clustered, "in_play": in_play}[kind]
+    gen = {
+        "isolated": isolated,
+        "clustered": clustered,
+        "clustered_in_play": clustered_in_play,
+        "in_play": in_play,
+    }[kind]
     return gen(n) if seed is None else gen(n, seed)
 
 

@@ -8,8 +8,10 @@ here, because they need the AIMD budget or a re-read of the body. 401/403 stop a
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import random
+import sys
 import threading
 import time
 from collections import Counter
@@ -37,6 +39,10 @@ log = logging.getLogger(__name__)
 OFFICIAL_BASE_URL = "https://api.polygon.io"
 PAGE_LIMIT = 50_000
 SIMULATOR_HEADER = "X-Smallcaps-Simulator"
+# Response bytes read and decoded at once by all workers of a client (see _ByteBudget).
+BODY_BYTES_IN_FLIGHT = 12 * 1024 * 1024
+# New days wait while fetched-but-unwritten rows exceed this (with at most 2x workers ranges).
+FRAME_BYTES_HELD = 24 * 1024 * 1024
 MAX_ATTEMPTS = 12  # our own retries (429, truncated/invalid bodies); urllib3 retries come on top
 
 
@@ -286,6 +292,11 @@ _ARROW = {
 }
 
 
+# Arrow's default jemalloc pool keeps freed pages for reuse: page frames are short-lived and
+# sized all over the place, so that was ~170 MB of a 12-worker run's peak RSS (benchmarks).
+_POOL = pa.system_memory_pool()
+
+
 def parse_page(kind: str, body: bytes, nbbo_only: bool = False) -> tuple[pl.DataFrame, str | None]:
     """Decode one v3 page into a typed frame.
 
@@ -305,7 +316,8 @@ def parse_page(kind: str, body: bytes, nbbo_only: bool = False) -> tuple[pl.Data
     if not rows:
         return pl.DataFrame(schema=schema), page.next_url
     arrays = [
-        pa.array([getattr(r, name) for r in rows], type=_ARROW[dtype]) for name, dtype in schema.items()
+        pa.array([getattr(r, name) for r in rows], type=_ARROW[dtype], memory_pool=_POOL)
+        for name, dtype in schema.items()
     ]
     return pl.from_arrow(pa.Table.from_arrays(arrays, names=list(schema))), page.next_url  # type: ignore[return-value]
 
@@ -323,6 +335,7 @@ class PolygonClient:
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
         max_retries: int = 8,
+        body_bytes_in_flight: int = BODY_BYTES_IN_FLIGHT,
     ):
         if not api_key:
             raise PolygonAuthError("no Polygon API key: set POLYGON_API_KEY (or POLYGON_BASE_URL=simulator)")
@@ -331,6 +344,7 @@ class PolygonClient:
         self._key = api_key
         self.budget = budget
         self.timeout = (connect_timeout, read_timeout)
+        self._bodies = _ByteBudget(body_bytes_in_flight)
         self.source: str | None = None  # "simulator" or "polygon", known after the first answer
         retry = BudgetedRetry(
             total=max_retries,
@@ -391,19 +405,24 @@ class PolygonClient:
             for _attempt in range(MAX_ATTEMPTS):
                 stats.add(budget_wait_s=self.budget.acquire())
                 stats.count("requests", kind)
+                held = 0
                 try:
-                    resp = self.session.get(url, params=params, timeout=self.timeout)
+                    resp = self.session.get(url, params=params, timeout=self.timeout, stream=True)
+                    held = self._bodies.take(_declared_length(resp))
                     body = resp.content
                 except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError):
+                    self._bodies.give(held)
                     stats.count("retries", "truncated")
                     time.sleep(min(backoff, 2.0) * random.uniform(0.5, 1.0))
                     continue
                 except requests.exceptions.Timeout as e:
+                    self._bodies.give(held)
                     stats.count("errors", "timeout")
                     raise PolygonError(
                         f"{kind} request timed out after retries: {self._scrub(str(e))}"
                     ) from None
                 except requests.exceptions.ConnectionError as e:
+                    self._bodies.give(held)
                     stats.count("errors", "reset")
                     raise PolygonError(
                         f"{kind} request failed after retries (connection): {self._scrub(str(e))}"
@@ -418,8 +437,12 @@ class PolygonClient:
                     except msgspec.DecodeError:
                         stats.count("retries", "truncated")
                         continue
+                    finally:
+                        del body
+                        self._bodies.give(held)
                     stats.add(pages=1, rows_raw=frame.height)
                     return frame, next_url
+                self._bodies.give(held)
                 if status == 429:
                     stats.add(throttled=1)
                     self.budget.on_throttled()
@@ -472,6 +495,24 @@ class PolygonClient:
 
         ``nbbo_only`` (quotes only) keeps just the fields the sampled quote grid needs.
         """
+        frame = self.fetch_windows(kind, ticker, start_ns, end_ns, stats, nbbo_only)[0]
+        return frame.sort("sip_timestamp", "sequence_number")
+
+    def fetch_windows(
+        self,
+        kind: str,
+        ticker: str,
+        start_ns: int,
+        end_ns: int,
+        stats: FetchStats,
+        nbbo_only: bool = False,
+        keep: Sequence[tuple[int, int]] | None = None,
+    ) -> tuple[pl.DataFrame, int]:
+        """As ``fetch_range`` (unsorted), keeping only ticks inside ``keep``; also the raw row count.
+
+        A merged range spans the gaps between its events (up to the over-fetch bound); dropping
+        the gap rows page by page keeps a dense symbol's day from being held in memory whole.
+        """
         url: str | None = f"{self.base_url}/v3/{kind}/{quote(ticker, safe='.-')}"
         params: dict[str, object] | None = {
             "timestamp.gte": int(start_ns),
@@ -482,16 +523,64 @@ class PolygonClient:
         }
         frames: list[pl.DataFrame] = []
         previous: pl.Series | None = None
+        raw = 0
         while url:
             page, next_url = self.get_page(kind, url, params, stats, nbbo_only)
             seqs = page["sequence_number"]
             if previous is not None and page.height:
                 page = page.filter(~pl.col("sequence_number").is_in(previous.implode()))
+            raw += page.height
+            if keep is not None and page.height:
+                page = page.filter(_inside(keep))
             frames.append(page)
             previous = seqs
             url = self._same_host(next_url) if next_url else None
             params = None
-        return pl.concat(frames, how="vertical").sort("sip_timestamp", "sequence_number")
+        # Not sorted here: shaping sorts each event's slice, which is all that is ever written.
+        return (pl.concat(frames, how="vertical") if len(frames) > 1 else frames[0]), raw
+
+
+def _inside(windows: Sequence[tuple[int, int]]) -> pl.Expr:
+    ts = pl.col("sip_timestamp")
+    expr = pl.lit(False)
+    for lo, hi in windows:
+        expr = expr | ((ts >= lo) & (ts < hi))
+    return expr
+
+
+def _declared_length(resp: requests.Response) -> int:
+    try:
+        return max(0, int(resp.headers.get("Content-Length") or 0))
+    except ValueError:
+        return 0
+
+
+class _ByteBudget:
+    """Bounds the response bytes being read and decoded at once, across worker threads.
+
+    A 50k-row page is ~10 MB of JSON and ~2.4x that while msgspec decodes it; twelve of those at
+    once was most of a 12-worker run's peak RSS, and decoding holds the GIL anyway, so more than
+    a few bodies at once buys nothing. A body larger than the whole budget takes all of it.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = max(1, limit)
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def take(self, n: int) -> int:
+        n = min(max(n, 1), self.limit)
+        with self._cond:
+            while self.used + n > self.limit:
+                self._cond.wait()
+            self.used += n
+        return n
+
+    def give(self, n: int) -> None:
+        if n:
+            with self._cond:
+                self.used -= n
+                self._cond.notify_all()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,8 +617,42 @@ class _DayJob:
     symbol: str
     windows: list[Window]
     ranges: list[RequestRange] = field(default_factory=list)
-    frames: dict[int, pl.DataFrame] = field(default_factory=dict)
+    frames: dict[int, tuple[pl.DataFrame, int]] = field(default_factory=dict)  # kept rows, raw count
     remaining: int = 0
+    held: int = 0  # bytes of fetched frames this day holds until it is written
+
+
+_MALLOC_TUNED = False
+
+
+def tune_malloc() -> bool:
+    """Make glibc hand freed memory back instead of keeping it per thread (Linux/glibc only).
+
+    Page bodies and frames are megabytes each and short-lived, allocated on a dozen threads: by
+    default glibc gives busy threads their own arenas and raises its mmap threshold after such
+    frees, so they are recycled inside ever-growing heaps. Two arenas, a fixed 256 KiB mmap
+    threshold and a 1 MiB trim threshold cut a 12-worker run's peak RSS by ~40 % at no measured
+    throughput cost (benchmarks/cost_per_tick.py). Process-wide, so done once, by the engine.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
+        return _MALLOC_TUNED
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only (musl has no mallopt knobs)
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    ok = all(
+        libc.mallopt(param, value) == 1
+        for param, value in (
+            (m_arena_max, 2),
+            (m_mmap_threshold, 256 * 1024),
+            (m_trim_threshold, 1024 * 1024),
+        )
+    )
+    _MALLOC_TUNED = ok
+    return ok
 
 
 class FetchEngine:
@@ -556,6 +679,7 @@ class FetchEngine:
         self.hz = hz
         self.max_overfetch = max_overfetch
         self.density = density or DensityStore(None)
+        tune_malloc()
         self._source_checked = False
         self._lock = threading.Lock()
 
@@ -584,6 +708,7 @@ class FetchEngine:
         finished: list[str] = [s for s, n in days_left.items() if n == 0]
         cond = threading.Condition()
         in_flight = 0
+        held_bytes = 0  # fetched rows waiting for their day to be written
         fatal: list[BaseException] = []
         results: list[SymbolOutcome] = []
 
@@ -609,18 +734,24 @@ class FetchEngine:
                     finish_symbol(job.symbol)
                 cond.notify_all()
 
-        def range_done(job: _DayJob, idx: int, fut: Future[pl.DataFrame]) -> None:
-            nonlocal in_flight
+        def range_done(job: _DayJob, idx: int, fut: Future[tuple[pl.DataFrame, int]]) -> None:
+            nonlocal in_flight, held_bytes
             error = fut.exception()
             with cond:
                 in_flight -= 1
-                if error is None:
+                if error is None and job.remaining > 0:
                     job.frames[idx] = fut.result()
+                    size = job.frames[idx][0].estimated_size()
+                    job.held += size
+                    held_bytes += size
                 job.remaining -= 1
                 last = job.remaining == 0
                 failed = error is not None and job.remaining >= 0
                 if failed:
                     job.remaining = -(10**9)  # the day is failed; later range results are dropped
+                    job.frames.clear()
+                    held_bytes -= job.held
+                    job.held = 0
                 cond.notify_all()
             if failed:
                 day_done(job, error)
@@ -630,12 +761,13 @@ class FetchEngine:
                 writer.submit(write_day, job)
 
         def write_day(job: _DayJob) -> None:
-            nonlocal in_flight
+            nonlocal in_flight, held_bytes
             try:
                 day_done(job, None)
             finally:
                 with cond:
                     in_flight -= 1
+                    held_bytes -= job.held
                     cond.notify_all()
 
         # Shaping and writing run on their own small pool, so the fetch workers keep the request
@@ -662,7 +794,7 @@ class FetchEngine:
                         )
                     ):
                         break
-                    if exhausted or fatal or in_flight >= 2 * self.workers:
+                    if exhausted or fatal or in_flight >= 2 * self.workers or held_bytes > FRAME_BYTES_HELD:
                         cond.wait(timeout=0.5)
                         continue
                 job = next(pending, None)
@@ -679,13 +811,14 @@ class FetchEngine:
                     with cond:
                         in_flight += 1
                     fut = pool.submit(
-                        self.client.fetch_range,
+                        self.client.fetch_windows,
                         rng.kind,
                         job.symbol,
                         rng.start_ns,
                         rng.end_ns,
                         outcome.stats,
                         self.hz > 0,
+                        [(w.start_ns, w.end_ns) for w in rng.events],
                     )
                     fut.add_done_callback(lambda f, j=job, i=idx: range_done(j, i, f))
 
@@ -705,8 +838,8 @@ class FetchEngine:
         """Split each range back out per event, shape, and write the event's two files."""
         by_event: dict[str, dict[str, pl.DataFrame]] = {}
         for idx, rng in enumerate(job.ranges):
-            frame = job.frames[idx]
-            self.density.observe(job.symbol, rng.kind, rng.start_ns, rng.end_ns, frame.height)
+            frame, raw = job.frames[idx]
+            self.density.observe(job.symbol, rng.kind, rng.start_ns, rng.end_ns, raw)
             for w in rng.events:
                 by_event.setdefault(w.event_id, {})[rng.kind] = frame
         job.frames.clear()

@@ -2,20 +2,29 @@
 
 The budget counts requests, not rows, and one page holds up to 50,000 rows. So windows that
 overlap or touch are always fetched as one range, and separated windows on the same trading day
-are fetched together when the merged range is expected to need fewer pages than the two apart.
+are fetched together when that is expected to need fewer pages. Each day's blocks are partitioned
+optimally (a small dynamic programme over contiguous runs of blocks), not merged greedily, so a
+dense block is left on its own while its sparse neighbours still share a range.
 Over-fetch is bounded: a merged range may hold at most ``max_overfetch`` times the rows its
-events need (a bound that holds whatever the density estimate, since both sides scale with it).
-Densities are learned per symbol, endpoint and session from what was already fetched.
+events need (a bound on the density's *shape* over the day, not on its level, since both sides
+scale with it).
+
+Densities are learned per symbol, endpoint and session segment from what was already fetched, and
+shrunk towards the symbol's own level (its observed rows over what the priors predicted, in every
+segment of that endpoint, else of the other endpoint) times the prior shape: a name seen only in
+RTH is planned at its own level in PM too, and a sparse name's rarely seen OPEN half hour does not
+fall back to the market-wide prior (which made merged ranges look less over-fetched than they were).
 """
 
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import math
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,8 +33,6 @@ from zoneinfo import ZoneInfo
 ET = ZoneInfo("America/New_York")
 NS = 1_000_000_000
 PAGE_ROWS = 50_000
-# Plan against 80 % of a page: a range estimated just under one page must not spill into two.
-PAGE_ROWS_PLANNED = 40_000
 KINDS = ("trades", "quotes")
 # Priors for a symbol never seen before (ticks per second by session); deliberately moderate.
 # The first and last half hour of RTH (OPEN, CLOSE) are kept apart: they are about twice as dense,
@@ -34,8 +41,11 @@ PRIOR_DENSITY = {
     "trades": {"PM": 0.2, "OPEN": 4.0, "RTH": 2.0, "CLOSE": 4.0, "AH": 0.2, "OFF": 0.0},
     "quotes": {"PM": 1.0, "OPEN": 20.0, "RTH": 10.0, "CLOSE": 20.0, "AH": 1.0, "OFF": 0.0},
 }
-# Weight, in seconds of observation, that the prior keeps against what was measured.
+# Weight, in seconds of observation, that a segment's base (the symbol's level times the prior
+# shape) keeps against what was measured in that segment.
 PRIOR_SECONDS = 60.0
+# Weight, in rows, that the market-wide prior level (1.0) keeps against a symbol's observed level.
+PRIOR_LEVEL_ROWS = 10.0
 # (end hour, end minute, segment) in America/New_York
 SESSION_BOUNDS = (
     (4, 0, "OFF"),
@@ -103,6 +113,12 @@ class DensityStore:
 
     Kept with the run state so later runs (and later days in the same run) plan better. Updates
     are read-merge-written under an flock so concurrent runs do not lose each other's counts.
+
+    A segment's density is its observed rows and seconds, shrunk (``PRIOR_SECONDS``) towards a
+    base: the prior shape for that segment times the symbol's *level*, which is how many times
+    the prior its observed rows were across all segments of the endpoint (shrunk towards 1 by
+    ``PRIOR_LEVEL_ROWS``). A symbol never fetched on this endpoint takes the other endpoint's
+    level; a symbol never fetched at all is planned on the priors (level 1).
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None):
@@ -113,13 +129,42 @@ class DensityStore:
         if self.path is not None and self.path.exists():
             self._obs = json.loads(self.path.read_text() or "{}")
 
+    def _cells(self, symbol: str, kind: str) -> dict[str, tuple[float, float]]:
+        with self._lock:
+            return {s: (c[0], c[1]) for s, c in self._obs.get(symbol, {}).get(kind, {}).items()}
+
+    def known(self, symbol: str) -> bool:
+        """Whether any range of the symbol was observed; if not, it is planned on the priors (an
+        engine can fetch such a symbol's trades first, so its quotes are planned at its level)."""
+        with self._lock:
+            return bool(self._obs.get(symbol))
+
+    def level(self, symbol: str, kind: str) -> float:
+        """Observed rows / prior-expected rows over the symbol's observations (1.0 if none)."""
+        for k in (kind, *(k for k in KINDS if k != kind)):
+            cells = self._cells(symbol, k)
+            expected = sum(PRIOR_DENSITY[k].get(s, 0.0) * secs for s, (_, secs) in cells.items())
+            if expected > 0:
+                rows = sum(r for r, _ in cells.values())
+                return (rows + PRIOR_LEVEL_ROWS) / (expected + PRIOR_LEVEL_ROWS)
+        return 1.0
+
+    def _density(self, kind: str, session: str, cells: dict[str, tuple[float, float]], level: float) -> float:
+        base = PRIOR_DENSITY[kind][session] * level
+        rows, secs = cells.get(session, (0.0, 0.0))
+        return (rows + base * PRIOR_SECONDS) / (secs + PRIOR_SECONDS)
+
     def density(self, symbol: str, kind: str, session: str) -> float:
-        prior = PRIOR_DENSITY[kind][session]
-        rows, secs = self._obs.get(symbol, {}).get(kind, {}).get(session, [0.0, 0.0])
-        return (rows + prior * PRIOR_SECONDS) / (secs + PRIOR_SECONDS)
+        return self._density(kind, session, self._cells(symbol, kind), self.level(symbol, kind))
+
+    def densities(self, symbol: str, kind: str) -> dict[str, float]:
+        """Ticks per second of every session segment (one consistent snapshot, for planning)."""
+        cells, level = self._cells(symbol, kind), self.level(symbol, kind)
+        return {s: self._density(kind, s, cells, level) for s in PRIOR_DENSITY[kind]}
 
     def expected_rows(self, symbol: str, kind: str, start_ns: int, end_ns: int) -> float:
-        return sum(self.density(symbol, kind, s) * secs for s, secs in session_segments(start_ns, end_ns))
+        dens = self.densities(symbol, kind)
+        return sum(dens[s] * secs for s, secs in session_segments(start_ns, end_ns))
 
     def observe(self, symbol: str, kind: str, start_ns: int, end_ns: int, rows: int) -> None:
         """Record that [start, end) held `rows` ticks, spread over its sessions by the prior shape."""
@@ -156,7 +201,52 @@ class DensityStore:
 
 
 def _pages(rows: float) -> int:
-    return max(1, math.ceil(rows / PAGE_ROWS_PLANNED))
+    return max(1, math.ceil(rows / PAGE_ROWS))
+
+
+def _blocks(kind: str, windows: Sequence[Window]) -> list[RequestRange]:
+    """Overlapping or touching windows unioned (exact, no over-fetch), in time order."""
+    blocks: list[RequestRange] = []
+    for w in sorted(windows, key=lambda w: (w.start_ns, w.end_ns, w.event_id)):
+        if blocks and w.start_ns <= blocks[-1].end_ns:
+            blocks[-1].end_ns = max(blocks[-1].end_ns, w.end_ns)
+            blocks[-1].events.append(w)
+        else:
+            blocks.append(RequestRange(kind, w.start_ns, w.end_ns, [w]))
+    return blocks
+
+
+def partition(
+    need: Sequence[float],
+    span: Callable[[int, int], float],
+    max_overfetch: float,
+    cost: Callable[[float], float],
+) -> list[tuple[int, int]]:
+    """Cheapest split of n blocks into contiguous runs [i, j): the total of ``cost(span(i, j))``,
+    then the fewest rows; a run of several blocks only if ``span(i, j)`` <= ``max_overfetch`` x the
+    rows its blocks need. ``need[k]`` = rows of block k, ``span(i, j)`` = rows from block i's start
+    to block j-1's end. (Contiguous runs lose nothing: a range spanning blocks covers those between.)
+    """
+    n = len(need)
+    best: list[tuple[float, float]] = [(0.0, 0.0)] + [(math.inf, math.inf)] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        inside = 0.0
+        for i in range(j - 1, -1, -1):
+            inside += need[i]
+            rows = span(i, j)
+            if j - i > 1 and rows > max_overfetch * inside * (1 + 1e-9):
+                continue
+            pages, fetched = best[i][0] + cost(rows), best[i][1] + rows
+            # pages first; between (near-)equal page counts, the fewer rows
+            if pages < best[j][0] - 1e-9 or (pages <= best[j][0] + 1e-9 and fetched < best[j][1]):
+                best[j], cut[j] = (pages, fetched), i
+    runs: list[tuple[int, int]] = []
+    j = n
+    while j > 0:
+        runs.append((cut[j], j))
+        j = cut[j]
+    return runs[::-1]
 
 
 def plan_kind(
@@ -167,40 +257,27 @@ def plan_kind(
     max_overfetch: float = 4.0,
 ) -> list[RequestRange]:
     """Ranges for one endpoint: overlapping/adjacent windows always merge; separated windows on
-    the same ET day merge when that saves pages and keeps over-fetch within the bound."""
-    ordered = sorted(windows, key=lambda w: (w.start_ns, w.end_ns, w.event_id))
-    # 1. union overlapping or touching windows (exact, no over-fetch)
-    blocks: list[RequestRange] = []
-    for w in ordered:
-        if blocks and w.start_ns <= blocks[-1].end_ns:
-            blocks[-1].end_ns = max(blocks[-1].end_ns, w.end_ns)
-            blocks[-1].events.append(w)
-        else:
-            blocks.append(RequestRange(kind, w.start_ns, w.end_ns, [w]))
-
-    def rows(start: int, end: int) -> float:
-        return density.expected_rows(symbol, kind, start, end)
-
-    # 2. greedily merge neighbouring blocks on the same day when it saves pages
-    merged: list[RequestRange] = []
-    needed: list[float] = []  # expected rows inside the event windows of each merged range
-    for block in blocks:
-        need = rows(block.start_ns, block.end_ns)
-        if merged:
-            cur = merged[-1]
-            joint_need = needed[-1] + need
-            joint = rows(cur.start_ns, block.end_ns)
-            same_day = et_day(cur.start_ns) == et_day(block.end_ns - 1)
-            saves = _pages(joint) < _pages(rows(cur.start_ns, cur.end_ns)) + _pages(need)
-            bounded = joint <= max_overfetch * joint_need + 1e-9
-            if same_day and saves and bounded:
-                cur.end_ns = block.end_ns
-                cur.events.extend(block.events)
-                needed[-1] = joint_need
-                continue
-        merged.append(block)
-        needed.append(need)
-    return merged
+    the same ET day share a range when that lowers the expected page count and keeps over-fetch
+    within the bound (the best such partition of each day)."""
+    blocks = _blocks(kind, windows)
+    dens = density.densities(symbol, kind) if len(blocks) > 1 else {}
+    out: list[RequestRange] = []
+    for _, group in itertools.groupby(blocks, key=lambda blk: et_day(blk.start_ns)):
+        day = list(group)
+        if len(day) == 1:
+            out.extend(day)
+            continue
+        # expected rows up to every block edge, so any run's rows are one subtraction
+        edges = [x for blk in day for x in (blk.start_ns, blk.end_ns)]
+        steps = (
+            sum(dens[s] * secs for s, secs in session_segments(a, b)) for a, b in itertools.pairwise(edges)
+        )
+        cum = list(itertools.accumulate(steps, initial=0.0))
+        need = [cum[2 * i + 1] - cum[2 * i] for i in range(len(day))]
+        for i, j in partition(need, lambda i, j, c=cum: c[2 * j - 1] - c[2 * i], max_overfetch, _pages):
+            events = [w for blk in day[i:j] for w in blk.events]
+            out.append(RequestRange(kind, day[i].start_ns, day[j - 1].end_ns, events))
+    return out
 
 
 def plan_symbol(

@@ -145,7 +145,11 @@ def test_density_store_merges_concurrent_saves(tmp_path: Path) -> None:
     b.save()
     merged = DensityStore(p)
     assert merged._obs["AAOI"]["trades"]["RTH"] == [180.0, 120.0]
-    assert merged.density("AAOI", "trades", "RTH") == pytest.approx((180 + 2.0 * 60) / (120 + 60))
+    # 180 rows in 120 s, shrunk (PRIOR_SECONDS = 60) towards the RTH prior (2.0/s) scaled by the
+    # symbol's level: observed / prior-expected rows, (180 + 10) / (240 + 10) with PRIOR_LEVEL_ROWS 10
+    assert merged.density("AAOI", "trades", "RTH") == pytest.approx(
+        (180 + 2.0 * (190 / 250) * 60) / (120 + 60)
+    )
 
 
 def test_budget_limits_threads_in_any_window(tmp_path: Path) -> None:
