@@ -14,8 +14,16 @@ Next to it: a manifest parquet of the same events (the real manifest's columns) 
 instance in a temporary DAGSTER_HOME holding the "symbols" partitions and one runless
 ``event_windows`` materialization per symbol with the real metadata keys (for the events/min, API
 and errors figures). Then the CLI runs in a fresh process each time, as a user would run it; the
-page cache is warm (the tree was just written). The first run also fills status's incremental
-cache of lifetime error sums (``_state/status_cache.json``); later runs read only new records.
+page cache is warm (the tree was just written).
+
+Timed, each in a fresh process: status with a cold cache (``_state/status_*`` removed before each
+run: the first status on a tree), a warm one (nothing changed since the previous run), a warm one
+after 20 event directories had files replaced (as a running ingest does), then variants (--no-fork,
+--no-instance, --no-cache, --dagster-api; ``--quick`` skips all but cold and warm). Every run's
+clock-independent output must equal the reference (Dagster's API and a full scan, no cache). The
+summary prints median and best wall seconds of the default status, cold and warm, per tree size:
+
+    python benchmarks/status_bench.py --events 100000 572850 --keep   # then --reuse to re-time
 """
 
 from __future__ import annotations
@@ -180,7 +188,9 @@ def run_status(data_dir: Path, env: dict[str, str], *extra: str) -> tuple[float,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--events", type=int, default=100_000)
+    ap.add_argument(
+        "--events", type=int, nargs="+", default=[100_000], help="tree sizes to time (e.g. 100000 572850)"
+    )
     ap.add_argument("--per-symbol", type=int, default=150)
     ap.add_argument("--placeholders", action="store_true", help="zero-byte files instead of tiny real ones")
     ap.add_argument(
@@ -193,25 +203,33 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="where to build (default benchmarks/out/status_N)")
     ap.add_argument("--keep", action="store_true", help="keep the generated tree and instance")
     ap.add_argument("--reuse", action="store_true", help="time a tree kept by an earlier --keep run")
+    ap.add_argument("--quick", action="store_true", help="only the default status, cold and warm")
     args = ap.parse_args()
+    summary: list[str] = []
+    for n in args.events:
+        summary += bench_one(n, args)
+    print("\nsummary (wall seconds; median / best of", args.runs, "runs)")
+    for line in summary:
+        print("  " + line)
 
-    base = args.dir or ROOT / "benchmarks" / "out" / f"status_{args.events}"
+
+def bench_one(n: int, args: argparse.Namespace) -> list[str]:
+    base = (args.dir / f"status_{n}") if args.dir else ROOT / "benchmarks" / "out" / f"status_{n}"
     data_dir, home = base / "data", base / "dagster_home"
     truth_file = base / "truth.json"
     if args.reuse and truth_file.is_file():
         truth = json.loads(truth_file.read_text())
-        print(f"reusing the tree and instance under {base}: {truth}")
-        time_status(data_dir, home, truth, args)
-        return
+        print(f"\nreusing the tree and instance under {base}: {truth}")
+        return time_status(n, data_dir, home, truth, args)
     if base.exists():
         shutil.rmtree(base)
     home.mkdir(parents=True)
     print(
-        f"generating {args.events:,} events ({args.per_symbol}/symbol, "
+        f"\ngenerating {n:,} events ({args.per_symbol}/symbol, "
         f"{'zero-byte placeholders' if args.placeholders else 'tiny real parquet files'}) under {base}"
     )
     t = time.perf_counter()
-    truth = generate(data_dir, args.events, args.per_symbol, args.placeholders)
+    truth = generate(data_dir, n, args.per_symbol, args.placeholders)
     print(f"  tree: {time.perf_counter() - t:.1f}s  {truth}")
     symbols = [f"S{i:05d}" for i in range(truth["symbols"])]
     n_mat = truth["symbols"] if args.materializations is None else args.materializations
@@ -220,17 +238,47 @@ def main() -> None:
         f"  instance: {len(symbols):,} partitions, {min(n_mat, len(symbols)):,} materializations "
         f"in {secs:.1f}s"
     )
-
     truth_file.write_text(json.dumps(truth))
-    time_status(data_dir, home, truth, args)
+    out = time_status(n, data_dir, home, truth, args)
     if not args.keep:
         shutil.rmtree(base)
+    return out
 
 
-def time_status(data_dir: Path, home: Path, truth: dict[str, int], args: argparse.Namespace) -> None:
+# parts of the --json output that do not depend on the clock (throughput and API figures do)
+STABLE = ("manifest", "events", "symbols", "disk", "instance", "errors", "lifetime")
+CACHES = ("status_cache.json", "status_disk.cache", "status_manifest.cache")
+
+
+def clear_caches(data_dir: Path) -> None:
+    """Cold: as if status had never run on this tree (its lifetime-sums cache included)."""
+    for name in CACHES:
+        (data_dir / "_state" / name).unlink(missing_ok=True)
+
+
+def churn(data_dir: Path, k: int, n: int = 20) -> None:
+    """What a running ingest does between two status runs: files replaced (same bytes, new inodes)
+    in ``n`` event directories spread over the tree, so their listings must be read again."""
+    root = data_dir / "event_windows"
+    syms = sorted(os.listdir(root))
+    for i in range(n):
+        sdir = root / syms[(k * n + i) * 7919 % len(syms)]
+        events = sorted(os.listdir(sdir))
+        f = sdir / events[(k + i) % len(events)] / "trades.parquet"
+        if f.is_file():
+            tmp = f.with_name(f"trades.parquet.tmp.{os.getpid()}")
+            tmp.write_bytes(f.read_bytes())
+            os.replace(tmp, f)
+
+
+def time_status(
+    n: int, data_dir: Path, home: Path, truth: dict[str, int], args: argparse.Namespace
+) -> list[str]:
     env = {**os.environ, "DAGSTER_HOME": str(home)}
-    first, st = run_status(data_dir, env)
-    ev, dk = st["events"], st["disk"]
+    # the reference: Dagster's API and a full scan, no cache
+    clear_caches(data_dir)
+    _, ref = run_status(data_dir, env, "--dagster-api", "--no-cache")
+    ev, dk = ref["events"], ref["disk"]
     assert ev["done"] == truth["complete"] and ev["partial"] == truth["partial"], (ev, truth)
     assert ev["missing"] == truth["missing"] and dk["tmp_orphans"] == truth["orphans"], (ev, dk, truth)
     assert dk["files"] == truth["files"] and dk["bytes"] == truth["bytes"], (dk, truth)
@@ -238,34 +286,63 @@ def time_status(data_dir: Path, home: Path, truth: dict[str, int], args: argpars
         f"  counts verified: done {ev['done']:,}, partial {ev['partial']:,}, missing {ev['missing']:,}, "
         f"orphans {dk['tmp_orphans']:,}, files {dk['files']:,}"
     )
-    print(f"first run (fills the lifetime-errors cache): {first:.3f}s")
+    stable_ref = {k: ref[k] for k in STABLE}
+    # the disk cache trusts no directory changed less than 2 s before a scan (racy timestamps)
+    time.sleep(2.1)
 
-    variants = {
-        "status (default: forked scan || Dagster)": (),
-        "status --no-fork (sequential)": ("--no-fork",),
-        "status --no-instance (disk + manifest)": ("--no-instance",),
+    variants: dict[str, tuple[tuple[str, ...], bool | str]] = {
+        "status, cold cache (first run on a tree)": ((), True),
+        "status, warm cache": ((), False),
     }
+    if not args.quick:
+        variants |= {
+            "status, warm, 20 event dirs rewritten": ((), "churn"),
+            "status --no-fork, warm cache (sequential)": (("--no-fork",), False),
+            "status --no-instance, warm cache": (("--no-instance",), False),
+            "status --no-cache (full scan every time)": (("--no-cache",), False),
+            "status --dagster-api, warm (import dagster)": (("--dagster-api",), False),
+        }
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"\n{os.cpu_count()} CPUs, load average {load}; {args.runs} runs each, warm page cache")
-    print(f"{'variant':42s} {'wall min':>8s} {'median':>7s} {'cpu min':>8s}   timings of the median run (s)")
-    for label, extra in variants.items():
-        runs = [run_status(data_dir, env, *extra) for _ in range(args.runs)]
+    print(
+        f"\n{n:,} events; {os.cpu_count()} CPUs, load average {load}; {args.runs} runs each, warm page cache"
+    )
+    print(f"{'variant':46s} {'median':>7s} {'best':>7s} {'cpu med':>8s}   timings of the median run (s)")
+    summary = []
+    for label, (extra, cold) in variants.items():
+        runs = []
+        for k in range(args.runs):
+            if cold == "churn":
+                churn(data_dir, k)
+            elif cold:
+                clear_caches(data_dir)
+            wall, out = run_status(data_dir, env, *extra)
+            if "--no-instance" in extra:
+                assert {k: out[k] for k in ("manifest", "events", "symbols", "disk")} == {
+                    k: ref[k] for k in ("manifest", "events", "symbols", "disk")
+                }, label
+            else:
+                assert {k: out[k] for k in STABLE} == stable_ref, label  # the same answer, every way
+            runs.append((wall, out))
         walls = [w for w, _ in runs]
         med = sorted(runs, key=lambda r: r[0])[len(runs) // 2][1]["timings_s"]
         parts = ", ".join(f"{k} {v:.3f}" for k, v in med.items())
-        cpu = min(r["cpu_s"] for _, r in runs)
-        print(f"{label:42s} {min(walls):8.3f} {statistics.median(walls):7.3f} {cpu:8.3f}   {parts}")
-    t = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-c", "import dagster; dagster.DagsterInstance.get()"],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    print(
-        "\nfloor: a bare `python -c 'import dagster; DagsterInstance.get()'` takes "
-        f"{time.perf_counter() - t:.3f}s"
-    )
+        cpu = statistics.median(r["cpu_s"] for _, r in runs)
+        print(f"{label:46s} {statistics.median(walls):7.3f} {min(walls):7.3f} {cpu:8.3f}   {parts}")
+        if label.startswith("status, "):
+            summary.append(f"{n:>9,} events  {label:42s} {statistics.median(walls):6.3f} / {min(walls):6.3f}")
+    if not args.quick:
+        t = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-c", "import dagster; dagster.DagsterInstance.get()"],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        print(
+            "\nfor scale: a bare `python -c 'import dagster; DagsterInstance.get()'` takes "
+            f"{time.perf_counter() - t:.3f}s"
+        )
+    return summary
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """``smallcaps-ingest``: status, partition-range, cleanup, reconcile and report, from a shell.
 
-Imports stay light at the top (stdlib only): ``status`` forks its disk scan before Dagster is imported.
+Imports stay light at the top (stdlib only): ``status`` forks its disk scan first and, on the default
+SQLite instance, never imports Dagster at all (see instance_sqlite.py).
 Exit codes: 0 ok, 1 a clear error (no partitions, no manifest, cleanup refused...), 2 usage.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -34,7 +36,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     bar = None
     if not args.no_progress and sys.stdout.isatty() and sys.stderr.isatty():
         bar = st.ProgressBar(sys.stderr)
-    workers = args.workers or max(1, min(4, os.cpu_count() or 1))
+    workers = args.workers or (1 if args.no_fork else max(1, min(4, os.cpu_count() or 1)))
     try:
         result = st.collect_status(
             data_dir,
@@ -44,10 +46,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             parallel=not args.no_fork,
             workers=workers,
             progress=bar,
+            fast_instance=not args.dagster_api,
+            disk_cache=not args.no_cache,
         )
     finally:
         if bar is not None:
-            bar.close()
+            bar.close(always=not args.no_fork)
     if args.json:
         _dump(result)
     else:
@@ -56,13 +60,26 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_partition_range(args: argparse.Namespace) -> int:
-    instance, message = st.open_instance()
+    instance, message = st.open_instance(fast=True)
     if instance is None:
         return _err(f"{message}; cannot list the '{st.PARTITIONS}' partitions")
-    keys = list(instance.get_dynamic_partitions(st.PARTITIONS))
+    if isinstance(instance, st.SqliteInstanceView):
+        view = instance
+        try:
+            return _partition_range(view.get_dynamic_partitions(st.PARTITIONS), view.root_directory)
+        except sqlite3.Error:
+            instance, message = st.open_instance()  # let Dagster read (or explain) it
+            if instance is None:
+                return _err(f"{message}; cannot list the '{st.PARTITIONS}' partitions")
+        finally:
+            view.close()
+    return _partition_range(list(instance.get_dynamic_partitions(st.PARTITIONS)), instance.root_directory)
+
+
+def _partition_range(keys: list[str], root: str) -> int:
     if not keys:
         return _err(
-            f"the instance at {instance.root_directory} has no '{st.PARTITIONS}' partitions yet: "
+            f"the instance at {root} has no '{st.PARTITIONS}' partitions yet: "
             "materialize the manifest asset first (it registers one partition per symbol)"
         )
     print(f"{keys[0]}...{keys[-1]}")
@@ -147,7 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
     s.add_argument("--no-fork", action="store_true", help="scan in this process (no forked child)")
     s.add_argument(
-        "--workers", type=int, default=0, help="processes for the disk scan (default: CPUs, max 4)"
+        "--no-cache",
+        action="store_true",
+        help="full disk scan; neither read nor write _state/status_disk.cache (same answer, slower)",
+    )
+    s.add_argument(
+        "--dagster-api",
+        action="store_true",
+        help="read the instance through Dagster's API, not directly from its SQLite files (same answer)",
+    )
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes for the disk scan (default: CPUs, max 4; 1 with --no-fork)",
     )
     s.set_defaults(func=cmd_status)
 

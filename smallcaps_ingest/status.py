@@ -3,16 +3,21 @@
 Three sources, read cheaply:
 
 * the tree ``event_windows/symbol=SYM/event=EVENT_ID/{trades,quotes}.parquet`` -- names and sizes only
-  (``os.scandir``/``os.listdir`` and one ``stat`` per data file, for the bytes; no parquet is opened);
-* the manifest (``$SMALLCAPS_DATA_DIR/manifest.parquet``, two columns read);
-* the Dagster instance (``DAGSTER_HOME``): the "symbols" partitions, the ``event_windows`` materializations
-  (their metadata: events_written, requests, seconds, errors_by_type...) and the runs.
+  (no parquet is opened). ``status`` goes through the cache of :mod:`status_disk`: an event directory
+  whose ctime is as cached is not listed again (one ``stat`` instead of a listing), while every data
+  file is still ``stat``-ed for its size, so the answer is always the full scan's
+  (:func:`full_disk_summary`, which tests compare it with);
+* the manifest (``$SMALLCAPS_DATA_DIR/manifest.parquet``, two columns), read only when it or a
+  symbol's listing changed (per-symbol counts are cached against its file key);
+* the Dagster instance (``DAGSTER_HOME``): the "symbols" partitions, the ``event_windows``
+  materializations (their metadata: events_written, requests, seconds, errors_by_type...) and the runs.
+  On the default SQLite storage these are read straight from its files by :mod:`instance_sqlite`
+  (``import dagster`` alone costs more than everything else status does); anything else goes
+  through the Dagster API.
 
-``status`` forks the disk and manifest work into a child process before Dagster is imported, so the
-scan runs on another core while the parent imports Dagster and opens the instance (on 100,000 events
-each takes about 0.85 s of CPU here; the Dagster import alone is the floor of a full ``status``). The
-module imports nothing heavy at import time (stdlib only); Dagster and polars are imported inside the
-functions that need them.
+``status`` forks the disk scan (``--workers`` processes) before anything else, so it runs while the
+parent reads the instance. The module imports nothing heavy at import time (stdlib only); Dagster and
+polars are imported inside the functions that need them.
 
 Definitions used throughout: an event is *done* when both files exist, *partial* when one does,
 *missing* when the manifest has it and the disk has neither; *extra* events are on disk but not in the
@@ -25,6 +30,7 @@ import json
 import os
 import pickle
 import shlex
+import sqlite3
 import stat
 import sys
 import time
@@ -34,6 +40,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from smallcaps_ingest import status_disk as sd
+from smallcaps_ingest.instance_sqlite import SqliteInstanceView, Unsupported, open_view, value_of
 
 # The same as store.FILES / store.TMP_MARK (a test pins them): repeated here so that the scan, which
 # may run in a forked child, imports neither polars nor Dagster.
@@ -354,8 +363,69 @@ def _rel(data_dir: str, path: str) -> str:
         return path
 
 
-def disk_summary(data_dir: str, *, workers: int = 1, progress: ProgressFn | None = None) -> dict[str, Any]:
-    """The disk and manifest half of ``status`` (no Dagster): plain JSON-able values."""
+# per symbol: (events in the manifest, done, partial, extra) and (files, bytes, complete, partial, empty)
+CovRow = tuple[int, int, int, int]
+DiskRow = tuple[int, int, int, int, int]
+
+
+def _summary(
+    data_dir: str,
+    *,
+    manifest_events: Mapping[str, int] | None,
+    manifest_error: str | None,
+    cov: Mapping[str, CovRow],
+    disk: Mapping[str, DiskRow],
+    orphans: Sequence[str],
+    timings: Mapping[str, float],
+) -> dict[str, Any]:
+    """The disk and manifest half of ``status`` from per-symbol figures (the ``--json`` schema)."""
+    have = manifest_events is not None
+    rows = list(cov.values())
+    in_manifest = [r for r in rows if r[0]]
+    out: dict[str, Any] = {
+        "manifest": {
+            "path": manifest_path(data_dir),
+            "present": have,
+            "error": manifest_error,
+            "events": sum(manifest_events.values()) if manifest_events is not None else None,
+            "symbols": len(manifest_events) if manifest_events is not None else None,
+        },
+        "events": {
+            "total": sum(r[0] for r in rows) if have else None,
+            "done": sum(r[1] for r in rows) if have else None,
+            "partial": sum(r[2] for r in rows) if have else None,
+            "missing": sum(r[0] - r[1] - r[2] for r in rows) if have else None,
+            "extra_on_disk": sum(r[3] for r in rows),
+            "complete_on_disk": sum(d[2] for d in disk.values()),
+            "partial_on_disk": sum(d[3] for d in disk.values()),
+            "empty_event_dirs": sum(d[4] for d in disk.values()),
+        },
+        "symbols": {
+            "total": len(in_manifest) if have else None,
+            "complete": sum(1 for r in in_manifest if r[1] == r[0]) if have else None,
+            "started": sum(1 for r in in_manifest if 0 < r[1] < r[0]) if have else None,
+            "not_started": sum(1 for r in in_manifest if r[1] == 0) if have else None,
+            "on_disk": len(disk),
+        },
+        "disk": {
+            "files": sum(d[0] for d in disk.values()),
+            "bytes": sum(d[1] for d in disk.values()),
+            "tmp_orphans": len(orphans),
+            "tmp_orphan_examples": [_rel(data_dir, p) for p in sorted(orphans)[:EXAMPLES]],
+        },
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+    }
+    ev = out["events"]
+    if have:
+        ev["pct_done"] = round(100.0 * ev["done"] / ev["total"], 2) if ev["total"] else 100.0
+    return out
+
+
+def full_disk_summary(
+    data_dir: str, *, workers: int = 1, progress: ProgressFn | None = None
+) -> dict[str, Any]:
+    """The disk and manifest half of ``status`` by a full scan, no cache: the reference the cached
+    :func:`disk_summary` must always agree with."""
     t0 = time.perf_counter()
     manifest_error = None
     try:
@@ -366,63 +436,241 @@ def disk_summary(data_dir: str, *, workers: int = 1, progress: ProgressFn | None
     scan = scan_tree(data_dir, workers=workers, progress=progress)
     t1 = time.perf_counter()
     cov = coverage(manifest, scan)
-    orphans = scan.all_orphans()
-    symbols_manifest = [c for c in cov.values() if c.events]
-    out: dict[str, Any] = {
-        "manifest": {
-            "path": manifest_path(data_dir),
-            "present": manifest is not None,
-            "error": manifest_error,
-            "events": sum(len(v) for v in manifest.values()) if manifest is not None else None,
-            "symbols": len(manifest) if manifest is not None else None,
+    return _summary(
+        data_dir,
+        manifest_events={s: len(v) for s, v in manifest.items()} if manifest is not None else None,
+        manifest_error=manifest_error,
+        cov={s: (c.events, c.done, c.partial, c.extra) for s, c in cov.items()},
+        disk={
+            s: (d.files, d.bytes, len(d.complete), len(d.partial), d.empty_dirs)
+            for s, d in scan.symbols.items()
         },
-        "events": {
-            "total": sum(c.events for c in cov.values()) if manifest is not None else None,
-            "done": sum(c.done for c in cov.values()) if manifest is not None else None,
-            "partial": sum(c.partial for c in cov.values()) if manifest is not None else None,
-            "missing": sum(c.missing for c in cov.values()) if manifest is not None else None,
-            "extra_on_disk": sum(c.extra for c in cov.values()),
-            "complete_on_disk": sum(len(s.complete) for s in scan.symbols.values()),
-            "partial_on_disk": sum(len(s.partial) for s in scan.symbols.values()),
-            "empty_event_dirs": sum(s.empty_dirs for s in scan.symbols.values()),
-        },
-        "symbols": {
-            "total": len(symbols_manifest) if manifest is not None else None,
-            "complete": sum(1 for c in symbols_manifest if c.complete) if manifest is not None else None,
-            "started": sum(1 for c in symbols_manifest if 0 < c.done < c.events)
-            if manifest is not None
-            else None,
-            "not_started": sum(1 for c in symbols_manifest if c.done == 0) if manifest is not None else None,
-            "on_disk": len(scan.symbols),
-        },
-        "disk": {
-            "files": scan.files,
-            "bytes": scan.bytes,
-            "tmp_orphans": len(orphans),
-            "tmp_orphan_examples": [_rel(data_dir, p) for p in sorted(orphans)[:EXAMPLES]],
-        },
-        "timings_s": {
-            "manifest": round(t_manifest, 4),
-            "scan": round(scan.seconds, 4),
-            "compare": round(time.perf_counter() - t1, 4),
-        },
-    }
-    ev = out["events"]
-    if manifest is not None:
-        ev["pct_done"] = round(100.0 * ev["done"] / ev["total"], 2) if ev["total"] else 100.0
-    return out
+        orphans=scan.all_orphans(),
+        timings={"manifest": t_manifest, "scan": scan.seconds, "compare": time.perf_counter() - t1},
+    )
+
+
+class ManifestIds:
+    """symbol -> manifest event ids; from the ids cache, a symbol's ids are split only when asked for
+    (status needs the ids of the symbols whose listing changed, not all 572,850)."""
+
+    def __init__(
+        self, sets: Mapping[str, frozenset[str]] | None = None, joined: Mapping[str, str] | None = None
+    ):
+        self._sets: dict[str, frozenset[str]] = dict(sets or {})
+        self._joined = joined or {}
+
+    def get(self, sym: str) -> frozenset[str]:
+        got = self._sets.get(sym)
+        if got is None:
+            j = self._joined.get(sym)
+            got = frozenset(j.split("\0")) if j is not None else frozenset()
+            self._sets[sym] = got
+        return got
+
+    def counts(self) -> dict[str, int]:
+        if self._joined:
+            return {s: j.count("\0") + 1 for s, j in self._joined.items()}
+        return {s: len(v) for s, v in self._sets.items()}
+
+
+def _joinable(manifest: Mapping[Any, frozenset[Any]]) -> bool:
+    """Only non-empty string ids without NUL round-trip through the NUL-joined ids cache."""
+    return all(
+        isinstance(s, str) and v and all(isinstance(i, str) and i and "\0" not in i for i in v)
+        for s, v in manifest.items()
+    )
+
+
+def _manifest_ids_cached(data_dir: str, key: Any) -> ManifestIds | None:
+    """read_manifest_ids through ``_state/status_manifest.cache``, keyed by the manifest's file key
+    (None: neither read nor write the cache)."""
+    path = os.path.join(data_dir, STATE_DIR, sd.MANIFEST_CACHE)
+    root = manifest_path(data_dir)
+    if key is not None:
+        data = sd.load(path, root)
+        ids = data.get("ids") if data is not None and data.get("key") == key else None
+        if isinstance(ids, dict) and all(isinstance(j, str) and j for j in ids.values()):
+            return ManifestIds(joined=ids)
+    manifest = read_manifest_ids(data_dir)
+    if manifest is None:
+        return None
+    if key is not None and _joinable(manifest):
+        sd.save(path, root, {"key": key, "ids": {s: "\0".join(sorted(v)) for s, v in manifest.items()}})
+    return ManifestIds(sets=manifest)
+
+
+class DiskScan:
+    """The disk half of ``status`` with the cache of :mod:`status_disk`, started now, read by finish().
+
+    ``fork``: every share of the scan runs in a forked worker, so the caller can do other work (the
+    instance queries) meanwhile; otherwise share 0 runs in this process inside finish().
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        *,
+        workers: int = 1,
+        progress: ProgressFn | None = None,
+        cache: bool = True,
+        fork: bool = False,
+    ):
+        self.t0 = time.perf_counter()
+        self.data_dir = os.path.abspath(data_dir)
+        self.root = os.path.join(self.data_dir, WINDOWS_DIR)
+        self.cut = sd.racy_cut()
+        self.use_cache = cache
+        self.cache_path = os.path.join(self.data_dir, STATE_DIR, sd.DISK_CACHE)
+        self.cache = (sd.load(self.cache_path, self.root) or {}) if cache else {}
+        syms = self.cache.get("symbols")
+        self.cached: dict[str, sd.Entry] = syms if isinstance(syms, dict) else {}
+        self.dirs, self.root_orphans = list_symbol_dirs(self.data_dir)
+        w = max(1, min(workers, len(self.dirs) or 1))
+        slices = [self.dirs[i::w] for i in range(w)]
+        n = len(self.dirs)
+        self.progress, self.scale = progress, w
+        self.inline = None if fork else slices[0]
+        self.jobs = [
+            fork_call(sd.scan_slice, sl, self.cached, self.cut, progress if i == 0 else None, w, n)
+            for i, sl in enumerate(slices)
+            if fork or i > 0
+        ]
+
+    def _manifest(self) -> tuple[Any, Mapping[str, int] | None, ManifestIds | None, str | None]:
+        """(file key, symbol -> events, ids if they had to be read, error) of the manifest."""
+        path = manifest_path(self.data_dir)
+        if not os.path.isfile(path):
+            return None, None, None, None
+        key = sd.file_key(path, self.cut)
+        cached = self.cache.get("manifest")
+        if (
+            key is not None
+            and isinstance(cached, tuple)
+            and len(cached) == 2
+            and cached[0] == key
+            and isinstance(cached[1], dict)
+            and all(isinstance(v, int) for v in cached[1].values())
+        ):
+            return key, cached[1], None, None
+        try:
+            ids = _manifest_ids_cached(self.data_dir, key if self.use_cache else None)
+        except Exception as e:  # noqa: BLE001 - reported; status goes on with the disk alone
+            return None, None, None, f"{type(e).__name__}: {e}"
+        if ids is None:
+            return None, None, None, None
+        return key, ids.counts(), ids, None
+
+    def finish(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        key, events, ids, error = self._manifest()  # overlaps with the forked workers
+        t_manifest = time.perf_counter() - t0
+        results: dict[str, sd.SymbolResult] = {}
+        for j in self.jobs:
+            results.update(j.result())
+        if self.inline is not None:
+            results.update(
+                sd.scan_slice(self.inline, self.cached, self.cut, self.progress, self.scale, len(self.dirs))
+            )
+        t_scan = time.perf_counter() - self.t0
+        t1 = time.perf_counter()
+        old_cov = self.cache.get("coverage")
+        cov_ok = (
+            key is not None
+            and isinstance(old_cov, tuple)
+            and len(old_cov) == 2
+            and old_cov[0] == key
+            and isinstance(old_cov[1], dict)
+        )
+        cached_cov: Mapping[str, Any] = old_cov[1] if cov_ok else {}
+        entries: dict[str, sd.Entry] = {}
+        disk: dict[str, DiskRow] = {}
+        orphans = list(self.root_orphans)
+        same: set[str] = set()
+        dirty = set(self.cached) != {s for s, _ in self.dirs}
+        for sym, _ in self.dirs:
+            files, size, n_complete, n_partial, n_empty, orph, entry, unchanged = results[sym]
+            if entry is None:
+                entry = self.cached[sym]
+            else:
+                dirty = True
+            entries[sym] = entry
+            disk[sym] = (files, size, n_complete, n_partial, n_empty)
+            orphans.extend(orph)
+            if unchanged:
+                same.add(sym)
+        cov: dict[str, CovRow] = {}
+        new_cov: dict[str, tuple[int, int, int]] = {}
+        if events is not None:
+            try:
+                for sym, entry in entries.items():
+                    c = cached_cov.get(sym) if sym in same else None
+                    if not (isinstance(c, tuple) and len(c) == 3 and all(isinstance(x, int) for x in c)):
+                        if ids is None:  # only now, and only when a symbol changed
+                            ids = _manifest_ids_cached(self.data_dir, key if self.use_cache else None)
+                            if ids is None:
+                                raise FileNotFoundError(manifest_path(self.data_dir))
+                        c = sd.entry_coverage(entry, ids.get(sym))
+                    new_cov[sym] = c
+                    cov[sym] = (events.get(sym, 0), *c)
+                for sym, n in events.items():
+                    if sym not in cov:
+                        cov[sym] = (n, 0, 0, 0)
+            except Exception as e:  # noqa: BLE001 - the manifest changed under us and cannot be read
+                events, key, new_cov = None, None, {}
+                error = None if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
+        if events is None:
+            cov = {s: (0, 0, 0, d[2] + d[3]) for s, d in disk.items()}
+        cov = dict(sorted(cov.items()))
+        manifest_entry = (key, dict(events)) if key is not None and events is not None else None
+        coverage_entry = (key, new_cov) if manifest_entry is not None else None
+        if manifest_entry != self.cache.get("manifest") or coverage_entry != self.cache.get("coverage"):
+            dirty = True
+        if self.use_cache and dirty:
+            sd.save(
+                self.cache_path,
+                self.root,
+                {"symbols": entries, "manifest": manifest_entry, "coverage": coverage_entry},
+            )
+        return _summary(
+            self.data_dir,
+            manifest_events=events,
+            manifest_error=error,
+            cov=cov,
+            disk=disk,
+            orphans=orphans,
+            timings={"manifest": t_manifest, "scan": t_scan, "compare": time.perf_counter() - t1},
+        )
+
+
+def disk_summary(
+    data_dir: str, *, workers: int = 1, progress: ProgressFn | None = None, cache: bool = True
+) -> dict[str, Any]:
+    """The disk and manifest half of ``status`` (no Dagster): plain JSON-able values.
+
+    ``cache``: reuse (and refresh) ``_state/status_disk.cache``; the answer is the same either way.
+    """
+    return DiskScan(data_dir, workers=workers, progress=progress, cache=cache).finish()
 
 
 # ----------------------------------------------------------------------------------------------
 # The Dagster instance
 # ----------------------------------------------------------------------------------------------
-def open_instance() -> tuple[Any | None, str | None]:
-    """(DagsterInstance, None), or (None, why there is none) -- never raises."""
+def open_instance(fast: bool = False) -> tuple[Any | None, str | None]:
+    """(DagsterInstance, None), or (None, why there is none) -- never raises.
+
+    ``fast``: for reads only -- a :class:`SqliteInstanceView` of the default SQLite instance when
+    ``instance_sqlite.open_view`` vouches for it (no ``import dagster``), else the Dagster instance.
+    """
     home = os.environ.get("DAGSTER_HOME", "").strip()
     if not home:
         return None, "no Dagster instance: DAGSTER_HOME is not set"
     if not os.path.isdir(home):
         return None, f"no Dagster instance: DAGSTER_HOME={home} is not a directory"
+    if fast:
+        view = open_view()
+        if view is not None:
+            return view, None
     try:
         import dagster as dg
 
@@ -448,21 +696,11 @@ class MatPoint:
     reconciled: bool = False
 
 
-def _num(md: Mapping[str, Any], key: str, kind: type = int) -> Any:
-    v = md.get(key)
-    v = getattr(v, "value", v)
-    try:
-        return kind(v) if v is not None else kind(0)
-    except (TypeError, ValueError):
-        return kind(0)
-
-
-def mat_point(record: Any) -> MatPoint:
-    """From a Dagster EventLogRecord of an AssetMaterialization."""
-    mat = record.asset_materialization
-    md = dict(mat.metadata) if mat is not None else {}
-    errs = md.get("errors_by_type")
-    errs = getattr(errs, "value", errs)
+def _point(
+    ts: float, partition: str | None, run_id: str, storage_id: int, value: Callable[[str], Any]
+) -> MatPoint:
+    """A MatPoint from one materialization's fields; ``value(key)`` is its metadata's ``.value``."""
+    errs = value("errors_by_type")
     if isinstance(errs, str):
         try:
             errs = json.loads(errs)
@@ -473,20 +711,44 @@ def mat_point(record: Any) -> MatPoint:
         if isinstance(errs, dict)
         else {}
     )
-    rec = md.get("reconciled")
+
+    def num(key: str, kind: type = int) -> Any:
+        v = value(key)
+        try:
+            return kind(v) if v is not None else kind(0)
+        except (TypeError, ValueError):
+            return kind(0)
+
     return MatPoint(
-        ts=float(record.timestamp),
-        partition=record.partition_key,
-        run_id=record.run_id or "",
-        storage_id=int(record.storage_id),
-        seconds=_num(md, "seconds", float),
-        written=_num(md, "events_written"),
-        requests=_num(md, "requests"),
-        throttled=_num(md, "429s"),
-        budget_wait_s=_num(md, "budget_wait_s", float),
+        ts=float(ts),
+        partition=partition,
+        run_id=run_id or "",
+        storage_id=int(storage_id),
+        seconds=num("seconds", float),
+        written=num("events_written"),
+        requests=num("requests"),
+        throttled=num("429s"),
+        budget_wait_s=num("budget_wait_s", float),
         errors=errors,
-        reconciled=bool(getattr(rec, "value", rec)),
+        reconciled=bool(value("reconciled")),
     )
+
+
+def mat_point(record: Any) -> MatPoint:
+    """From a Dagster EventLogRecord of an AssetMaterialization."""
+    mat = record.asset_materialization
+    md = dict(mat.metadata) if mat is not None else {}
+
+    def value(key: str) -> Any:
+        v = md.get(key)
+        return getattr(v, "value", v)
+
+    return _point(record.timestamp, record.partition_key, record.run_id, record.storage_id, value)
+
+
+def _view_point(row: tuple[int, float, str | None, str, dict[str, Any]]) -> MatPoint:
+    storage_id, ts, partition, run_id, md = row
+    return _point(ts, partition, run_id, storage_id, lambda key: value_of(md, key))
 
 
 def fetch_points(
@@ -498,6 +760,17 @@ def fetch_points(
     ascending: bool = False,
     cap: int = RECENT_CAP,
 ) -> list[MatPoint]:
+    """The event_windows materializations, newest first (or oldest first), at most ``limit``/``cap``."""
+    if isinstance(instance, SqliteInstanceView):
+        want = min(limit, cap) if limit is not None else cap
+        rows = instance.materializations(
+            ASSET,
+            after_timestamp=after_timestamp,
+            after_storage_id=after_storage_id,
+            limit=want,
+            ascending=ascending,
+        )
+        return [_view_point(r) for r in rows]
     import dagster as dg
 
     flt = dg.AssetRecordsFilter(
@@ -583,6 +856,8 @@ def throughput(
 
 def _asset_marks(instance: Any) -> tuple[bool, float | None, int | None]:
     """(has an asset record, its last wipe timestamp, its last materialization storage id)."""
+    if isinstance(instance, SqliteInstanceView):
+        return instance.asset_marks(ASSET)
     import dagster as dg
 
     recs = instance.get_asset_records([dg.AssetKey(ASSET)])
@@ -593,6 +868,19 @@ def _asset_marks(instance: Any) -> tuple[bool, float | None, int | None]:
     wipe = getattr(details, "last_wipe_timestamp", None) if details is not None else None
     last = entry.last_materialization_record
     return True, wipe, (last.storage_id if last is not None else None)
+
+
+def _lifetime_entry_ok(entry: Mapping[str, Any]) -> bool:
+    """A cached lifetime entry of the right shape (anything else is recomputed, never trusted)."""
+    counts = ("materializations", "events_written", "requests", "429s", "reconciled")
+    errors = entry.get("errors_by_type")
+    after = entry.get("after_storage_id")
+    return (
+        all(type(entry.get(k)) is int for k in counts)
+        and (after is None or type(after) is int)
+        and isinstance(errors, dict)
+        and all(isinstance(k, str) and type(v) is int for k, v in errors.items())
+    )
 
 
 def lifetime_totals(instance: Any, cache_path: str | None) -> dict[str, Any]:
@@ -613,6 +901,7 @@ def lifetime_totals(instance: Any, cache_path: str | None) -> dict[str, Any]:
     entry = cache.get(key) if isinstance(cache.get(key), dict) else None
     stale = (
         not entry
+        or not _lifetime_entry_ok(entry)
         or entry.get("version") != 1
         or entry.get("wipe") != wipe
         or not exists  # wiped (or never materialized): nothing to sum
@@ -660,16 +949,26 @@ def lifetime_totals(instance: Any, cache_path: str | None) -> dict[str, Any]:
 NOT_FINISHED = ("QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING")
 
 
+def _touches(
+    selection: Iterable[str] | None, has_check_selection: bool, job_name: str | None, names: set[str]
+) -> bool:
+    if selection is not None:
+        return any(k in names for k in selection)
+    if has_check_selection:
+        return False  # a checks-only run writes nothing
+    job = job_name or ""
+    return job == INGEST_JOB or job.startswith("__ASSET_JOB")
+
+
 def run_touches(run: Any, asset_names: Iterable[str]) -> bool:
     """Whether a run materializes any of these assets (by its asset selection, else by its job)."""
-    names = set(asset_names)
     selection = getattr(run, "asset_selection", None)
-    if selection is not None:
-        return any(k.to_user_string() in names for k in selection)
-    if getattr(run, "asset_check_selection", None):
-        return False  # a checks-only run writes nothing
-    job = run.job_name or ""
-    return job == INGEST_JOB or job.startswith("__ASSET_JOB")
+    return _touches(
+        None if selection is None else [k.to_user_string() for k in selection],
+        bool(getattr(run, "asset_check_selection", None)),
+        run.job_name,
+        set(asset_names),
+    )
 
 
 def runs_touching(
@@ -678,9 +977,17 @@ def runs_touching(
     asset_names: Iterable[str] = (ASSET,),
     exclude_run_id: str | None = None,
 ) -> list[dict[str, Any]]:
+    names = tuple(asset_names)
+    if isinstance(instance, SqliteInstanceView):
+        wanted = set(names)
+        return [
+            {k: r[k] for k in ("run_id", "job_name", "status", "created")}
+            for r in instance.run_records(statuses)
+            if r["run_id"] != exclude_run_id
+            and _touches(r["asset_selection"], r["has_check_selection"], r["job_name"], wanted)
+        ]
     import dagster as dg
 
-    names = tuple(asset_names)
     records = instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus(s) for s in statuses]))
     out = []
     for r in records:
@@ -700,13 +1007,15 @@ def runs_touching(
 def instance_summary(
     instance: Any, *, now: float, window_s: float, last_n: int = DEFAULT_LAST_N, cache_path: str | None = None
 ) -> dict[str, Any]:
-    """The Dagster half of ``status``."""
-    import dagster as dg
-
+    """The Dagster half of ``status`` (through the Dagster API, or a SqliteInstanceView of it)."""
     t0 = time.perf_counter()
-    key = dg.AssetKey(ASSET)
     partitions = list(instance.get_dynamic_partitions(PARTITIONS))
-    materialized = instance.get_materialized_partitions(key)
+    if isinstance(instance, SqliteInstanceView):
+        materialized = instance.get_materialized_partitions(ASSET)
+    else:
+        import dagster as dg
+
+        materialized = instance.get_materialized_partitions(dg.AssetKey(ASSET))
     recent = fetch_points(instance, after_timestamp=now - window_s, limit=RECENT_LIMIT)
     fallback = [] if recent else fetch_points(instance, limit=last_n)
     tp = throughput(recent, now=now, window_s=window_s, fallback=fallback, capped=len(recent) >= RECENT_LIMIT)
@@ -859,32 +1168,47 @@ def collect_status(
     parallel: bool = False,
     workers: int = 1,
     progress: ProgressFn | None = None,
+    fast_instance: bool = True,
+    disk_cache: bool = True,
 ) -> dict[str, Any]:
     """Everything ``status`` reports. ``instance=None`` opens the one at DAGSTER_HOME (if any).
 
-    ``parallel=True`` forks the disk and manifest work before Dagster is imported (the CLI path).
+    ``parallel=True`` forks the disk scan first, so it runs while this process reads the instance
+    (the CLI path). ``fast_instance``: read a default SQLite instance directly (instance_sqlite), not
+    through ``import dagster``; anything it does not mirror exactly falls back to Dagster.
+    ``disk_cache``: use ``_state/status_disk.cache`` (same answer, less work).
     """
     t0 = time.perf_counter()
     data_dir = os.path.abspath(data_dir)
-    job = fork_call(disk_summary, data_dir, workers=workers, progress=progress) if parallel else None
-    if not parallel:
-        disk = disk_summary(data_dir, workers=workers, progress=progress)
+    scan = DiskScan(data_dir, workers=workers, progress=progress, cache=disk_cache, fork=parallel)
+    disk = None if parallel else scan.finish()
     t_inst = time.perf_counter()
     message = None
     if instance is None and use_instance:
-        instance, message = open_instance()
+        instance, message = open_instance(fast=fast_instance)
     t_open = time.perf_counter() - t_inst
     now = time.time() if now is None else now
     cache = os.path.join(data_dir, STATE_DIR, CACHE_FILE)
-    if instance is not None:
-        inst = instance_summary(
-            instance, now=now, window_s=window_minutes * 60, last_n=last_n, cache_path=cache
-        )
-    else:
-        inst = _no_instance(message or "instance not read (--no-instance)")
+    window_s = window_minutes * 60
+    inst: dict[str, Any] | None = None
+    if isinstance(instance, SqliteInstanceView):
+        view, instance = instance, None
+        try:
+            inst = instance_summary(view, now=now, window_s=window_s, last_n=last_n, cache_path=cache)
+        except (Unsupported, sqlite3.Error):  # not something the view mirrors: ask Dagster
+            t = time.perf_counter()
+            instance, message = open_instance()
+            t_open += time.perf_counter() - t
+        finally:
+            view.close()
+    if inst is None:
+        if instance is not None:
+            inst = instance_summary(instance, now=now, window_s=window_s, last_n=last_n, cache_path=cache)
+        else:
+            inst = _no_instance(message or "instance not read (--no-instance)")
     inst["timings_s"]["instance_open"] = round(t_open, 4)
-    if job is not None:
-        disk = job.result()
+    if disk is None:
+        disk = scan.finish()
     out = combine(data_dir, disk, inst, now=now, max_rps=max_rps if max_rps else max_rps_from_env())
     out["timings_s"]["total"] = round(time.perf_counter() - t0, 4)
     return out
@@ -1005,8 +1329,9 @@ class ProgressBar:
         self.stream.flush()
         self.drawn = True
 
-    def close(self) -> None:
-        if self.drawn:
+    def close(self, always: bool = False) -> None:
+        """Clear the bar; ``always`` when a forked worker may have drawn it (this copy cannot know)."""
+        if self.drawn or always:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
 
@@ -1179,10 +1504,14 @@ def cleanup(
 
 
 def render_cleanup(res: Mapping[str, Any]) -> str:
-    lines = [
-        f"marked {len(res['dead_runs_failed'])} dead run(s) failed and freed their pool slots: "
-        + ", ".join(r[:8] for r in res["dead_runs_failed"])
-    ] if res.get("dead_runs_failed") else []
+    lines = (
+        [
+            f"marked {len(res['dead_runs_failed'])} dead run(s) failed and freed their pool slots: "
+            + ", ".join(r[:8] for r in res["dead_runs_failed"])
+        ]
+        if res.get("dead_runs_failed")
+        else []
+    )
     if res["refused"]:
         lines.append(res["message"])
     acted = not (res["dry_run"] or res["refused"])
@@ -1279,6 +1608,10 @@ def reconcile(data_dir: str, instance: Any, *, fix: bool = False) -> dict[str, A
     if new_parts:
         instance.add_dynamic_partitions(PARTITIONS, new_parts)
         fixed["registered_partitions"] = new_parts
+    if unmaterialized:
+        # the asset's own provenance (code version, input data versions, logical data version), so a
+        # reconciled partition is as fresh as one the asset materialized, not stale in the UI
+        from smallcaps_ingest.assets import EVENT_WINDOWS_CODE_VERSION, _provenance_tags
     for r in unmaterialized:
         instance.report_runless_asset_event(
             dg.AssetMaterialization(
@@ -1293,6 +1626,7 @@ def reconcile(data_dir: str, instance: Any, *, fix: bool = False) -> dict[str, A
                     "files": r["files"],
                     "bytes": r["bytes"],
                 },
+                tags=_provenance_tags(instance, r["symbol"], EVENT_WINDOWS_CODE_VERSION),
             )
         )
         fixed["recorded_materializations"].append(r["symbol"])

@@ -349,3 +349,49 @@ def test_cli_reconcile(tree: Tree, home: dg.DagsterInstance, capsys: pytest.Capt
     (tree.data_dir / "manifest.parquet").unlink()
     assert cli.main(["reconcile", "--data-dir", str(tree.data_dir)]) == 1
     assert "no manifest" in capsys.readouterr().err
+
+
+def test_reconcile_fix_records_the_assets_provenance_tags(tree: Tree) -> None:
+    """A reconciled materialization carries the code version, input data versions and logical data
+    version the asset's own per-partition materializations carry (else it shows as stale)."""
+    from dagster._core.definitions.data_version import (
+        CODE_VERSION_TAG,
+        DATA_VERSION_TAG,
+        compute_logical_data_version,
+        get_input_data_version_tag,
+        get_input_event_pointer_tag,
+    )
+
+    from smallcaps_ingest.assets import EVENT_WINDOWS_CODE_VERSION, _provenance_tags, symbol_events
+
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(asset_key="manifest", tags={DATA_VERSION_TAG: "manifest-v1"})
+        )
+        instance.report_runless_asset_event(
+            dg.AssetObservation(
+                asset_key=symbol_events.key, partition="AAA", tags={DATA_VERSION_TAG: "aaa-v1"}
+            )
+        )
+        expected = _provenance_tags(instance, "AAA", EVENT_WINDOWS_CODE_VERSION)
+        fixed = status.reconcile(str(tree.data_dir), instance, fix=True)["fixed"]
+        assert fixed["recorded_materializations"] == ["AAA"]
+        rec = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=EW, asset_partitions=["AAA"]), limit=1
+        ).records[0]
+        tags = dict(rec.event_log_entry.tags or {})
+        assert {k: tags.get(k) for k in expected} == expected
+        man = dg.AssetKey("manifest")
+        assert tags[CODE_VERSION_TAG] == EVENT_WINDOWS_CODE_VERSION == "1"
+        assert tags[get_input_data_version_tag(man)] == "manifest-v1"
+        assert tags[get_input_data_version_tag(symbol_events.key)] == "aaa-v1"
+        man_id = instance.fetch_materializations(man, limit=1).records[0].storage_id
+        assert tags[get_input_event_pointer_tag(man)] == str(man_id)
+        assert (
+            tags[DATA_VERSION_TAG]
+            == compute_logical_data_version(
+                "1", {man: dg.DataVersion("manifest-v1"), symbol_events.key: dg.DataVersion("aaa-v1")}
+            ).value
+        )
+        md = {k: v.value for k, v in rec.asset_materialization.metadata.items()}
+        assert md["reconciled"] is True  # the metadata is unchanged

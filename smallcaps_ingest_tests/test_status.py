@@ -1,5 +1,6 @@
 """`smallcaps-ingest status` and `partition-range`: exact counts on a generated tree, the instance's
-materialization metadata (events/min, ETA, API usage, errors by type, failed runs), --json, TTY."""
+materialization metadata (events/min, ETA, API usage, errors by type, failed runs), --json, TTY; the
+disk cache and the direct SQLite read of the instance, each against the full scan / the Dagster API."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import polars as pl
 import pytest
 from dagster._core.test_utils import create_run_for_test
 
-from smallcaps_ingest import cli, shape, status, store
+from smallcaps_ingest import cli, instance_sqlite, shape, status, status_disk, store
 from smallcaps_ingest.events import validate_events
 from smallcaps_ingest.manifest import build_manifest
 
@@ -177,6 +178,13 @@ def test_constants_are_the_stores() -> None:
     assert status.FILES == store.FILES
     assert status.TMP_MARK == store.TMP_MARK
     assert status.SOURCE_FILE == store.SOURCE_FILE
+    assert (status_disk.FILES, status_disk.TMP_MARK) == (store.FILES, store.TMP_MARK)
+    assert (status_disk.EVENT_PREFIX, status_disk.SYMBOL_PREFIX, status_disk.WINDOWS_DIR) == (
+        status.EVENT_PREFIX,
+        status.SYMBOL_PREFIX,
+        status.WINDOWS_DIR,
+    )
+    assert store.windows_root("/d") == Path("/d") / status_disk.WINDOWS_DIR
 
 
 def test_fast_scan_agrees_with_store_scan_symbol(tree: Tree) -> None:
@@ -492,3 +500,445 @@ def test_partition_range_without_instance(
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     assert cli.main(["partition-range"]) == 1
     assert "DAGSTER_HOME is not set" in capsys.readouterr().err
+
+
+# --- the disk cache: never a different answer from a full scan -----------------------------------
+
+
+def _no_timings(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k != "timings_s"}
+
+
+def _age_tree() -> None:
+    """Let every ctime in the tree become older than the racy margin, so the cache trusts it."""
+    import time
+
+    time.sleep(status_disk.RACY_NS / 1e9 + 0.1)
+
+
+class _ListdirSpy:
+    """Counts the directory listings the cached scan makes (the work the cache saves)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.paths: list[str] = []
+        real = os.listdir
+
+        def spy(path: str = ".") -> list[str]:
+            self.paths.append(str(path))
+            return real(path)
+
+        monkeypatch.setattr(status_disk.os, "listdir", spy)
+
+    def take(self) -> list[str]:
+        out, self.paths = self.paths, []
+        return out
+
+
+def _check(tree: Tree, spy: _ListdirSpy | None = None, **expect: object) -> dict:
+    """The cached summary equals the full scan; the given figures are exact. With ``spy``, only the
+    cached scan's listings are left in it."""
+    full = status.full_disk_summary(str(tree.data_dir))
+    if spy is not None:
+        spy.take()
+    got = status.disk_summary(str(tree.data_dir))
+    assert _no_timings(got) == _no_timings(full)
+    flat = {**got["events"], **{f"symbols_{k}": v for k, v in got["symbols"].items()}, **got["disk"]}
+    for k, v in expect.items():
+        assert flat[k] == v, (k, flat[k], v)
+    return got
+
+
+def test_disk_cache_agrees_with_a_full_scan_through_every_change(
+    tree: Tree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tree.data_dir
+    cache = data / "_state" / status_disk.DISK_CACHE
+    spy = _ListdirSpy(monkeypatch)
+    _age_tree()
+    _check(tree, spy, done=7, partial=1, missing=4, extra_on_disk=2, files=19, tmp_orphans=3)
+    assert cache.is_file() and len(spy.take()) == 4 + 11  # cold: 4 symbol and 11 event directories
+    _check(tree, spy, done=7, partial=1, missing=4, extra_on_disk=2, files=19, tmp_orphans=3)
+    assert spy.take() == []  # warm and unchanged: no listing at all, one stat per dir and data file
+    a, b = tree.ids["AAA"], tree.ids["BBB"]
+
+    # a file deleted inside a complete event
+    gone = store.event_dir(data, "AAA", a[2]) / "quotes.parquet"
+    size = gone.stat().st_size
+    gone.unlink()
+    _check(
+        tree,
+        spy,
+        done=6,
+        partial=2,
+        missing=4,
+        complete_on_disk=8,
+        partial_on_disk=2,
+        files=18,
+        bytes=tree.bytes_of(),
+        symbols_complete=0,
+        symbols_started=2,
+    )
+    assert spy.take() == [str(store.event_dir(data, "AAA", a[2]))]  # only the changed event is listed
+    assert size > 0
+
+    # a .tmp added inside a complete event (no other directory changes)
+    (store.event_dir(data, "AAA", a[3]) / "quotes.parquet.tmp.1.2").write_bytes(b"half")
+    _check(tree, spy, done=6, partial=2, tmp_orphans=4, files=18)
+    # a[2] changed less than RACY_NS ago, so it is listed again too (its ctime is not trusted yet)
+    assert sorted(spy.take()) == sorted(str(store.event_dir(data, "AAA", e)) for e in (a[2], a[3]))
+
+    # an event directory added (a missing event now complete) and one removed
+    store.write_event(data, "BBB", b[3], trades(2), quotes(2))
+    _check(tree, done=7, missing=3, complete_on_disk=9, files=20)
+    import shutil
+
+    shutil.rmtree(store.event_dir(data, "BBB", b[0]))
+    _check(tree, done=6, missing=4, complete_on_disk=8, files=18, bytes=tree.bytes_of())
+
+    # a new symbol (not in the manifest)
+    store.write_event(data, "EEE", "EEE_VOLUME-SPIKE_20240311_150000_0badf00d", trades(1), quotes(1))
+    _check(tree, extra_on_disk=3, complete_on_disk=9, symbols_on_disk=5, files=20, bytes=tree.bytes_of())
+
+    # a file replaced by one of a different size: in place (no directory changes) and by rename
+    f = store.event_dir(data, "AAA", a[4]) / "trades.parquet"
+    before = tree.bytes_of()
+    _age_tree()
+    _check(tree, bytes=before, files=20)  # every directory trusted again
+    with open(f, "ab") as fh:
+        fh.write(b"x" * 1234)
+    _check(tree, spy, bytes=before + 1234, files=20)
+    assert spy.take() == []  # no directory changed: found by the data file's stat alone
+    store.atomic_write_parquet(trades(500), f)
+    _check(tree, bytes=tree.bytes_of(), files=20)
+    assert tree.bytes_of() != before + 1234
+
+    # the manifest rewritten (CCC loses an event, AAA gains one): coverage is recounted
+    m = tree.manifest
+    extra_row = (
+        m.filter(pl.col("symbol") == "AAA")
+        .head(1)
+        .with_columns(event_id=pl.lit("AAA_VOLUME-SPIKE_20240311_160000_feedface"))
+    )
+    m2 = pl.concat([m.filter(pl.col("event_id") != tree.ids["CCC"][2]), extra_row])
+    m2.write_parquet(data / "manifest.parquet")
+    _check(tree, total=12, missing=4, done=6)  # 12 - 1 + 1 events: AAA 4/6 done, CCC 0/2
+    # the manifest removed, then back
+    (data / "manifest.parquet").rename(data / "manifest.off")
+    got = _check(tree, extra_on_disk=9 + 2)  # every complete and partial event
+    assert got["manifest"]["present"] is False and got["events"]["total"] is None
+    (data / "manifest.off").rename(data / "manifest.parquet")
+    _check(tree, total=12, done=6)
+    # the symbol directory removed
+    shutil.rmtree(store.symbol_dir(data, "EEE"))
+    _check(tree, symbols_on_disk=4, extra_on_disk=2)
+
+
+def test_disk_cache_corrupt_stale_or_foreign_is_ignored(tree: Tree) -> None:
+    data = tree.data_dir
+    cache = data / "_state" / status_disk.DISK_CACHE
+    _age_tree()
+    ref = _no_timings(status.full_disk_summary(str(data)))
+    assert _no_timings(status.disk_summary(str(data))) == ref
+    good = cache.read_bytes()
+    # truncated, garbage, a flipped byte: ignored (and rewritten)
+    for bad in (good[: len(good) // 2], b"not a cache", good[:20] + bytes([good[20] ^ 0xFF]) + good[21:]):
+        cache.write_bytes(bad)
+        assert status_disk.load(str(cache), str(data / "event_windows")) is None
+        assert _no_timings(status.disk_summary(str(data))) == ref
+        assert cache.read_bytes() != bad
+    # another version, another tree: ignored
+    data_obj = status_disk.load(str(cache), str(data / "event_windows"))
+    assert data_obj is not None
+    root = str(data / "event_windows")
+    body = {k: v for k, v in data_obj.items() if k not in ("magic", "version", "root")}
+    status_disk.save(str(cache), "/elsewhere", body)
+    assert status_disk.load(str(cache), root) is None
+    import marshal
+    import zlib
+
+    payload = marshal.dumps({**body, "magic": status_disk.CACHE_MAGIC, "version": 999, "root": root})
+    cache.write_bytes(b"SCSC" + zlib.crc32(payload).to_bytes(4, "little") + payload)
+    assert status_disk.load(str(cache), root) is None
+    # a cache that claims an event is complete, recorded under a ctime the directory no longer has
+    status_disk.save(str(cache), root, body)
+    ent = list(body["symbols"]["BBB"])
+    names = ent[1].split("\0")
+    i = names.index("event=" + tree.ids["BBB"][2])  # the partial event
+    flags = bytearray(ent[3])
+    flags[i] = status_disk.F_TRADES | status_disk.F_QUOTES
+    ent[3] = bytes(flags)
+    ent[0] = 0  # and its symbol listing is to be re-read
+    status_disk.save(str(cache), root, {**body, "symbols": {**body["symbols"], "BBB": tuple(ent)}})
+    (store.event_dir(data, "BBB", tree.ids["BBB"][2]) / "x.tmp.1").write_bytes(b"")  # its ctime moves
+    ref = _no_timings(status.full_disk_summary(str(data)))
+    assert _no_timings(status.disk_summary(str(data))) == ref
+    # no _state directory can be made (a file is in the way): no cache, same answer
+    import shutil
+
+    shutil.rmtree(data / "_state")
+    (data / "_state").write_bytes(b"")
+    assert _no_timings(status.disk_summary(str(data))) == ref
+    assert _no_timings(status.disk_summary(str(data))) == ref
+
+
+def test_disk_cache_does_not_trust_fresh_ctimes(tree: Tree) -> None:
+    """A directory changed within RACY_NS of the scan is listed again next time (racy timestamps)."""
+    data = tree.data_dir
+    status.disk_summary(str(data))  # right after the tree was written: everything is fresh
+    cached = status_disk.load(str(data / "_state" / status_disk.DISK_CACHE), str(data / "event_windows"))
+    assert cached is not None
+    from array import array
+
+    for sym, ent in cached["symbols"].items():
+        assert ent[0] == 0, sym
+        assert set(array("q", ent[2])) == {0}, sym
+    _age_tree()
+    status.disk_summary(str(data))
+    cached = status_disk.load(str(data / "_state" / status_disk.DISK_CACHE), str(data / "event_windows"))
+    assert cached is not None and all(ent[0] for ent in cached["symbols"].values())
+
+
+def test_forked_cached_scan_matches(tree: Tree) -> None:
+    ref = _no_timings(status.full_disk_summary(str(tree.data_dir)))
+    for workers, fork in ((1, True), (3, True), (3, False)):
+        got = status.DiskScan(str(tree.data_dir), workers=workers, fork=fork).finish()
+        assert _no_timings(got) == ref
+    assert _no_timings(status.disk_summary(str(tree.data_dir), cache=False)) == ref
+
+
+# --- the instance read straight from SQLite: the same answers as the Dagster API ----------------
+
+
+def _view(instance: dg.DagsterInstance) -> instance_sqlite.SqliteInstanceView:
+    view = instance_sqlite.open_view(instance.root_directory)
+    assert view is not None
+    return view
+
+
+def _populate(instance: dg.DagsterInstance) -> None:
+    """Every shape of record status reads: metadata of each value type, reconciled and unpartitioned
+    materializations, another asset's, runs of every status, selections and check-only runs."""
+    instance.add_dynamic_partitions("symbols", ["AAA", "BBB", "CCC", "DDD", "EEE"])
+    materialize(
+        instance,
+        "AAA",
+        events_written=5,
+        requests=20,
+        seconds=60.0,
+        **{"429s": 3},
+        budget_wait_s=1.5,
+        errors_by_type={"429": 3, "5xx": 2, "timeout": 0},
+    )
+    materialize(instance, "BBB", events_written=2, requests=10, seconds=120.0, errors_by_type={"429": 1})
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            asset_key=EW,
+            partition="CCC",
+            metadata={
+                "errors_by_type": dg.MetadataValue.text('{"reset": 2, "truncated": 1.0, "odd": "x"}'),
+                "events_written": dg.MetadataValue.text("7"),
+                "requests": dg.MetadataValue.float(9.7),
+                "seconds": dg.MetadataValue.int(30),
+                "429s": dg.MetadataValue.text("not a number"),
+                "budget_wait_s": dg.MetadataValue.md("2.5"),
+                "reconciled": False,
+                "path": dg.MetadataValue.path("/x"),
+                "other": dg.MetadataValue.table_schema(dg.TableSchema(columns=[])),  # not read by status
+            },
+        )
+    )
+    materialize(instance, "DDD", reconciled=True, events_total=1, events_complete=1)
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=EW, metadata={"events_written": 4}))
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(asset_key="manifest", metadata={"events_written": 100})
+    )
+    for job, st, sel, checks in (
+        ("__ASSET_JOB", dg.DagsterRunStatus.FAILURE, frozenset({EW}), None),
+        ("ingest_event_windows", dg.DagsterRunStatus.FAILURE, None, None),
+        ("__ASSET_JOB", dg.DagsterRunStatus.FAILURE, frozenset({dg.AssetKey("manifest")}), None),
+        ("__ASSET_JOB", dg.DagsterRunStatus.STARTED, frozenset({EW}), None),
+        ("__ASSET_JOB", dg.DagsterRunStatus.NOT_STARTED, None, None),
+        ("other_job", dg.DagsterRunStatus.STARTING, None, None),
+        ("__ASSET_JOB", dg.DagsterRunStatus.CANCELING, frozenset({EW, dg.AssetKey(["a", "b"])}), None),
+        ("__ASSET_JOB", dg.DagsterRunStatus.NOT_STARTED, None, frozenset({dg.AssetCheckKey(EW, "c")})),
+        ("ingest_event_windows", dg.DagsterRunStatus.SUCCESS, None, None),
+    ):
+        create_run_for_test(
+            instance, job_name=job, status=st, asset_selection=sel, asset_check_selection=checks
+        )
+
+
+def _same_instance_reads(instance: dg.DagsterInstance, tmp: Path, tag: str) -> None:
+    recs = instance.fetch_materializations(EW, limit=100).records
+    last = max((r.timestamp for r in recs), default=1_700_000_000.0)
+    for now, window in ((last, 1800.0), (last + 86_400 * 10, 1800.0), (last + 0.5, 0.0)):
+        view = _view(instance)
+        try:
+            a = status.instance_summary(instance, now=now, window_s=window, cache_path=str(tmp / f"a{tag}"))
+            b = status.instance_summary(view, now=now, window_s=window, cache_path=str(tmp / f"b{tag}"))
+            assert _no_timings(a) == _no_timings(b), (now, window)
+            for kw in (
+                {},
+                {"ascending": True, "cap": 2},
+                {"after_storage_id": 2, "ascending": True},
+                {"limit": 1},
+            ):
+                assert status.fetch_points(instance, **kw) == status.fetch_points(view, **kw), kw
+            for names in (("event_windows",), ("event_windows", "manifest")):
+                for statuses in (status.NOT_FINISHED, ["FAILURE"], ["SUCCESS"]):
+                    assert status.runs_touching(instance, statuses, names) == status.runs_touching(
+                        view, statuses, names
+                    )
+            assert view.get_materialized_partitions("event_windows") == instance.get_materialized_partitions(
+                EW
+            )
+            assert view.get_dynamic_partitions("symbols") == list(instance.get_dynamic_partitions("symbols"))
+            assert view.root_directory == instance.root_directory
+        finally:
+            view.close()
+
+
+def test_sqlite_view_reads_what_the_dagster_api_reads(
+    home: dg.DagsterInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _same_instance_reads(home, tmp_path, "0")  # empty instance
+    _populate(home)
+    _same_instance_reads(home, tmp_path, "1")
+    s = status.instance_summary(_view(home), now=time_now(), window_s=1800, cache_path=str(tmp_path / "c"))
+    assert s["errors"]["by_type"] == {"429": 4, "5xx": 2, "reset": 2, "timeout": 0, "truncated": 1}
+    assert s["instance"]["materializations"] == 5 and s["instance"]["reconciled_materializations"] == 1
+    assert s["errors"]["failed_runs"] == 2 and s["instance"]["runs_in_progress"] == 3
+    monkeypatch.setattr(status, "RECENT_LIMIT", 2)  # the capped window
+    _same_instance_reads(home, tmp_path, "2")
+    monkeypatch.undo()
+    home.wipe_assets([EW])  # a wipe hides every earlier materialization
+    _same_instance_reads(home, tmp_path, "3")
+    materialize(home, "EEE", events_written=3, errors_by_type={"5xx": 1})
+    _same_instance_reads(home, tmp_path, "4")
+    assert status.lifetime_totals(_view(home), str(tmp_path / "b4"))["errors_by_type"] == {"5xx": 1}
+
+
+def time_now() -> float:
+    import time
+
+    return time.time()
+
+
+def test_sqlite_view_is_pinned_to_this_dagster(home: dg.DagsterInstance) -> None:
+    import sqlite3
+
+    assert dg.__version__.startswith(instance_sqlite.DAGSTER_MINOR)
+    assert instance_sqlite.dagster_version() == dg.__version__
+    base = Path(home.root_directory) / "history"
+    for db in (base / "runs.db", base / "runs" / "index.db"):
+        with sqlite3.connect(db) as conn:
+            (rev,) = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        assert rev in instance_sqlite.ALEMBIC_REVISIONS, (db, rev)
+
+
+def test_sqlite_view_declines_what_it_does_not_mirror(
+    home: dg.DagsterInstance, tmp_path: Path, tree: Tree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = Path(home.root_directory)
+    assert instance_sqlite.open_view(str(root)) is not None
+    yaml_path = root / "dagster.yaml"
+    good = yaml_path.read_text()
+    for extra in (
+        "run_storage:\n  module: dagster._core.storage.runs\n  class: SqliteRunStorage\n"
+        f"  config:\n    base_dir: {root}/history\n",
+        "storage:\n  postgres:\n    postgres_url: postgresql://x/y\n",
+        "storage:\n  sqlite:\n    base_dir: relative/dir\n",
+        "instance_class:\n  module: x\n  class: Y\n",
+        "storage: [not, a, mapping\n",  # not YAML
+    ):
+        yaml_path.write_text(good + extra)
+        assert instance_sqlite.open_view(str(root)) is None, extra
+    yaml_path.write_text(good + f"storage:\n  sqlite:\n    base_dir: {root}\n")
+    assert instance_sqlite.open_view(str(root)) is not None
+    # the project's own instance config (storage: sqlite: base_dir: env: DAGSTER_HOME, pools...)
+    yaml_path.write_text((Path(__file__).resolve().parents[1] / "dagster_home" / "dagster.yaml").read_text())
+    assert instance_sqlite.open_view(str(root)) is not None
+    yaml_path.write_text(good)
+    fresh = tmp_path / "fresh_home"
+    fresh.mkdir()
+    assert instance_sqlite.open_view(str(fresh)) is None  # no databases yet: Dagster creates them
+    assert instance_sqlite.open_view("relative/home") is None
+    monkeypatch.setattr(instance_sqlite, "DAGSTER_MINOR", "9.99.")
+    assert instance_sqlite.open_view(str(root)) is None
+    monkeypatch.undo()
+    monkeypatch.setenv("DAGSTER_HOME", str(root))
+
+    # a metadata value the view does not decode, on a key status reads: status asks Dagster instead
+    home.add_dynamic_partitions("symbols", ["AAA"])
+    home.report_runless_asset_event(
+        dg.AssetMaterialization(
+            asset_key=EW, partition="AAA", metadata={"seconds": dg.MetadataValue.asset(dg.AssetKey("x"))}
+        )
+    )
+    opened: list[bool] = []
+    real_open = status.open_instance
+
+    def spy(fast: bool = False):  # type: ignore[no-untyped-def]
+        opened.append(fast)
+        return real_open(fast)
+
+    monkeypatch.setattr(status, "open_instance", spy)
+    now = time_now()
+    fast = status.collect_status(str(tree.data_dir), now=now, disk_cache=False)
+    assert opened == [True, False]  # the view, then Dagster
+    slow = status.collect_status(str(tree.data_dir), now=now, fast_instance=False, disk_cache=False)
+    assert _no_timings(fast) == _no_timings(slow)
+    assert fast["instance"]["materializations"] == 1
+
+
+def test_cli_status_same_answer_every_way(tree: Tree, home: dg.DagsterInstance) -> None:
+    """The CLI: the SQLite view and the disk cache, cold then warm, against Dagster's API and a full
+    scan; and the fast path never imports Dagster."""
+    _populate(home)
+    env = {**os.environ, "DAGSTER_HOME": home.root_directory}
+    # a window with nothing in it: the rate comes from the last materializations, independent of now
+    base = [str(CLI), "status", "--json", "--data-dir", str(tree.data_dir), "--window-minutes", "0.00001"]
+
+    def run(*extra: str) -> dict:
+        proc = subprocess.run(
+            [*base, *extra], capture_output=True, text=True, env=env, timeout=120, check=False
+        )
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        return {k: v for k, v in out.items() if k not in ("generated_at", "timings_s")}
+
+    ref = run("--dagster-api", "--no-cache")
+    assert ref["events"] == EXPECTED_DISK["events"] and ref["errors"]["failed_runs"] == 2
+    _age_tree()
+    assert run() == ref  # cold cache
+    assert run() == ref  # warm
+    assert run("--no-fork") == ref
+    assert run("--dagster-api") == ref
+    code = (
+        "import sys; from smallcaps_ingest import cli; "
+        f"cli.main(['status', '--data-dir', {str(tree.data_dir)!r}]); "
+        "print('dagster' in sys.modules, 'polars' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True
+    )
+    assert proc.stdout.strip().splitlines()[-1] == "False False", proc.stdout
+
+
+def test_lifetime_cache_of_the_wrong_shape_is_recomputed(tmp_path: Path) -> None:
+    cache = tmp_path / "_state" / "status_cache.json"
+    with dg.instance_for_test() as instance:
+        materialize(instance, "AAA", events_written=1, errors_by_type={"429": 1})
+        good = status.lifetime_totals(instance, str(cache))
+        key = next(iter(json.loads(cache.read_text())))
+        for bad in (
+            {"materializations": "7"},
+            {"errors_by_type": {"429": "many"}},
+            {"errors_by_type": ["429"]},
+            {"after_storage_id": "1"},
+        ):
+            entry = {**json.loads(cache.read_text())[key], **bad}
+            cache.write_text(json.dumps({key: entry}))
+            assert status.lifetime_totals(instance, str(cache)) == good, bad
+        cache.write_text("{not json")
+        assert status.lifetime_totals(instance, str(cache)) == good
