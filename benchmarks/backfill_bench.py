@@ -1,0 +1,965 @@
+"""Orchestration overhead of a backfill through the daemon (issue item 1d), vs the bare fetch.
+
+    python benchmarks/backfill_bench.py                     # 1,600 symbols (~13-15 min on 2 shared cores)
+    python benchmarks/backfill_bench.py --symbols 100       # quick (~3 min)
+    python benchmarks/backfill_bench.py --rps 100 --latency-ms 50 --jitter-ms 10 --window-s 45 --keep
+    python benchmarks/backfill_bench.py --symbols 400 --skip-direct --policy multi_run:100   # what-if
+    python benchmarks/backfill_bench.py --env DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS=1  # what-if
+
+What runs, all on loopback, in a fresh temporary directory:
+
+1. An events file of ``--symbols`` synthetic symbols (hash tickers of ``manifests.universe``), one
+   RTH event each on a weekday of 2024; the manifest's window is tiny (``--window-s``, default
+   45 s: 15 s before, 30 s after), so every event is one trades and one quotes request.
+2. The simulator in its own process (``_common.SimHost``, ``--latency-ms`` +- ``--jitter-ms``),
+   its tick data for every window generated before any clock starts.
+3. *Direct*: the same windows fetched by ``FetchEngine`` in this process, without Dagster, set up as
+   ``event_windows`` sets it up (12 workers, hz 1, over-fetch 4, density file, a fresh budget file at
+   ``--rps``), then ``check.evaluate_symbol`` over every symbol (the checks' disk work, timed apart).
+4. *Dagster*: a fresh DAGSTER_HOME (a copy of dagster_home/dagster.yaml: queued runs, pool
+   ``polygon_api``, run monitoring), ``dagster asset materialize --select manifest`` (registers the
+   symbol partitions), then ``dagster dev`` (webserver + daemon) on 127.0.0.1 and a backfill of every
+   ``event_windows`` partition launched through GraphQL, as the UI does. ``BackfillPolicy.single_run()``
+   makes the daemon create one run for the whole (contiguous) selection. Polled once a second until
+   every run succeeded, then until the backfill itself is COMPLETED_SUCCESS (the daemon's next tick).
+5. After ``dagster dev`` is stopped: the run records and the run's event log, read from the instance,
+   give the timeline (launch -> run created -> dequeued -> run process -> step process -> engine ->
+   last event -> run success -> backfill completed); the materializations' metadata give the engine's
+   own fetch time (``seconds`` is the time from the engine's start to the symbol's end, so its max is
+   the engine's wall time) and requests; the simulator's counters and request log give the requests
+   and the interval they arrived in. Per partition the step writes a log line, a materialization and
+   eight check evaluations: the gaps between those events' timestamps split the recording cost into
+   provenance queries + materialization write, the checks' disk work + the latest-materialization
+   query, and the check-evaluation writes. The instance queries ``event_windows`` makes per partition
+   are then timed again alone, on the finished instance.
+
+``--policy multi_run:N`` runs the backfill against the project's definitions with
+``BackfillPolicy.multi_run(N)`` (a generated definitions file; assets.py is not changed), ``--env``
+adds environment variables to the Dagster processes.
+
+Timings are wall-clock on a shared 2-core machine: noisy; the load average is printed. Most of a
+1,600-partition backfill is the run recording its events, so the whole script takes ~13-15 min.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import _bootstrap  # noqa: F401
+import polars as pl
+import requests
+from _common import API_KEY, SimHost, load_average, table
+from manifests import _DAYS, ET, Event, universe
+
+from smallcaps_ingest import check
+from smallcaps_ingest.budget import RequestBudget
+from smallcaps_ingest.events import read_events
+from smallcaps_ingest.fetch import FetchEngine, PolygonClient, SymbolOutcome, merge_stats, windows_from_frame
+from smallcaps_ingest.manifest import build_manifest
+from smallcaps_ingest.plan import DensityStore, Window
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ASSET = "event_windows"
+MAT, CHK, LOG = "ASSET_MATERIALIZATION", "ASSET_CHECK_EVALUATION", "LOGS"
+BACKFILL_DONE = {"COMPLETED", "COMPLETED_SUCCESS"}
+BACKFILL_BAD = {"FAILED", "COMPLETED_FAILED", "CANCELED", "CANCELING", "FAILING"}
+RUN_BAD = {"FAILURE", "CANCELED", "CANCELING"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Input
+# ----------------------------------------------------------------------------------------------
+def make_events(n: int, seed: int = 5) -> pl.DataFrame:
+    """One RTH event (10:00-15:30 ET, whole seconds) per symbol, each on a random weekday of 2024."""
+    rng = random.Random(seed)
+    rows = []
+    for sym in sorted(universe(n, seed=seed)):
+        day = rng.choice(_DAYS)
+        sec = rng.randrange(10 * 3600, 15 * 3600 + 1800)
+        t = datetime(day.year, day.month, day.day, sec // 3600, sec // 60 % 60, sec % 60, tzinfo=ET)
+        rows.append((sym, "volume_spike", t))
+    return pl.DataFrame(
+        rows,
+        schema={"symbol": pl.String, "event_type": pl.String, "timestamp": pl.Datetime("us", "UTC")},
+        orient="row",
+    )
+
+
+def build_work(
+    events_path: Path, before_min: float, after_min: float
+) -> tuple[pl.DataFrame, dict[str, list[Window]]]:
+    """The manifest exactly as the ``manifest`` asset builds it, and the asset's ``work`` mapping."""
+    from datetime import timedelta
+
+    df, _ = build_manifest(
+        read_events(events_path), before=timedelta(minutes=before_min), after=timedelta(minutes=after_min)
+    )
+    work = {
+        str(sym[0]): windows_from_frame(part)
+        for sym, part in df.partition_by("symbol", as_dict=True, maintain_order=True).items()
+    }
+    return df, work
+
+
+# ----------------------------------------------------------------------------------------------
+# Direct engine run (no Dagster)
+# ----------------------------------------------------------------------------------------------
+def direct_run(
+    base_url: str, work: Mapping[str, Sequence[Window]], rps: float, workers: int, root: Path
+) -> dict[str, Any]:
+    data = root / "direct_data"
+    budget = RequestBudget(rps, root / "direct_budget.sqlite", bucket=urlsplit(base_url).netloc)
+    client = PolygonClient(base_url, API_KEY, budget, workers=workers)
+    engine = FetchEngine(
+        client,
+        str(data),
+        workers=workers,
+        hz=1.0,
+        max_overfetch=4.0,
+        density=DensityStore(f"{data}/_state/density.json"),
+    )
+    done: list[float] = []
+    t0 = time.monotonic()
+    outcomes: list[SymbolOutcome] = engine.run(work, on_symbol_done=lambda o: done.append(time.monotonic()))
+    seconds = time.monotonic() - t0
+    client.close()
+    budget.close()
+    st = merge_stats(outcomes)
+    errors = [o for o in outcomes if o.error is not None]
+    for o in errors[:3]:
+        print(f"  ! direct: {o.symbol}: {o.error!r}")
+    # the checks' disk work per symbol, as event_windows runs it per partition (no Dagster)
+    t1 = time.monotonic()
+    bad: Counter[str] = Counter()
+    for sym, windows in work.items():
+        bad.update(r.name for r in check.evaluate_symbol(str(data), sym, windows, 1.0) if not r.passed)
+    checks_s = time.monotonic() - t1
+    return {
+        "seconds": seconds,
+        "requests": st.total_requests,
+        "events": sum(o.written for o in outcomes),
+        "errors": len(errors),
+        "budget_wait_s": st.budget_wait_s,
+        "429s": st.throttled,
+        "max_symbol_seconds": max((o.seconds for o in outcomes), default=0.0),
+        "checks_s": checks_s,
+        "checks_failed_by_name": dict(bad),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# dagster dev on loopback (the approach of smallcaps_ingest_tests/test_ui_browser.py)
+# ----------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class DagsterDev:
+    """``dagster dev`` (webserver + daemon + code server) in its own process group on 127.0.0.1."""
+
+    def __init__(
+        self, env: Mapping[str, str], log_path: Path, target: Sequence[str] = ("-m", "smallcaps_ingest")
+    ):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [str(BIN / "dagster"), "dev", *target, "-h", "127.0.0.1", "-p", str(self.port)],
+            cwd=ROOT,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() signals the daemon and code server too
+        )
+
+    def _alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"dagster dev exited with {self.proc.returncode}:\n{tail(self.log_path)}")
+
+    def gql(self, query: str, variables: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        r = requests.post(
+            f"{self.url}/graphql", json={"query": query, "variables": dict(variables or {})}, timeout=60
+        )
+        r.raise_for_status()
+        body = r.json()
+        if body.get("errors"):
+            raise RuntimeError(f"GraphQL errors: {body['errors']}")
+        return body["data"]
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        query = (
+            "{ workspaceOrError { ... on Workspace { locationEntries { loadStatus locationOrLoadError "
+            "{ __typename ... on PythonError { message } } } } } }"
+        )
+        while True:
+            self._alive()
+            with contextlib.suppress(requests.RequestException):
+                entries = self.gql(query)["workspaceOrError"].get("locationEntries") or []
+                if entries and all(e["loadStatus"] == "LOADED" for e in entries):
+                    bad = [
+                        e for e in entries if e["locationOrLoadError"]["__typename"] != "RepositoryLocation"
+                    ]
+                    if bad:
+                        raise RuntimeError(f"code location failed to load: {bad}")
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"dagster dev not ready in {timeout:.0f}s:\n{tail(self.log_path)}")
+            time.sleep(0.5)
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM the whole group, then SIGKILL whatever is left (the code server may linger)."""
+        try:
+            if self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(grace)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+        finally:
+            self._log.close()
+
+
+LAUNCH_BACKFILL = """
+mutation LaunchBackfill($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on Error { message }
+    ... on PythonError { message stack }
+  }
+}
+"""
+BACKFILL_STATUS = """
+query BackfillStatus($id: String!) {
+  partitionBackfillOrError(backfillId: $id) {
+    __typename
+    ... on PartitionBackfill { id status numPartitions error { message } runs { id status } }
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+def launch_backfill(dev: DagsterDev, partitions: Sequence[str]) -> str:
+    params = {
+        "partitionNames": list(partitions),
+        "assetSelection": [{"path": [ASSET]}],
+        "fromFailure": False,
+        "title": "backfill_bench",
+    }
+    out = dev.gql(LAUNCH_BACKFILL, {"params": params})["launchPartitionBackfill"]
+    if out["__typename"] != "LaunchBackfillSuccess":
+        raise RuntimeError(f"launchPartitionBackfill failed: {out}")
+    return str(out["backfillId"])
+
+
+def wait_backfill(
+    dev: DagsterDev, backfill_id: str, t_launch: float, timeout: float, data_dir: Path
+) -> dict[str, Any]:
+    """Wall-clock marks (time.time()) of: first run seen, every run succeeded, backfill completed."""
+    marks: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout
+    last_status = None
+    next_progress = time.time() + 30.0
+    while True:
+        dev._alive()
+        bf = dev.gql(BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"]
+        if bf["__typename"] != "PartitionBackfill":
+            raise RuntimeError(f"backfill {backfill_id}: {bf}")
+        now = time.time()
+        runs = bf.get("runs") or []
+        if runs and "run_seen" not in marks:
+            marks["run_seen"] = now
+        if bf["status"] != last_status:
+            print(
+                f"  [{now - t_launch:6.1f}s] backfill {bf['status']}, runs "
+                f"{Counter(r['status'] for r in runs) or '-'}",
+                flush=True,
+            )
+            last_status = bf["status"]
+        if bf["status"] in BACKFILL_BAD or any(r["status"] in RUN_BAD for r in runs):
+            raise RuntimeError(
+                f"backfill {bf['status']} {bf.get('error')}: runs {runs}\n{tail(dev.log_path)}"
+            )
+        if runs and all(r["status"] == "SUCCESS" for r in runs) and "runs_done" not in marks:
+            marks["runs_done"] = now
+            print(f"  [{now - t_launch:6.1f}s] all {len(runs)} run(s) succeeded", flush=True)
+        if bf["status"] in BACKFILL_DONE:
+            marks["backfill_done"] = now
+            marks["runs_done"] = marks.get("runs_done", now)
+            marks["backfill"] = bf
+            return marks
+        if now >= next_progress:
+            next_progress = now + 30.0
+            done = sum(1 for _ in data_dir.glob("event_windows/symbol=*/event=*/quotes.parquet"))
+            by_status = dict(Counter(r["status"] for r in runs))
+            print(
+                f"  [{now - t_launch:6.1f}s] {bf['status']}, runs {by_status}, events on disk {done:,}",
+                flush=True,
+            )
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"backfill not done in {timeout:.0f}s: {bf['status']} {runs}")
+        time.sleep(1.0)
+
+
+VARIANT = """# Written by benchmarks/backfill_bench.py: the Definitions with another backfill policy.
+import warnings
+
+import dagster as dg
+
+from smallcaps_ingest import definitions as d
+
+warnings.simplefilter("ignore")
+POLICY = dg.BackfillPolicy.multi_run({n})
+defs = dg.Definitions(
+    assets=[a.with_attributes(backfill_policy=POLICY) if a.key == dg.AssetKey("event_windows") else a
+            for a in d.defs.assets],
+    asset_checks=d.defs.asset_checks,
+    jobs=d.defs.jobs,
+    resources=d.defs.resources,
+)
+"""
+
+
+def code_location(policy: str, root: Path) -> tuple[list[str], str]:
+    """``dagster dev`` arguments for the project as it is (``single``) or with ``multi_run:N``."""
+    if policy == "single":
+        return ["-m", "smallcaps_ingest"], "BackfillPolicy.single_run() (the project's)"
+    kind, _, n = policy.partition(":")
+    if kind != "multi_run" or not n.isdigit() or int(n) < 1:
+        raise SystemExit(f"--policy {policy!r}: expected single or multi_run:N")
+    path = root / "variant_defs.py"
+    path.write_text(VARIANT.format(n=int(n)))
+    return ["-f", str(path)], f"BackfillPolicy.multi_run({int(n)}) (what-if variant, {path.name})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the instance afterwards
+# ----------------------------------------------------------------------------------------------
+def _q(xs: Sequence[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(p * len(s)))]
+
+
+def analyse_instance(home: Path, backfill_id: str, symbols: Sequence[str]) -> dict[str, Any]:
+    import dagster as dg
+    from dagster._core.storage.dagster_run import RunsFilter
+
+    os.environ["DAGSTER_HOME"] = str(home)  # dagster.yaml's storage reads it
+    instance = dg.DagsterInstance.from_config(str(home))
+    try:
+        records = instance.get_run_records(RunsFilter.for_backfill(backfill_id))
+        runs = []
+        per_partition: dict[str, dict[str, Any]] = defaultdict(dict)
+        type_marks: dict[str, list[float]] = defaultdict(list)
+        step_marks: dict[tuple[str, str], list[float]] = defaultdict(list)
+        seq: list[tuple[float, str, str | None, str]] = []  # (ts, type, partition, message)
+        failed_checks: Counter[str] = Counter()
+        for rec in sorted(records, key=lambda r: r.create_timestamp.timestamp()):
+            run = rec.dagster_run
+            runs.append(
+                {
+                    "id": run.run_id,
+                    "status": run.status.value,
+                    "created": rec.create_timestamp.timestamp(),
+                    "start": rec.start_time,
+                    "end": rec.end_time,
+                    "range": _run_range(run.tags),
+                }
+            )
+            for e in instance.all_logs(run.run_id):
+                kind = e.dagster_event.event_type_value if e.dagster_event else LOG
+                type_marks[kind].append(e.timestamp)
+                if e.step_key:
+                    step_marks[(e.step_key, kind)].append(e.timestamp)
+                partition = None
+                if kind == MAT:
+                    m = e.dagster_event.event_specific_data.materialization  # type: ignore[union-attr]
+                    partition = m.partition
+                    md = {k: v.value for k, v in m.metadata.items()}
+                    per_partition[partition].update(
+                        mat_ts=e.timestamp,
+                        run_id=run.run_id,
+                        seconds=float(md["seconds"]),
+                        requests=int(md["requests"]),
+                        budget_wait_s=float(md["budget_wait_s"]),
+                    )
+                elif kind == CHK:
+                    ev = e.dagster_event.event_specific_data  # type: ignore[union-attr]
+                    partition = ev.partition
+                    per_partition[partition].setdefault("chk_ts", []).append(e.timestamp)
+                    per_partition[partition].setdefault("chk_passed", []).append(ev.passed)
+                    if not ev.passed:
+                        failed_checks[ev.check_name] += 1
+                elif (
+                    kind == LOG
+                    and e.user_message
+                    and ": " in e.user_message
+                    and "events complete" in e.user_message
+                ):
+                    partition = e.user_message.split(":", 1)[0]
+                    per_partition[partition]["log_ts"] = e.timestamp
+                seq.append((e.timestamp, kind, partition, e.user_message or ""))
+        queries = time_queries(instance, symbols)
+        materialized = instance.get_materialized_partitions(dg.AssetKey(ASSET))
+    finally:
+        instance.dispose()
+    return {
+        "runs": runs,
+        "per_partition": dict(per_partition),
+        "type_marks": dict(type_marks),
+        "step_marks": dict(step_marks),
+        "seq": sorted(seq),
+        "queries": queries,
+        "materialized": len(set(materialized) & set(symbols)),
+        "failed_checks": dict(failed_checks),
+        "files": instance_files(home),
+    }
+
+
+def instance_files(home: Path) -> list[tuple[str, float]]:
+    """The instance's SQLite files and their sizes (MB), biggest first."""
+    files = [(str(f.relative_to(home)), f.stat().st_size / 1e6) for f in home.rglob("*.db*") if f.is_file()]
+    return sorted(files, key=lambda x: -x[1])
+
+
+def _run_range(tags: Mapping[str, str]) -> str:
+    if "dagster/partition" in tags:
+        return tags["dagster/partition"]
+    return (
+        f"{tags.get('dagster/asset_partition_range_start')}...{tags.get('dagster/asset_partition_range_end')}"
+    )
+
+
+def time_queries(instance: Any, symbols: Sequence[str], sample: int = 200) -> dict[str, float]:
+    """The instance reads event_windows makes per partition, alone, on the finished instance (ms each)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dagster's beta/preview warnings on importing the definitions
+        from smallcaps_ingest.assets import (
+            EVENT_WINDOWS_CODE_VERSION,
+            _latest_materialization,
+            _provenance_tags,
+        )
+
+    picks = list(symbols)[:: max(1, len(symbols) // sample)][:sample]
+    out = {}
+    t = time.perf_counter()
+    for s in picks:
+        _provenance_tags(instance, s, EVENT_WINDOWS_CODE_VERSION)
+    out["_provenance_tags (2 reads)"] = (time.perf_counter() - t) / len(picks) * 1000
+    t = time.perf_counter()
+    for s in picks:
+        _latest_materialization(instance, s)
+    out["_latest_materialization (1 read)"] = (time.perf_counter() - t) / len(picks) * 1000
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM runs the finally blocks (cleanup) like Ctrl-C does."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--symbols", type=int, default=1600, help="partitions to backfill (one event each)")
+    ap.add_argument("--rps", type=float, default=100.0, help="POLYGON_MAX_RPS for both runs")
+    ap.add_argument("--workers", type=int, default=12, help="POLYGON_WORKERS for both runs")
+    ap.add_argument("--latency-ms", type=float, default=50.0)
+    ap.add_argument("--jitter-ms", type=float, default=10.0)
+    ap.add_argument("--window-s", type=float, default=45.0, help="event window: 1/3 before, 2/3 after")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="for the backfill, seconds")
+    ap.add_argument("--skip-direct", action="store_true", help="only the Dagster backfill")
+    ap.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the Dagster processes "
+        "(e.g. DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS=1)",
+    )
+    ap.add_argument(
+        "--policy",
+        default="single",
+        help="single (the project's BackfillPolicy.single_run()) or multi_run:N, a what-if variant "
+        "loaded from a generated definitions file (assets.py is not changed)",
+    )
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (path printed)")
+    args = ap.parse_args()
+
+    t_all = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="backfill_bench_"))
+    print(f"load average at start: {load_average()}; work dir {root}")
+    before_min, after_min = args.window_s / 3 / 60, args.window_s * 2 / 3 / 60
+    events_path = root / "events.parquet"
+    make_events(args.symbols).write_parquet(events_path)
+    manifest_df, work = build_work(events_path, before_min, after_min)
+    symbols = sorted(work)
+    windows = [w for ws in work.values() for w in ws]
+    print(
+        f"{len(symbols):,} symbols, {len(windows):,} events, windows {args.window_s:g} s "
+        f"({before_min * 60:g} s before, {after_min * 60:g} s after); budget {args.rps:g} req/s, "
+        f"{args.workers} workers; simulator latency {args.latency_ms:g} +- {args.jitter_ms:g} ms"
+    )
+
+    sim: SimHost | None = None
+    dev: DagsterDev | None = None
+    try:
+        with sigterm_as_exit():
+            sim = SimHost(latency_ms=args.latency_ms, latency_jitter_ms=args.jitter_ms)
+            rows, cpu, _, _ = sim.warm(
+                [Event(s, w.event_id, w.start_ns, w.end_ns) for s, ws in work.items() for w in ws]
+            )
+            print(f"simulator {sim.base_url} (pid {sim.pid}): warmed {rows:,} ticks in {cpu:.1f}s CPU")
+
+            direct = None
+            if not args.skip_direct:
+                sim.reset()
+                print("\n[direct] FetchEngine without Dagster ...", flush=True)
+                direct = direct_run(sim.base_url, work, args.rps, args.workers, root)
+                direct["sim"] = sim.counters()
+                print(
+                    f"  {direct['seconds']:.1f}s, {direct['requests']:,} requests; checks from disk "
+                    f"{direct['checks_s']:.1f}s",
+                    flush=True,
+                )
+
+            home, data = root / "dagster_home", root / "data"
+            home.mkdir()
+            data.mkdir()
+            shutil.copy(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("POLYGON_", "SMALLCAPS_"))}
+            env.update(
+                DAGSTER_HOME=str(home),
+                SMALLCAPS_DATA_DIR=str(data),
+                SMALLCAPS_EVENTS=str(events_path),
+                POLYGON_BASE_URL=sim.base_url,
+                POLYGON_API_KEY=API_KEY,
+                POLYGON_MAX_RPS=str(args.rps),
+                POLYGON_WORKERS=str(args.workers),
+                PYTHONUNBUFFERED="1",
+            )
+            extra = dict(kv.split("=", 1) for kv in args.env)
+            env.update(extra)
+            if extra:
+                print(f"extra environment for Dagster: {extra}")
+
+            print("\n[dagster] materializing the manifest (CLI) ...", flush=True)
+            cfg = {
+                "ops": {"manifest": {"config": {"minutes_before": before_min, "minutes_after": after_min}}}
+            }
+            t = time.monotonic()
+            with open(root / "manifest.log", "wb") as log:
+                rc = subprocess.run(
+                    [
+                        str(BIN / "dagster"),
+                        "asset",
+                        "materialize",
+                        "-m",
+                        "smallcaps_ingest",
+                        "--select",
+                        "manifest",
+                        "--config-json",
+                        json.dumps(cfg),
+                    ],
+                    cwd=ROOT,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    timeout=600,
+                ).returncode
+            manifest_s = time.monotonic() - t
+            if rc != 0:
+                raise RuntimeError(f"manifest failed ({rc}):\n{tail(root / 'manifest.log')}")
+            print(f"  {manifest_s:.1f}s", flush=True)
+
+            t = time.monotonic()
+            target, policy_label = code_location(args.policy, root)
+            print(f"  backfill policy: {policy_label}")
+            dev = DagsterDev(env, root / "dagster_dev.log", target)
+            dev.wait_ready(timeout=180)
+            ready_s = time.monotonic() - t
+            print(f"  dagster dev ready at {dev.url} in {ready_s:.1f}s; launching the backfill", flush=True)
+
+            sim.reset()
+            t_launch = time.time()
+            backfill_id = launch_backfill(dev, symbols)
+            launch_s = time.time() - t_launch
+            marks = wait_backfill(dev, backfill_id, t_launch, args.timeout, data)
+            counters = sim.counters()
+            log = sim.log()
+            dev.stop()
+            dev = None
+            sim.stop()
+            sim = None
+
+            info = analyse_instance(home, backfill_id, symbols)
+            report(
+                args,
+                symbols,
+                direct,
+                manifest_s,
+                ready_s,
+                launch_s,
+                t_launch,
+                marks,
+                counters,
+                log,
+                info,
+                policy_label,
+            )
+    finally:
+        if dev is not None:
+            dev.stop()
+        if sim is not None:
+            sim.stop()
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    print(f"\nload average at end: {load_average()}; total {time.monotonic() - t_all:.0f} s")
+
+
+def union_length(intervals: Sequence[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def report(
+    args: argparse.Namespace,
+    symbols: Sequence[str],
+    direct: dict[str, Any] | None,
+    manifest_s: float,
+    ready_s: float,
+    launch_s: float,
+    t_launch: float,
+    marks: dict[str, Any],
+    counters: dict[str, Any],
+    log: Sequence[Any],
+    info: dict[str, Any],
+    policy_label: str,
+) -> None:
+    n = len(symbols)
+    pp = info["per_partition"]
+    tm = info["type_marks"]
+    runs = info["runs"]
+    mono_to_wall = time.time() - time.monotonic()
+
+    def rel(ts: float | None) -> float:
+        return float("nan") if ts is None else ts - t_launch
+
+    # -- engine, as recorded in the materializations: per run, the engine starts at most
+    # (materialization time - seconds) before any of its symbols, and ends max(seconds) after that
+    by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for p in pp.values():
+        if "seconds" in p:
+            by_run[p["run_id"]].append(p)
+    engines = {
+        rid: (min(p["mat_ts"] - p["seconds"] for p in ps), max(p["seconds"] for p in ps))
+        for rid, ps in by_run.items()
+    }
+    for ps in by_run.values():
+        for p in ps:
+            p["engine_start"] = engines[p["run_id"]][0]
+    engine_start = min(a for a, _ in engines.values())
+    engine_end = max(a + d for a, d in engines.values())
+    engine_fetch_s = union_length([(a, a + d) for a, d in engines.values()])
+    req_meta = sum(p.get("requests", 0) for p in pp.values())
+    arrivals = sorted(r[0] + mono_to_wall for r in log)
+    total = marks["backfill_done"] - t_launch
+    work_done = marks["runs_done"] - t_launch
+    run_end = max((r["end"] or 0.0) for r in runs)
+
+    print(f"\n== Backfill of {n:,} event_windows partitions through dagster dev (daemon), {policy_label} ==")
+    print(
+        f"(manifest CLI {manifest_s:.1f}s; dagster dev ready {ready_s:.1f}s; launch mutation "
+        f"{launch_s:.2f}s; not counted below)"
+    )
+    print(f"runs the daemon created: {len(runs)}")
+    for r in runs:
+        print(
+            f"  run {r['id'][:8]} {r['status']} range {r['range']}: created {rel(r['created']):.1f}s, "
+            f"start {rel(r['start']):.1f}s, end {rel(r['end']):.1f}s after launch "
+            f"(run {(r['end'] or 0) - (r['start'] or 0):.1f}s)"
+        )
+    print(
+        f"partitions materialized: {info['materialized']:,} / {n:,}; materialization events "
+        f"{len(tm.get(MAT, [])):,}, check evaluations {len(tm.get(CHK, [])):,} "
+        f"(failed {info['failed_checks'] or 0}), "
+        f"log lines {len(tm.get(LOG, [])):,}, events in the run's log {sum(len(v) for v in tm.values()):,}"
+    )
+
+    # -- timeline
+    def first(kind: str) -> float | None:
+        return min(tm[kind]) if tm.get(kind) else None
+
+    def last(kind: str) -> float | None:
+        return max(tm[kind]) if tm.get(kind) else None
+
+    def step_first(kind: str, step: str = ASSET) -> float | None:
+        v = info["step_marks"].get((step, kind))
+        return min(v) if v else None
+
+    last_record = max(tm.get(CHK, []) + tm.get(MAT, []), default=None)
+    timeline = [
+        ("backfill launched (GraphQL)", 0.0),
+        ("run created by the backfill daemon", rel(min(r["created"] for r in runs))),
+        (
+            "  planned events (ASSET_MATERIALIZATION_PLANNED) from",
+            rel(first("ASSET_MATERIALIZATION_PLANNED")),
+        ),
+        ("  planned events to", rel(last("ASSET_MATERIALIZATION_PLANNED"))),
+        ("run enqueued (PIPELINE_ENQUEUED)", rel(first("PIPELINE_ENQUEUED"))),
+        ("run launched by the queue daemon (STARTING)", rel(first("PIPELINE_STARTING"))),
+        ("run worker process: RUN_START", rel(first("PIPELINE_START"))),
+        ("step process: STEP_START", rel(step_first("STEP_START"))),
+        ("engine start (from metadata)", rel(engine_start)),
+        ("first request at the simulator", rel(arrivals[0] if arrivals else None)),
+        ("first partition recorded (materialization)", rel(first(MAT))),
+        ("last request at the simulator", rel(arrivals[-1] if arrivals else None)),
+        ("engine end (start + max seconds; last run's)", rel(engine_end)),
+        ("last materialization / check evaluation", rel(last_record)),
+        ("STEP_SUCCESS", rel(step_first("STEP_SUCCESS"))),
+        ("RUN_SUCCESS (run end)", rel(run_end)),
+        ("all runs SUCCESS (seen by polling)", work_done),
+        ("backfill COMPLETED_SUCCESS (seen by polling)", total),
+    ]
+    print()
+    print(table(["event", "s after launch"], timeline, title="Timeline"))
+    others = sorted(
+        (k, len(v), rel(min(v)), rel(max(v)))
+        for k, v in tm.items()
+        if k not in (MAT, CHK, LOG) and len(v) > 0
+    )
+    print()
+    print(
+        table(
+            ["event type", "count", "first s", "last s"],
+            [(k, c, a, b) for k, c, a, b in others],
+            title="Other events in the run's log",
+        )
+    )
+
+    # -- figures
+    reqs = counters["total"]
+    served = sum(counters["requests"]["trades"].values()) + sum(counters["requests"]["quotes"].values())
+    span = (arrivals[-1] - arrivals[0]) if len(arrivals) > 1 else float("nan")
+    overhead = total - engine_fetch_s
+    overhead_work = work_done - engine_fetch_s
+    rows = [
+        ("wall: launch -> backfill COMPLETED_SUCCESS", total, total / n * 1000),
+        ("wall: launch -> run SUCCESS (work done)", work_done, work_done / n * 1000),
+        (
+            "fetch time recorded by the engine (max 'seconds'; union over runs)",
+            engine_fetch_s,
+            engine_fetch_s / n * 1000,
+        ),
+        ("  requests arrived over (simulator, first->last)", span, span / n * 1000),
+        ("orchestration overhead = backfill total - fetch", overhead, overhead / n * 1000),
+        ("orchestration overhead = run SUCCESS - fetch", overhead_work, overhead_work / n * 1000),
+        ("  launch -> engine start", engine_start - t_launch, (engine_start - t_launch) / n * 1000),
+        (
+            "  engine end -> last partition recorded",
+            (last_record or engine_end) - engine_end,
+            ((last_record or engine_end) - engine_end) / n * 1000,
+        ),
+        (
+            "  last recorded -> RUN_SUCCESS",
+            run_end - (last_record or run_end),
+            (run_end - (last_record or run_end)) / n * 1000,
+        ),
+        (
+            "  RUN_SUCCESS -> backfill COMPLETED_SUCCESS",
+            marks["backfill_done"] - run_end,
+            (marks["backfill_done"] - run_end) / n * 1000,
+        ),
+    ]
+    if direct is not None:
+        rows.insert(
+            3,
+            ("fetch time, direct FetchEngine (no Dagster)", direct["seconds"], direct["seconds"] / n * 1000),
+        )
+        rows.insert(
+            4,
+            (
+                "  checks from disk, direct (check.evaluate_symbol)",
+                direct["checks_s"],
+                direct["checks_s"] / n * 1000,
+            ),
+        )
+        rows.append(("backfill total / direct fetch (x)", total / direct["seconds"], float("nan")))
+    print()
+    print(table(["figure", "seconds", "ms / partition"], rows, title="Wall time (noisy: shared 2-core host)"))
+
+    print()
+    req_rows = [
+        (
+            "dagster backfill",
+            reqs,
+            served,
+            counters["faults"].get("429", 0),
+            req_meta,
+            sum(p.get("budget_wait_s", 0.0) for p in pp.values()),
+            reqs / span if span and span > 0 else float("nan"),
+        )
+    ]
+    if direct is not None:
+        d_counts = direct["sim"]
+        req_rows.append(
+            (
+                "direct FetchEngine",
+                d_counts["total"],
+                direct["requests"],
+                d_counts["faults"].get("429", 0),
+                direct["requests"],
+                direct["budget_wait_s"],
+                direct["requests"] / direct["seconds"],
+            )
+        )
+    print(
+        table(
+            [
+                "run",
+                "requests (sim)",
+                "served/engine",
+                "429s",
+                "requests (metadata)",
+                "budget wait s",
+                "req/s",
+            ],
+            req_rows,
+            title="Requests",
+        )
+    )
+
+    # -- per-partition recording, from the gaps between the step's events
+    gaps: dict[str, list[float]] = defaultdict(list)
+    for p in pp.values():
+        chk = sorted(p.get("chk_ts", []))
+        if "log_ts" in p and "mat_ts" in p:
+            gaps["log line -> materialization (provenance reads + write)"].append(p["mat_ts"] - p["log_ts"])
+        if "mat_ts" in p and chk:
+            gaps["materialization -> 1st check (latest-mat read + disk checks)"].append(chk[0] - p["mat_ts"])
+        if len(chk) > 1:
+            gaps["1st -> 8th check evaluation (7 writes)"].append(chk[-1] - chk[0])
+        if "log_ts" in p and chk:
+            gaps["log line -> 8th check (whole recording)"].append(chk[-1] - p["log_ts"])
+        if "mat_ts" in p:
+            gaps["lag: engine finished symbol -> materialization"].append(
+                p["mat_ts"] - (p["engine_start"] + p["seconds"])
+            )
+    rec_rows = [
+        (
+            k,
+            len(v),
+            _q(v, 0.5) * 1000,
+            statistics.fmean(v) * 1000 if v else float("nan"),
+            _q(v, 0.9) * 1000,
+            max(v, default=float("nan")) * 1000,
+            sum(v),
+        )
+        for k, v in gaps.items()
+    ]
+    print()
+    print(
+        table(
+            ["per partition", "n", "p50 ms", "mean ms", "p90 ms", "max ms", "sum s"],
+            rec_rows,
+            title="Recording per partition (event timestamps written by the step process)",
+        )
+    )
+
+    # events written per partition and the time per event write
+    seq = info["seq"]
+    step_seq = [(ts, k) for ts, k, _, _ in seq if k in (MAT, CHK, LOG)]
+    inter = [b[0] - a[0] for a, b in zip(step_seq, step_seq[1:], strict=False) if b[1] == CHK and a[1] == CHK]
+    print(
+        f"\nconsecutive check-evaluation events: p50 {_q(inter, 0.5) * 1000:.1f} ms, mean "
+        f"{(statistics.fmean(inter) if inter else float('nan')) * 1000:.1f} ms apart (~ one event write each)"
+    )
+    k = 5
+    parts = [inter[i * len(inter) // k : (i + 1) * len(inter) // k] for i in range(k)]
+    print(
+        "  p50 by fifth of the run (does the write get slower as the instance grows?): "
+        + ", ".join(f"{_q(x, 0.5) * 1000:.1f}" for x in parts)
+        + " ms"
+    )
+    if last_record and first(MAT):
+        rec_span = last_record - (first(LOG) or first(MAT) or 0.0)
+        print(
+            f"recording loop: {n:,} partitions from first log line to last record in {rec_span:.1f}s "
+            f"= {rec_span / n * 1000:.1f} ms/partition; the engine finished the symbols at "
+            f"{engine_fetch_s / n * 1000:.1f} ms/partition"
+        )
+    print()
+    print(
+        table(
+            ["instance read, alone on the finished instance", "ms each"],
+            info["queries"].items(),
+            title="Per-partition instance reads of event_windows (sqlite, no concurrent writer)",
+        )
+    )
+    files = info["files"]
+    print(
+        f"\ninstance files: {sum(mb for _, mb in files):.1f} MB in {len(files)} SQLite files; biggest: "
+        + ", ".join(f"{name} {mb:.1f} MB" for name, mb in files[:3])
+    )
+    if direct is not None:
+        print(f"direct run: checks failed {direct['checks_failed_by_name'] or 0}")
+
+
+if __name__ == "__main__":
+    main()
