@@ -597,6 +597,7 @@ class SymbolOutcome:
     stats: FetchStats = field(default_factory=FetchStats)
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
+    begun: bool = False  # a request was planned (started is then when)
     error: BaseException | None = None
 
     @property
@@ -805,6 +806,9 @@ class FetchEngine:
                 if outcome.error is not None:  # symbol already failed: skip its other days
                     day_done(job, outcome.error)
                     continue
+                if not outcome.begun:  # the symbol's clock starts with its first request, not the run's
+                    outcome.begun = True
+                    outcome.started = time.monotonic()
                 job.ranges = plan_symbol(job.symbol, job.windows, self.density, self.max_overfetch)
                 job.remaining = len(job.ranges)
                 for idx, rng in enumerate(job.ranges):

@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import polars as pl
@@ -294,3 +295,34 @@ def test_two_processes_share_one_budget(tmp_path: Path) -> None:
         log = s.request_log()
         span = log[-1].t - log[0].t
         assert span >= (90 - 20) / 20 * 0.99  # 90 requests at 20/s need >= 3.5 s
+
+
+def test_fetch_windows_drops_gap_rows_and_counts_raw(client: PolygonClient) -> None:
+    """A merged range keeps only the rows inside its events' windows; the raw count is every row."""
+    lo = ns("2024-03-05T15:00:00")
+    keep = [(lo, lo + 2 * MIN), (lo + 8 * MIN, lo + 10 * MIN)]
+    got, raw = client.fetch_windows("trades", "AAOI", lo, lo + 10 * MIN, FetchStats(), keep=keep)
+    truth = truth_frame("trades", "AAOI", lo, lo + 10 * MIN)
+    inside = truth.filter(
+        pl.any_horizontal([pl.col("sip_timestamp").is_between(a, b, closed="left") for a, b in keep])
+    )
+    assert raw == truth.height > inside.height > 0
+    assert got.sort("sip_timestamp", "sequence_number")["sequence_number"].to_list() == (
+        inside.sort("sip_timestamp", "sequence_number")["sequence_number"].to_list()
+    )
+
+
+def test_symbol_clock_starts_at_its_first_request(
+    sim: Simulator, client: PolygonClient, tmp_path: Path
+) -> None:
+    """Per-symbol seconds (and events/min) count from the symbol's first request, not the run's start."""
+    sim.config.latency_ms = 40.0
+    base = ns("2024-03-05T15:00:00")
+    work = {s: [Window(f"{s}1", base, base + MIN)] for s in ("AAOI", "BBIG", "CLOV", "DWAC", "EXPR", "FFIE")}
+    engine = FetchEngine(client, str(tmp_path / "d"), workers=1)
+    t0 = time.monotonic()
+    outcomes = engine.run(work)
+    total = time.monotonic() - t0
+    starts = sorted(o.started for o in outcomes)
+    assert starts[-1] - starts[0] > 0.2  # one worker: the last symbol started well after the first
+    assert sum(o.seconds for o in outcomes) < 2.5 * total  # from the run's start it would be ~3.5x
