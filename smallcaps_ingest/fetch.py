@@ -405,61 +405,66 @@ class PolygonClient:
             for _attempt in range(MAX_ATTEMPTS):
                 stats.add(budget_wait_s=self.budget.acquire())
                 stats.count("requests", kind)
-                held = 0
+                held = 0  # body bytes taken from the byte budget, given back in every path
                 try:
-                    resp = self.session.get(url, params=params, timeout=self.timeout, stream=True)
-                    held = self._bodies.take(_declared_length(resp))
-                    body = resp.content
-                except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError):
-                    self._bodies.give(held)
-                    stats.count("retries", "truncated")
-                    time.sleep(min(backoff, 2.0) * random.uniform(0.5, 1.0))
-                    continue
-                except requests.exceptions.Timeout as e:
-                    self._bodies.give(held)
-                    stats.count("errors", "timeout")
-                    raise PolygonError(
-                        f"{kind} request timed out after retries: {self._scrub(str(e))}"
-                    ) from None
-                except requests.exceptions.ConnectionError as e:
-                    self._bodies.give(held)
-                    stats.count("errors", "reset")
-                    raise PolygonError(
-                        f"{kind} request failed after retries (connection): {self._scrub(str(e))}"
-                    ) from None
-                if self.source is None:
-                    self.source = "simulator" if resp.headers.get(SIMULATOR_HEADER) else "polygon"
-                status = resp.status_code
-                if status == 200:
-                    stats.add(bytes=len(body))
                     try:
-                        frame, next_url = parse_page(kind, body, nbbo_only)
-                    except msgspec.DecodeError:
+                        resp = self.session.get(url, params=params, timeout=self.timeout, stream=True)
+                        held = self._bodies.take(_declared_length(resp))
+                        body = resp.content
+                    except (
+                        requests.exceptions.ChunkedEncodingError,
+                        requests.exceptions.ContentDecodingError,
+                    ):
                         stats.count("retries", "truncated")
+                        time.sleep(min(backoff, 2.0) * random.uniform(0.5, 1.0))
                         continue
-                    finally:
-                        del body
-                        self._bodies.give(held)
-                    stats.add(pages=1, rows_raw=frame.height)
-                    return frame, next_url
-                self._bodies.give(held)
-                if status == 429:
-                    stats.add(throttled=1)
-                    self.budget.on_throttled()
-                    retry_after = resp.headers.get("Retry-After")
-                    try:
-                        delay = float(retry_after) if retry_after else backoff * random.uniform(0.5, 1.5)
-                    except ValueError:
-                        delay = backoff
-                    backoff = min(backoff * 2, 8.0)
-                    time.sleep(min(delay, 30.0))
-                    continue
-                message = self._message(resp)
-                if status in (401, 403):
-                    stats.count("errors", str(status))
-                    raise PolygonAuthError(self._auth_message(kind, status, message))
-                stats.count("errors", "5xx" if status >= 500 else str(status))
-                raise PolygonError(f"{kind} request answered HTTP {status}: {message}")
+                    except requests.exceptions.Timeout as e:
+                        stats.count("errors", "timeout")
+                        raise PolygonError(
+                            f"{kind} request timed out after retries: {self._scrub(str(e))}"
+                        ) from None
+                    except requests.exceptions.ConnectionError as e:
+                        stats.count("errors", "reset")
+                        raise PolygonError(
+                            f"{kind} request failed after retries (connection): {self._scrub(str(e))}"
+                        ) from None
+                    if self.source is None:
+                        self.source = "simulator" if resp.headers.get(SIMULATOR_HEADER) else "polygon"
+                    status = resp.status_code
+                    if status == 200:
+                        stats.add(bytes=len(body))
+                        try:
+                            frame, next_url = parse_page(kind, body, nbbo_only)
+                        except msgspec.DecodeError:
+                            stats.count("retries", "truncated")
+                            continue
+                        finally:
+                            del body
+                            self._bodies.give(held)
+                            held = 0
+                        stats.add(pages=1, rows_raw=frame.height)
+                        return frame, next_url
+                    self._bodies.give(held)  # not kept while a 429 backs off
+                    held = 0
+                    if status == 429:
+                        stats.add(throttled=1)
+                        self.budget.on_throttled()
+                        retry_after = resp.headers.get("Retry-After")
+                        try:
+                            delay = float(retry_after) if retry_after else backoff * random.uniform(0.5, 1.5)
+                        except ValueError:
+                            delay = backoff
+                        backoff = min(backoff * 2, 8.0)
+                        time.sleep(min(delay, 30.0))
+                        continue
+                    message = self._message(resp)
+                    if status in (401, 403):
+                        stats.count("errors", str(status))
+                        raise PolygonAuthError(self._auth_message(kind, status, message))
+                    stats.count("errors", "5xx" if status >= 500 else str(status))
+                    raise PolygonError(f"{kind} request answered HTTP {status}: {message}")
+                finally:
+                    self._bodies.give(held)
             stats.count("errors", "gave_up")
             raise PolygonError(
                 f"{kind} request still failing after {MAX_ATTEMPTS} attempts (429/truncated bodies)"
@@ -577,7 +582,7 @@ class _ByteBudget:
         return n
 
     def give(self, n: int) -> None:
-        if n:
+        if n > 0:
             with self._cond:
                 self.used -= n
                 self._cond.notify_all()

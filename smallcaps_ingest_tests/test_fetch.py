@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -151,6 +152,25 @@ def test_truncated_bodies_are_retried(sim: Simulator, client: PolygonClient) -> 
     _assert_exact(got, "quotes", "AAOI", lo, hi)
     assert stats.retries["truncated"] > 0
     assert stats.retries["truncated"] == sim.counters()["faults"]["truncated"]
+    assert client._bodies.used == 0  # every body's bytes went back to the byte budget
+
+
+def test_body_byte_budget_bounds_concurrent_bodies() -> None:
+    """Bodies larger than the budget take all of it; takes block until enough is given back."""
+    from smallcaps_ingest.fetch import _ByteBudget
+
+    b = _ByteBudget(100)
+    assert b.take(60) == 60
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(b.take(500)))
+    t.start()
+    time.sleep(0.2)
+    assert got == []  # 60 of 100 in use: a body needing all of it waits
+    b.give(60)
+    t.join(5)
+    assert got == [100] and b.used == 100  # capped at the whole budget
+    b.give(100)
+    assert b.used == 0
 
 
 def test_resets_and_5xx_are_retried_through_the_budget(sim: Simulator, client: PolygonClient) -> None:
