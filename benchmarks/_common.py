@@ -14,7 +14,7 @@ import multiprocessing as mp
 import os
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from manifests import Event
 from smallcaps_ingest import simulator as simmod
 from smallcaps_ingest.budget import RequestBudget
 from smallcaps_ingest.fetch import FetchEngine, PolygonClient, SymbolOutcome, merge_stats
-from smallcaps_ingest.plan import DensityStore, et_day
+from smallcaps_ingest.plan import DensityStore, Window, et_day
 from smallcaps_ingest.store import event_dir
 
 API_KEY = "benchmark-key"  # the simulator accepts any non-empty key
@@ -156,19 +156,27 @@ def run_ours(base_url: str, events: Sequence[Event], budget_rps: float, workdir:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     budget_path = workdir / f"budget-{os.getpid()}-{time.monotonic_ns()}.sqlite"
-    budget = RequestBudget(budget_rps, budget_path)
+    return run_engine(base_url, to_work(events), budget_rps, budget_path, data_dir or workdir / "data",
+                      density=density, workers=workers)
+
+
+def run_engine(base_url: str, work: Mapping[str, Sequence[Window]], budget_rps: float,
+               budget_path: str | Path, data_dir: str | Path, *, density: DensityStore | None = None,
+               workers: int = 12, bucket: str = "polygon", label: str = "ours") -> OursRun:
+    """``FetchEngine.run`` over ``work`` at 1 Hz, over-fetch bound 4, timed; errors are printed."""
+    budget = RequestBudget(budget_rps, budget_path, bucket=bucket)
     client = PolygonClient(base_url, API_KEY, budget, workers=workers)
-    engine = FetchEngine(client, str(data_dir or workdir / "data"), workers=workers, hz=1.0,
-                         max_overfetch=4.0, density=density if density is not None else DensityStore(None))
+    engine = FetchEngine(client, str(data_dir), workers=workers, hz=1.0, max_overfetch=4.0,
+                         density=density if density is not None else DensityStore(None))
     t0 = time.monotonic()
-    outcomes = engine.run(to_work(events))
+    outcomes = engine.run(work)
     seconds = time.monotonic() - t0
     client.close()
     budget.close()
     st = merge_stats(outcomes)
     errors = [o for o in outcomes if o.error is not None]
     for o in errors[:3]:
-        print(f"  ! ours: {o.symbol}: {o.error!r}")
+        print(f"  ! {label}: {o.symbol}: {o.error!r}")
     return OursRun(outcomes, seconds, sum(o.written for o in outcomes), st.total_requests, st.throttled,
                    st.rows_raw, st.rows_kept, st.budget_wait_s, len(errors))
 

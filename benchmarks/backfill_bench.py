@@ -67,13 +67,12 @@ from urllib.parse import urlsplit
 import _bootstrap  # noqa: F401
 import polars as pl
 import requests
-from _common import API_KEY, SimHost, load_average, table
+from _common import API_KEY, SimHost, load_average, run_engine, table
 from manifests import _DAYS, ET, Event, universe
 
 from smallcaps_ingest import check
-from smallcaps_ingest.budget import RequestBudget
 from smallcaps_ingest.events import read_events
-from smallcaps_ingest.fetch import FetchEngine, PolygonClient, SymbolOutcome, merge_stats, windows_from_frame
+from smallcaps_ingest.fetch import windows_from_frame
 from smallcaps_ingest.manifest import build_manifest
 from smallcaps_ingest.plan import DensityStore, Window
 
@@ -128,26 +127,9 @@ def direct_run(
     base_url: str, work: Mapping[str, Sequence[Window]], rps: float, workers: int, root: Path
 ) -> dict[str, Any]:
     data = root / "direct_data"
-    budget = RequestBudget(rps, root / "direct_budget.sqlite", bucket=urlsplit(base_url).netloc)
-    client = PolygonClient(base_url, API_KEY, budget, workers=workers)
-    engine = FetchEngine(
-        client,
-        str(data),
-        workers=workers,
-        hz=1.0,
-        max_overfetch=4.0,
-        density=DensityStore(f"{data}/_state/density.json"),
-    )
-    done: list[float] = []
-    t0 = time.monotonic()
-    outcomes: list[SymbolOutcome] = engine.run(work, on_symbol_done=lambda o: done.append(time.monotonic()))
-    seconds = time.monotonic() - t0
-    client.close()
-    budget.close()
-    st = merge_stats(outcomes)
-    errors = [o for o in outcomes if o.error is not None]
-    for o in errors[:3]:
-        print(f"  ! direct: {o.symbol}: {o.error!r}")
+    run = run_engine(base_url, work, rps, root / "direct_budget.sqlite", data,
+                     density=DensityStore(f"{data}/_state/density.json"), workers=workers,
+                     bucket=urlsplit(base_url).netloc, label="direct")
     # the checks' disk work per symbol, as event_windows runs it per partition (no Dagster)
     t1 = time.monotonic()
     bad: Counter[str] = Counter()
@@ -155,13 +137,13 @@ def direct_run(
         bad.update(r.name for r in check.evaluate_symbol(str(data), sym, windows, 1.0) if not r.passed)
     checks_s = time.monotonic() - t1
     return {
-        "seconds": seconds,
-        "requests": st.total_requests,
-        "events": sum(o.written for o in outcomes),
-        "errors": len(errors),
-        "budget_wait_s": st.budget_wait_s,
-        "429s": st.throttled,
-        "max_symbol_seconds": max((o.seconds for o in outcomes), default=0.0),
+        "seconds": run.seconds,
+        "requests": run.requests,
+        "events": run.events,
+        "errors": run.errors,
+        "budget_wait_s": run.budget_wait_s,
+        "429s": run.throttled,
+        "max_symbol_seconds": max((o.seconds for o in run.outcomes), default=0.0),
         "checks_s": checks_s,
         "checks_failed_by_name": dict(bad),
     }

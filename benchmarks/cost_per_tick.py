@@ -139,7 +139,8 @@ def end_to_end(fetched: list[tuple[Event, str, list[bytes]]], repeat: int,
     total = c_parse + c_asm + c_shape + c_write
     wall = w_parse + w_asm + w_shape + w_write
     rows = [
-        (label, "parse_page (msgspec -> typed frame; NBBO fields of quotes)", c_parse * 1000, w_parse * 1000, c_parse * 1000 / k),
+        (label, "parse_page (msgspec -> typed frame; NBBO fields of quotes)", c_parse * 1000, w_parse * 1000,
+         c_parse * 1000 / k),
         ("", "concat pages per range", c_asm * 1000, w_asm * 1000, c_asm * 1000 / k),
         ("", "shape (trades raw, quotes 1 Hz)", c_shape * 1000, w_shape * 1000, c_shape * 1000 / k),
         ("", "write (2 zstd parquet, fsync, rename)", c_write * 1000, w_write * 1000, c_write * 1000 / k),
