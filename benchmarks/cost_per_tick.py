@@ -10,8 +10,9 @@
    small-cap pages (``--mixed-events`` of the clustered manifest, one range per event and
    endpoint), where per-page and per-file fixed costs weigh more.
 2. Decoders on one 50,000-row quotes page, each followed by building the typed polars frame:
-   stdlib ``json``, ``orjson``, ``msgspec`` untyped, ``msgspec`` typed structs (``fetch.parse_page``,
-   what the engine uses) and ``polars.read_json``.
+   stdlib ``json``, ``orjson``, ``msgspec`` untyped, ``msgspec`` typed structs and ``polars.read_json``
+   (``fetch.parse_page``, what the engine uses), with how well each scales on two threads (the
+   GIL: a decoder that holds it caps a run at one core).
 3. Peak RSS (``ru_maxrss``) of a child process that runs a 12-worker ``FetchEngine`` over a few
    hundred events of mixed liquidity (in_play + isolated manifests; the simulator runs in another
    process, warmed, no latency, budget 1,000 req/s).
@@ -23,13 +24,13 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,7 @@ import _bootstrap  # noqa: F401
 import msgspec
 import orjson
 import polars as pl
+import pyarrow as pa
 import requests
 from _common import API_KEY, SimHost, load_average, run_ours, table
 from manifests import Event, _instant, describe, make, weekdays
@@ -139,7 +141,7 @@ def end_to_end(fetched: list[tuple[Event, str, list[bytes]]], repeat: int,
     total = c_parse + c_asm + c_shape + c_write
     wall = w_parse + w_asm + w_shape + w_write
     rows = [
-        (label, "parse_page (msgspec -> typed frame; NBBO fields of quotes)", c_parse * 1000, w_parse * 1000,
+        (label, "parse_page (polars read_json; NBBO fields of quotes)", c_parse * 1000, w_parse * 1000,
          c_parse * 1000 / k),
         ("", "concat pages per range", c_asm * 1000, w_asm * 1000, c_asm * 1000 / k),
         ("", "shape (trades raw, quotes 1 Hz)", c_shape * 1000, w_shape * 1000, c_shape * 1000 / k),
@@ -152,6 +154,54 @@ def end_to_end(fetched: list[tuple[Event, str, list[bytes]]], repeat: int,
     return rows, total * 1000 / k, desc
 
 
+class _Quote(msgspec.Struct, gc=False):
+    """The typed msgspec decoder the engine used until session 3 (kept here to compare)."""
+
+    sip_timestamp: int = 0
+    participant_timestamp: int | None = None
+    bid_price: float | None = None
+    ask_price: float | None = None
+    bid_size: float | None = None
+    ask_size: float | None = None
+    bid_exchange: int | None = None
+    ask_exchange: int | None = None
+    sequence_number: int = 0
+    tape: int | None = None
+    conditions: list[int] | None = None
+    indicators: list[int] | None = None
+
+
+class _QuotesPage(msgspec.Struct, gc=False):
+    results: list[_Quote] = []
+    next_url: str | None = None
+
+
+_ARROW = {pl.Int64(): pa.int64(), pl.Int32(): pa.int32(), pl.Float64(): pa.float64(),
+          pl.List(pl.Int32()): pa.list_(pa.int32())}
+
+
+def two_thread_speedup(fn: Callable[[], object], seconds: float = 1.5) -> float:
+    """Calls per second on two threads / on one: ~2 when ``fn`` releases the GIL, ~1 when it holds it."""
+    rates = []
+    for threads in (1, 2):
+        calls = [0] * threads
+        stop = time.perf_counter() + seconds
+
+        def loop(i: int, calls: list[int] = calls, stop: float = stop) -> None:
+            while time.perf_counter() < stop:
+                fn()
+                calls[i] += 1
+
+        workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+        w0 = time.perf_counter()
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        rates.append(sum(calls) / (time.perf_counter() - w0))
+    return rates[1] / rates[0]
+
+
 def decoders(body: bytes, repeat: int) -> None:
     schema = shape.RAW_QUOTES_SCHEMA
 
@@ -159,20 +209,20 @@ def decoders(body: bytes, repeat: int) -> None:
         return pl.DataFrame(rows, schema=schema, strict=False)
 
     untyped = msgspec.json.Decoder()
-    read_json_schema = {"results": pl.List(pl.Struct(schema)), "status": pl.String(),
-                        "request_id": pl.String(), "next_url": pl.String()}
+    typed = msgspec.json.Decoder(_QuotesPage)
 
-    def polars_read_json() -> pl.DataFrame:
-        df = pl.read_json(io.BytesIO(body), schema=read_json_schema)
-        return df.select(pl.col("results").explode(empty_as_null=True)).unnest("results").select(
-            pl.col(c).cast(t) for c, t in schema.items())
+    def msgspec_typed() -> pl.DataFrame:
+        rows = typed.decode(body).results
+        arrays = [pa.array([getattr(r, name) for r in rows], type=_ARROW[dtype])
+                  for name, dtype in schema.items()]
+        return pl.from_arrow(pa.Table.from_arrays(arrays, names=list(schema)))  # type: ignore[return-value]
 
     cases: list[tuple[str, Callable[[], pl.DataFrame]]] = [
         ("stdlib json.loads + DataFrame(dicts)", lambda: from_dicts(json.loads(body)["results"])),
         ("orjson.loads + DataFrame(dicts)", lambda: from_dicts(orjson.loads(body)["results"])),
         ("msgspec untyped + DataFrame(dicts)", lambda: from_dicts(untyped.decode(body)["results"])),
-        ("msgspec typed structs (fetch.parse_page)", lambda: parse_page("quotes", body)[0]),
-        ("polars read_json + explode/unnest", polars_read_json),
+        ("msgspec typed structs + Arrow columns", msgspec_typed),
+        ("polars read_json (fetch.parse_page)", lambda: parse_page("quotes", body)[0]),
     ]
     reference = parse_page("quotes", body)[0]
     n = reference.height
@@ -181,10 +231,13 @@ def decoders(body: bytes, repeat: int) -> None:
         c, w, df = cpu_of(fn, repeat)
         assert isinstance(df, pl.DataFrame)
         same = df.equals(reference)
-        rows.append((name, c * 1000, w * 1000, c * 1000 / (n / 1000), "yes" if same else "NO"))
-    print(table(["decoder (+ typed polars frame)", "CPU ms", "wall ms", "CPU ms / 1k rows", "same frame"],
+        rows.append((name, c * 1000, w * 1000, c * 1000 / (n / 1000), f"{two_thread_speedup(fn):.2f}",
+                     "yes" if same else "NO"))
+    print(table(["decoder (+ typed polars frame)", "CPU ms", "wall ms", "CPU ms / 1k rows",
+                 "2 threads / 1", "same frame"],
                 rows, title=f"JSON decoders on one {n:,}-row quotes page ({len(body) / 1e6:.1f} MB), "
-                            f"best of {repeat}"))
+                            f"best of {repeat}; '2 threads / 1' = pages/s on two threads over one "
+                            f"(2.0 = no GIL held)"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import tempfile
 import threading
 import time
@@ -80,6 +81,14 @@ class Result:
     log: list = field(default_factory=list)
     max_1s: int = 0
     note: str = ""
+    cpu_client: float = 0.0  # CPU seconds of this process during the run (all threads)
+    cpu_sim: float = 0.0  # CPU seconds of the simulator's process during the run
+
+
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_massive(base_url: str, events: Sequence[Event], budget: float,
@@ -161,9 +170,12 @@ def planned_rpe(kind: str) -> float:
 def measure(sim: SimHost, name: str, fn: Callable[[], tuple[int, int, float]]) -> Result:
     time.sleep(1.2)  # let the server's rate-limit window drain from the previous run
     sim.reset()
+    c0, s0 = time.process_time(), proc_cpu(sim.pid)
     events, failed, seconds = fn()
+    c1, s1 = time.process_time(), proc_cpu(sim.pid)
     log = sim.log()
-    return Result(name, events, seconds, failed, log, sim.max_in_window(1.0))
+    return Result(name, events, seconds, failed, log, sim.max_in_window(1.0), cpu_client=c1 - c0,
+                  cpu_sim=s1 - s0)
 
 
 def row(budget: float, server_limit: float | None, r: Result) -> tuple[object, ...]:
@@ -174,8 +186,9 @@ def row(budget: float, server_limit: float | None, r: Result) -> tuple[object, .
     rpe = reqs / r.events if r.events else math.nan
     epm = r.events / r.seconds * 60 if r.seconds > 0 else math.nan
     util_server = rate / server_limit if server_limit else math.nan
+    cores = f"{r.cpu_client / r.seconds:.2f} / {r.cpu_sim / r.seconds:.2f}" if r.seconds else "-"
     return (f"{budget:g}", r.client, r.events, r.failed, reqs, f"{span:.1f}", rate, rate / budget,
-            util_server, n429, other, r.max_1s, rpe, epm)
+            util_server, n429, other, r.max_1s, rpe, epm, cores)
 
 
 def run_client(sim: SimHost, client: str, events: Sequence[Event], budget: float, a: argparse.Namespace,
@@ -282,7 +295,7 @@ def main() -> None:
     print()
     print(table(
         ["budget", "client", "events", "failed", "requests", "active s", "served/s", "util", "util(srv)",
-         "429s", "other", "max 1s", "req/event", "events/min"],
+         "429s", "other", "max 1s", "req/event", "events/min", "cores client/sim"],
         rows,
         title=f"Throughput, manifest {a.manifest}, latency {a.latency_ms:g}+-{a.jitter_ms:g} ms, "
               f"server limit {a.server_limit}, ours with {a.workers} workers"
@@ -298,7 +311,8 @@ def main() -> None:
         for c in checks:
             print(f"  {c}")
     print(f"\n(util = 200s per second over the active interval / budget; util(srv) = the same / server "
-          f"limit; max 1s = most arrivals in any 1-s sliding window at the server; load average at end "
+          f"limit; max 1s = most arrivals in any 1-s sliding window at the server; cores client/sim = CPU "
+          f"seconds per wall second of the client's and the simulator's process; load average at end "
           f"{load_average()}; total {time.monotonic() - t_start:.0f} s)")
 
 

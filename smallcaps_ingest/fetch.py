@@ -20,9 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import msgspec
 import polars as pl
-import pyarrow as pa
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -217,109 +215,55 @@ class BudgetedAdapter(HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {"http": _SentHTTPPool, "https": _SentHTTPSPool}
 
 
-class _Trade(msgspec.Struct, gc=False):
-    sip_timestamp: int = 0
-    participant_timestamp: int | None = None
-    price: float | None = None
-    size: float | None = None
-    exchange: int | None = None
-    tape: int | None = None
-    conditions: list[int] | None = None
-    sequence_number: int = 0
-    id: str | None = None
-    trf_timestamp: int | None = None
-    trf_id: int | None = None
-    correction: int | None = None
-
-
-class _Quote(msgspec.Struct, gc=False):
-    sip_timestamp: int = 0
-    participant_timestamp: int | None = None
-    bid_price: float | None = None
-    ask_price: float | None = None
-    bid_size: float | None = None
-    ask_size: float | None = None
-    bid_exchange: int | None = None
-    ask_exchange: int | None = None
-    sequence_number: int = 0
-    tape: int | None = None
-    conditions: list[int] | None = None
-    indicators: list[int] | None = None
-
-
-class _TradesPage(msgspec.Struct, gc=False):
-    results: list[_Trade] = []
-    next_url: str | None = None
-    status: str | None = None
-
-
-class _QuotesPage(msgspec.Struct, gc=False):
-    results: list[_Quote] = []
-    next_url: str | None = None
-    status: str | None = None
-
-
-class _NbboQuote(msgspec.Struct, gc=False):
-    """Only what the 1 Hz grid keeps: msgspec skips the other fields without building them."""
-
-    sip_timestamp: int = 0
-    sequence_number: int = 0
-    bid_price: float | None = None
-    ask_price: float | None = None
-    bid_size: float | None = None
-    ask_size: float | None = None
-    bid_exchange: int | None = None
-    ask_exchange: int | None = None
-
-
-class _NbboQuotesPage(msgspec.Struct, gc=False):
-    results: list[_NbboQuote] = []
-    next_url: str | None = None
-    status: str | None = None
-
-
-_DECODERS = {
-    "trades": msgspec.json.Decoder(_TradesPage),
-    "quotes": msgspec.json.Decoder(_QuotesPage),
-    "nbbo": msgspec.json.Decoder(_NbboQuotesPage),  # quotes, sampled (SMALLCAPS_QUOTES_HZ > 0)
-}
-_ARROW = {
-    pl.Int64(): pa.int64(),
-    pl.Int32(): pa.int32(),
-    pl.Float64(): pa.float64(),
-    pl.String(): pa.string(),
-    pl.List(pl.Int32()): pa.list_(pa.int32()),
+# The quote fields the 1 Hz grid keeps: at SMALLCAPS_QUOTES_HZ > 0 the others are not decoded.
+NBBO_SCHEMA: dict[str, pl.DataType] = {
+    k: shape.RAW_QUOTES_SCHEMA[k]
+    for k in ("sip_timestamp", "sequence_number", "bid_price", "ask_price", "bid_size", "ask_size",
+              "bid_exchange", "ask_exchange")
 }
 
 
-# Arrow's default jemalloc pool keeps freed pages for reuse: page frames are short-lived and
-# sized all over the place, so that was ~170 MB of a 12-worker run's peak RSS (benchmarks).
-_POOL = pa.system_memory_pool()
+class PageDecodeError(ValueError):
+    """A 200 body that is not a complete, valid v3 page (truncated or garbled); retried."""
+
+
+def _page_schema(columns: Mapping[str, pl.DataType]) -> dict[str, pl.DataType]:
+    return {"results": pl.List(pl.Struct(columns)), "next_url": pl.String()}
+
+
+_PAGE_SCHEMAS = {
+    "trades": (shape.RAW_TRADES_SCHEMA, _page_schema(shape.RAW_TRADES_SCHEMA)),
+    "quotes": (shape.RAW_QUOTES_SCHEMA, _page_schema(shape.RAW_QUOTES_SCHEMA)),
+    "nbbo": (NBBO_SCHEMA, _page_schema(NBBO_SCHEMA)),
+}
 
 
 def parse_page(kind: str, body: bytes, nbbo_only: bool = False) -> tuple[pl.DataFrame, str | None]:
     """Decode one v3 page into a typed frame.
 
-    msgspec typed structs, then one Arrow array per column, was the fastest of stdlib json, orjson,
-    msgspec and polars' JSON readers (benchmarks/cost_per_tick.py). ``nbbo_only`` decodes just
-    the quote fields the sampled grid keeps. Raises ``msgspec.DecodeError`` on truncated or
-    invalid JSON; the caller retries.
+    polars' JSON reader with the page's schema parses in Rust without the GIL, so twelve workers
+    parse on every core; msgspec structs (plus one Python list per column) held the GIL for ~45 %
+    of a 100 req/s run and capped it at one core (benchmarks/cost_per_tick.py compares decoders).
+    Fields outside the schema are skipped; a missing ``results`` is an empty page. ``nbbo_only``
+    decodes just the quote fields the sampled grid keeps. Raises ``PageDecodeError`` on truncated
+    or invalid JSON, which the caller retries.
     """
-    slim = kind == "quotes" and nbbo_only
-    page = _DECODERS["nbbo" if slim else kind].decode(body)
-    schema = (
-        {k: shape.RAW_SCHEMAS[kind][k] for k in _NbboQuote.__struct_fields__}
-        if slim
-        else shape.RAW_SCHEMAS[kind]
-    )
-    rows = page.results
-    if not rows:
-        return pl.DataFrame(schema=schema), page.next_url
-    arrays = [
-        pa.array([getattr(r, name) for r in rows], type=_ARROW[dtype], memory_pool=_POOL)
-        for name, dtype in schema.items()
-    ]
-    return pl.from_arrow(pa.Table.from_arrays(arrays, names=list(schema))), page.next_url  # type: ignore[return-value]
+    columns, page_schema = _PAGE_SCHEMAS["nbbo" if kind == "quotes" and nbbo_only else kind]
+    try:
+        page = pl.read_json(body, schema=page_schema)
+    except pl.exceptions.PolarsError as e:
+        raise PageDecodeError(f"invalid {kind} page ({len(body)} bytes): {str(e)[:160]}") from None
+    if page.height != 1:
+        raise PageDecodeError(f"invalid {kind} page ({len(body)} bytes): not one JSON object")
+    next_url = page.item(0, "next_url")
+    results = page.get_column("results")
+    if results.null_count() or not results.list.len().item():
+        return pl.DataFrame(schema=columns), next_url
+    frame = results.explode(empty_as_null=False).struct.unnest()
+    if frame.get_column("sip_timestamp").null_count() or frame.get_column("sequence_number").null_count():
+        # the v3 API always sends both; a row without them sorts first and falls outside every window
+        frame = frame.with_columns(pl.col("sip_timestamp", "sequence_number").fill_null(0))
+    return frame, next_url
 
 
 class PolygonClient:
@@ -435,7 +379,7 @@ class PolygonClient:
                         stats.add(bytes=len(body))
                         try:
                             frame, next_url = parse_page(kind, body, nbbo_only)
-                        except msgspec.DecodeError:
+                        except PageDecodeError:
                             stats.count("retries", "truncated")
                             continue
                         finally:
@@ -563,9 +507,10 @@ def _declared_length(resp: requests.Response) -> int:
 class _ByteBudget:
     """Bounds the response bytes being read and decoded at once, across worker threads.
 
-    A 50k-row page is ~10 MB of JSON and ~2.4x that while msgspec decodes it; twelve of those at
-    once was most of a 12-worker run's peak RSS, and decoding holds the GIL anyway, so more than
-    a few bodies at once buys nothing. A body larger than the whole budget takes all of it.
+    A 50k-row page is ~10 MB of JSON and about as much again while it is decoded; twelve of those
+    at once was most of a 12-worker run's peak RSS, and a 2-core host decodes two at a time
+    anyway, so more than a few bodies at once buys nothing. A body larger than the whole budget
+    takes all of it.
     """
 
     def __init__(self, limit: int):

@@ -18,8 +18,10 @@ import requests
 from smallcaps_ingest import shape, store
 from smallcaps_ingest.budget import RequestBudget
 from smallcaps_ingest.fetch import (
+    NBBO_SCHEMA,
     FetchEngine,
     FetchStats,
+    PageDecodeError,
     PolygonAuthError,
     PolygonClient,
     PolygonError,
@@ -214,6 +216,44 @@ def test_fixture_payloads_parse() -> None:
     shaped = shape.shape_trades(trades, 0, 2**62)
     assert shaped.schema == pl.Schema(shape.TRADES_SCHEMA)
     assert parse_page("trades", b'{"status":"OK","request_id":"x"}')[0].height == 0  # results missing
+
+
+def test_parse_page_edge_cases_and_errors() -> None:
+    body = (b'{"results":[{"sip_timestamp":1517562000015577088,"price":5,"size":100,"conditions":[1,2],'
+            b'"id":"7","sequence_number":3,"unknown_field":{"a":[1]}}],"next_url":"http://h/v3?cursor=c",'
+            b'"status":"OK","request_id":"r"}')
+    df, nxt = parse_page("trades", body)
+    assert nxt == "http://h/v3?cursor=c" and df.schema == pl.Schema(shape.RAW_TRADES_SCHEMA)
+    row = df.row(0, named=True)
+    # integers in float columns are widened; a nanosecond stamp above 2**53 stays exact
+    assert row["price"] == 5.0 and row["size"] == 100.0 and row["sip_timestamp"] == 1517562000015577088
+    assert row["conditions"] == [1, 2] and row["tape"] is None
+    for empty in (b'{"results":[]}', b'{"results":null}', b'{"status":"OK"}'):
+        frame, nxt = parse_page("quotes", empty, nbbo_only=True)
+        assert frame.height == 0 and nxt is None and frame.schema == pl.Schema(NBBO_SCHEMA)
+    quotes = (b'{"results":[{"sip_timestamp":2,"sequence_number":9,"bid_price":1.5,"ask_price":1.6,'
+              b'"indicators":[4]}]}')
+    slim, _ = parse_page("quotes", quotes, nbbo_only=True)
+    assert slim.columns == list(NBBO_SCHEMA) and slim.row(0)[:4] == (2, 9, 1.5, 1.6)
+    full, _ = parse_page("quotes", quotes)
+    assert full.row(0, named=True)["indicators"] == [4]
+    for bad in (body[:57], b"", b"<html>502</html>", b"[1,2]", b'{"results":[{"sip_timestamp":"x"}]}'):
+        with pytest.raises(PageDecodeError, match="invalid trades page"):
+            parse_page("trades", bad)
+
+
+def test_parse_page_matches_stdlib_json_on_a_simulator_page(client: PolygonClient) -> None:
+    url = f"{client.base_url}/v3/trades/AAOI"
+    resp = client.session.get(url, params={"timestamp.gte": ns("2024-03-05T15:00:00Z"),
+                                           "timestamp.lt": ns("2024-03-05T15:10:00Z"), "order": "asc",
+                                           "limit": 50000}, timeout=30)
+    rows = json.loads(resp.content)["results"]
+    df, _ = parse_page("trades", resp.content)
+    assert df.height == len(rows) > 100
+    for col in shape.RAW_TRADES_SCHEMA:
+        want = [r.get(col) for r in rows]
+        got = df[col].to_list()
+        assert got == [float(w) if isinstance(w, int) and col in ("price", "size") else w for w in want], col
 
 
 def test_engine_writes_exact_files_and_resumes(sim: Simulator, client: PolygonClient, tmp_path: Path) -> None:
