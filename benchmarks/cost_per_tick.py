@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -44,7 +45,7 @@ import requests
 from _common import API_KEY, SimHost, load_average, run_ours, table
 from manifests import Event, _instant, describe, make, weekdays
 
-from smallcaps_ingest import shape, store
+from smallcaps_ingest import fetch, shape, store
 from smallcaps_ingest.fetch import parse_page
 
 SYMBOL = "HVY"
@@ -141,7 +142,7 @@ def end_to_end(fetched: list[tuple[Event, str, list[bytes]]], repeat: int,
     total = c_parse + c_asm + c_shape + c_write
     wall = w_parse + w_asm + w_shape + w_write
     rows = [
-        (label, "parse_page (polars read_json; NBBO fields of quotes)", c_parse * 1000, w_parse * 1000,
+        (label, "parse_page (polars or pyarrow JSON; NBBO fields of quotes)", c_parse * 1000, w_parse * 1000,
          c_parse * 1000 / k),
         ("", "concat pages per range", c_asm * 1000, w_asm * 1000, c_asm * 1000 / k),
         ("", "shape (trades raw, quotes 1 Hz)", c_shape * 1000, w_shape * 1000, c_shape * 1000 / k),
@@ -202,7 +203,8 @@ def two_thread_speedup(fn: Callable[[], object], seconds: float = 1.5) -> float:
     return rates[1] / rates[0]
 
 
-def decoders(body: bytes, repeat: int) -> None:
+def decoder_cases(body: bytes) -> list[tuple[str, Callable[[], pl.DataFrame]]]:
+    """Each decoder turns ``body`` (a quotes page) into the same typed frame."""
     schema = shape.RAW_QUOTES_SCHEMA
 
     def from_dicts(rows: list[dict]) -> pl.DataFrame:
@@ -217,27 +219,58 @@ def decoders(body: bytes, repeat: int) -> None:
                   for name, dtype in schema.items()]
         return pl.from_arrow(pa.Table.from_arrays(arrays, names=list(schema)))  # type: ignore[return-value]
 
-    cases: list[tuple[str, Callable[[], pl.DataFrame]]] = [
+    def forced(limit: int) -> pl.DataFrame:
+        saved, fetch.POLARS_BODY_MAX = fetch.POLARS_BODY_MAX, limit
+        try:
+            return parse_page("quotes", body)[0]
+        finally:
+            fetch.POLARS_BODY_MAX = saved
+
+    return [
         ("stdlib json.loads + DataFrame(dicts)", lambda: from_dicts(json.loads(body)["results"])),
         ("orjson.loads + DataFrame(dicts)", lambda: from_dicts(orjson.loads(body)["results"])),
         ("msgspec untyped + DataFrame(dicts)", lambda: from_dicts(untyped.decode(body)["results"])),
         ("msgspec typed structs + Arrow columns", msgspec_typed),
-        ("polars read_json (fetch.parse_page)", lambda: parse_page("quotes", body)[0]),
+        ("polars read_json (parse_page, <= 1 MiB)", lambda: forced(1 << 40)),
+        ("pyarrow.json (parse_page, larger bodies)", lambda: forced(0)),
     ]
+
+
+def decoders(body: bytes, repeat: int) -> None:
+    cases = decoder_cases(body)
     reference = parse_page("quotes", body)[0]
     n = reference.height
     rows = []
-    for name, fn in cases:
-        c, w, df = cpu_of(fn, repeat)
-        assert isinstance(df, pl.DataFrame)
-        same = df.equals(reference)
-        rows.append((name, c * 1000, w * 1000, c * 1000 / (n / 1000), f"{two_thread_speedup(fn):.2f}",
-                     "yes" if same else "NO"))
+    with tempfile.NamedTemporaryFile(prefix="bench-page-", suffix=".json") as f:
+        f.write(body)
+        f.flush()
+        for i, (name, fn) in enumerate(cases):
+            c, w, df = cpu_of(fn, repeat)
+            assert isinstance(df, pl.DataFrame)
+            same = df.equals(reference)
+            child = [sys.executable, os.path.abspath(__file__), "--decoder-peak", str(i), f.name]
+            peak = subprocess.run(child, capture_output=True, text=True, timeout=120,
+                                  check=True).stdout.split()[-1]
+            rows.append((name, c * 1000, w * 1000, c * 1000 / (n / 1000), f"{two_thread_speedup(fn):.2f}",
+                         float(peak), "yes" if same else "NO"))
     print(table(["decoder (+ typed polars frame)", "CPU ms", "wall ms", "CPU ms / 1k rows",
-                 "2 threads / 1", "same frame"],
+                 "2 threads / 1", "peak MB", "same frame"],
                 rows, title=f"JSON decoders on one {n:,}-row quotes page ({len(body) / 1e6:.1f} MB), "
                             f"best of {repeat}; '2 threads / 1' = pages/s on two threads over one "
-                            f"(2.0 = no GIL held)"))
+                            f"(2.0 = no GIL held); peak MB = growth of peak RSS while decoding it once"))
+
+
+def decoder_peak(index: int, path: str) -> None:
+    """Child: decode a page with decoder ``index`` (once to warm up), then print how far one more
+    decode raises the peak RSS above the RSS before it, in MB (Linux: clear_refs resets VmHWM)."""
+    fn = decoder_cases(Path(path).read_bytes())[index][1]
+    fn()
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    with open("/proc/self/status") as st:
+        before = next(int(x.split()[1]) for x in st if x.startswith("VmRSS:")) / 1024
+    fn()
+    print(f"{vm_hwm_mb() - before:.1f}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,7 +332,11 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--skip", default="", help="comma-separated parts to skip: e2e,decoders,rss")
     p.add_argument("--rss-child", metavar="BASE_URL", help=argparse.SUPPRESS)
+    p.add_argument("--decoder-peak", nargs=2, metavar=("INDEX", "PAGE"), help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.decoder_peak:
+        decoder_peak(int(a.decoder_peak[0]), a.decoder_peak[1])
+        return
     if a.rss_child:
         rss_child(a.rss_child, a.rss_events, a.workers)
         return

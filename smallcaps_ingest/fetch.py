@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.json as pa_json
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -227,39 +229,83 @@ class PageDecodeError(ValueError):
     """A 200 body that is not a complete, valid v3 page (truncated or garbled); retried."""
 
 
-def _page_schema(columns: Mapping[str, pl.DataType]) -> dict[str, pl.DataType]:
-    return {"results": pl.List(pl.Struct(columns)), "next_url": pl.String()}
+# Bodies up to this size are parsed by polars, larger ones by pyarrow (see parse_page).
+POLARS_BODY_MAX = 1 << 20
+# Arrow's default jemalloc pool keeps freed pages for reuse: page frames are short-lived and
+# sized all over the place, so that was ~170 MB of a 12-worker run's peak RSS (benchmarks).
+_POOL = pa.system_memory_pool()
+_ARROW = {pl.Int64(): pa.int64(), pl.Int32(): pa.int32(), pl.Float64(): pa.float64(),
+          pl.String(): pa.string(), pl.List(pl.Int32()): pa.list_(pa.int32())}
+
+
+@dataclass(frozen=True)
+class _PageSchema:
+    columns: dict[str, pl.DataType]
+    polars: dict[str, pl.DataType]
+    arrow: pa.Schema
+
+    @classmethod
+    def of(cls, columns: dict[str, pl.DataType]) -> _PageSchema:
+        row = pa.struct([pa.field(name, _ARROW[dtype]) for name, dtype in columns.items()])
+        return cls(columns, {"results": pl.List(pl.Struct(columns)), "next_url": pl.String()},
+                   pa.schema([("results", pa.list_(row)), ("next_url", pa.string())]))
 
 
 _PAGE_SCHEMAS = {
-    "trades": (shape.RAW_TRADES_SCHEMA, _page_schema(shape.RAW_TRADES_SCHEMA)),
-    "quotes": (shape.RAW_QUOTES_SCHEMA, _page_schema(shape.RAW_QUOTES_SCHEMA)),
-    "nbbo": (NBBO_SCHEMA, _page_schema(NBBO_SCHEMA)),
+    "trades": _PageSchema.of(shape.RAW_TRADES_SCHEMA),
+    "quotes": _PageSchema.of(shape.RAW_QUOTES_SCHEMA),
+    "nbbo": _PageSchema.of(NBBO_SCHEMA),
 }
+
+
+def _read_polars(body: bytes, schema: _PageSchema) -> tuple[pl.DataFrame | None, str | None]:
+    page = pl.read_json(body, schema=schema.polars)
+    if page.height != 1:
+        raise PageDecodeError("not one JSON object")
+    results = page.get_column("results")
+    if results.null_count() or not results.list.len().item():
+        return None, page.item(0, "next_url")
+    return results.explode(empty_as_null=False).struct.unnest(), page.item(0, "next_url")
+
+
+def _read_arrow(body: bytes, schema: _PageSchema) -> tuple[pl.DataFrame | None, str | None]:
+    page = pa_json.read_json(
+        pa.py_buffer(body),
+        # one block holds the whole object (a JSON object may not straddle blocks)
+        read_options=pa_json.ReadOptions(use_threads=False, block_size=len(body) + 64),
+        parse_options=pa_json.ParseOptions(explicit_schema=schema.arrow, unexpected_field_behavior="ignore"),
+        memory_pool=_POOL,
+    )
+    if page.num_rows != 1:
+        raise PageDecodeError("not one JSON object")
+    results = page.column("results").chunk(0)
+    if results.null_count or not len(results[0]):
+        return None, page.column("next_url")[0].as_py()
+    # zero-copy: the rows stay in the system pool instead of being copied by polars' allocator
+    frame = pl.from_arrow(pa.RecordBatch.from_struct_array(results.flatten()))
+    return frame, page.column("next_url")[0].as_py()  # type: ignore[return-value]
 
 
 def parse_page(kind: str, body: bytes, nbbo_only: bool = False) -> tuple[pl.DataFrame, str | None]:
     """Decode one v3 page into a typed frame.
 
-    polars' JSON reader with the page's schema parses in Rust without the GIL, so twelve workers
-    parse on every core; msgspec structs (plus one Python list per column) held the GIL for ~45 %
-    of a 100 req/s run and capped it at one core (benchmarks/cost_per_tick.py compares decoders).
-    Fields outside the schema are skipped; a missing ``results`` is an empty page. ``nbbo_only``
-    decodes just the quote fields the sampled grid keeps. Raises ``PageDecodeError`` on truncated
-    or invalid JSON, which the caller retries.
+    Both readers parse in native code without the GIL, so twelve workers parse on every core;
+    msgspec structs (plus one Python list per column) held the GIL for ~45 % of a 100 req/s run
+    and capped it at one core. polars' reader takes the least CPU but peaks at ~8x the body in
+    memory, which its allocator then keeps; pyarrow's peaks at ~1.5x in the system pool for ~35 %
+    more CPU. So typical small-cap pages go to polars and multi-megabyte pages to pyarrow
+    (benchmarks/cost_per_tick.py). Fields outside the schema are skipped; a missing ``results``
+    is an empty page. ``nbbo_only`` decodes just the quote fields the sampled grid keeps. Raises
+    ``PageDecodeError`` on truncated or invalid JSON, which the caller retries.
     """
-    columns, page_schema = _PAGE_SCHEMAS["nbbo" if kind == "quotes" and nbbo_only else kind]
+    schema = _PAGE_SCHEMAS["nbbo" if kind == "quotes" and nbbo_only else kind]
+    read = _read_polars if len(body) <= POLARS_BODY_MAX else _read_arrow
     try:
-        page = pl.read_json(body, schema=page_schema)
-    except pl.exceptions.PolarsError as e:
+        frame, next_url = read(body, schema)
+    except (pl.exceptions.PolarsError, pa.ArrowInvalid, PageDecodeError) as e:
         raise PageDecodeError(f"invalid {kind} page ({len(body)} bytes): {str(e)[:160]}") from None
-    if page.height != 1:
-        raise PageDecodeError(f"invalid {kind} page ({len(body)} bytes): not one JSON object")
-    next_url = page.item(0, "next_url")
-    results = page.get_column("results")
-    if results.null_count() or not results.list.len().item():
-        return pl.DataFrame(schema=columns), next_url
-    frame = results.explode(empty_as_null=False).struct.unnest()
+    if frame is None:
+        return pl.DataFrame(schema=schema.columns), next_url
     if frame.get_column("sip_timestamp").null_count() or frame.get_column("sequence_number").null_count():
         # the v3 API always sends both; a row without them sorts first and falls outside every window
         frame = frame.with_columns(pl.col("sip_timestamp", "sequence_number").fill_null(0))

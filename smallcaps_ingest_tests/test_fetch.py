@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 import requests
 
-from smallcaps_ingest import shape, store
+from smallcaps_ingest import fetch, shape, store
 from smallcaps_ingest.budget import RequestBudget
 from smallcaps_ingest.fetch import (
     NBBO_SCHEMA,
@@ -190,7 +190,7 @@ def test_resets_and_5xx_are_retried_through_the_budget(sim: Simulator, client: P
     assert stats.requests["trades"] == sim.counters()["total"]
 
 
-def test_fixture_payloads_parse() -> None:
+def test_fixture_payloads_parse(page_reader: str) -> None:
     trades, nxt = parse_page("trades", (FIXTURES / "v3/trades/AAPL&limit=2.json").read_bytes())
     assert nxt is None and trades.height == 2
     assert trades.schema == pl.Schema(shape.RAW_TRADES_SCHEMA)
@@ -218,7 +218,14 @@ def test_fixture_payloads_parse() -> None:
     assert parse_page("trades", b'{"status":"OK","request_id":"x"}')[0].height == 0  # results missing
 
 
-def test_parse_page_edge_cases_and_errors() -> None:
+@pytest.fixture(params=["polars", "pyarrow"])
+def page_reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a parse test through each of the two JSON readers ``parse_page`` picks by body size."""
+    monkeypatch.setattr(fetch, "POLARS_BODY_MAX", 1 << 40 if request.param == "polars" else 0)
+    return str(request.param)
+
+
+def test_parse_page_edge_cases_and_errors(page_reader: str) -> None:
     body = (b'{"results":[{"sip_timestamp":1517562000015577088,"price":5,"size":100,"conditions":[1,2],'
             b'"id":"7","sequence_number":3,"unknown_field":{"a":[1]}}],"next_url":"http://h/v3?cursor=c",'
             b'"status":"OK","request_id":"r"}')
@@ -237,12 +244,13 @@ def test_parse_page_edge_cases_and_errors() -> None:
     assert slim.columns == list(NBBO_SCHEMA) and slim.row(0)[:4] == (2, 9, 1.5, 1.6)
     full, _ = parse_page("quotes", quotes)
     assert full.row(0, named=True)["indicators"] == [4]
-    for bad in (body[:57], b"", b"<html>502</html>", b"[1,2]", b'{"results":[{"sip_timestamp":"x"}]}'):
+    for bad in (body[:57], b"", b"<html>502</html>", b"[1,2]", b'{"results":[{"sip_timestamp":"x"}]}',
+                b'{"results":[]}\n{"results":[]}'):
         with pytest.raises(PageDecodeError, match="invalid trades page"):
             parse_page("trades", bad)
 
 
-def test_parse_page_matches_stdlib_json_on_a_simulator_page(client: PolygonClient) -> None:
+def test_parse_page_matches_stdlib_json_on_a_simulator_page(client: PolygonClient, page_reader: str) -> None:
     url = f"{client.base_url}/v3/trades/AAOI"
     resp = client.session.get(url, params={"timestamp.gte": ns("2024-03-05T15:00:00Z"),
                                            "timestamp.lt": ns("2024-03-05T15:10:00Z"), "order": "asc",
