@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -394,3 +395,14 @@ def test_symbol_clock_starts_at_its_first_request(
     starts = sorted(o.started for o in outcomes)
     assert starts[-1] - starts[0] > 0.2  # one worker: the last symbol started well after the first
     assert sum(o.seconds for o in outcomes) < 2.5 * total  # from the run's start it would be ~3.5x
+
+
+def test_polars_allocator_returns_memory_unless_the_user_chose() -> None:
+    code = "import os, smallcaps_ingest, polars; print(os.environ['_RJEM_MALLOC_CONF'])"
+    env = {k: v for k, v in os.environ.items() if k != "_RJEM_MALLOC_CONF"}
+    ours = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    # polars appends the variable to its own defaults; jemalloc applies the last value of each key
+    assert ours.stdout.strip().endswith("narenas:1,dirty_decay_ms:0,muzzy_decay_ms:0")
+    env["_RJEM_MALLOC_CONF"] = "narenas:4"
+    theirs = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert theirs.stdout.strip().endswith("narenas:4") and "dirty_decay_ms:0" not in theirs.stdout
