@@ -290,7 +290,7 @@ def parse_page(kind: str, body: bytes, nbbo_only: bool = False) -> tuple[pl.Data
     """Decode one v3 page into a typed frame.
 
     Both readers parse in native code without the GIL, so twelve workers parse on every core;
-    msgspec structs (plus one Python list per column) held the GIL for ~45 % of a 100 req/s run
+    msgspec structs (plus one Python list per column) held the GIL half the time at 100 req/s
     and capped it at one core. polars' reader takes the least CPU but peaks at ~8x the body in
     memory, which its allocator then keeps; pyarrow's peaks at ~1.5x in the system pool for ~35 %
     more CPU. So typical small-cap pages go to polars and multi-megabyte pages to pyarrow
