@@ -50,7 +50,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -66,7 +65,6 @@ from urllib.parse import urlsplit
 
 import _bootstrap  # noqa: F401
 import polars as pl
-import requests
 from _common import API_KEY, SimHost, load_average, run_engine, table
 from manifests import _DAYS, ET, Event, universe
 
@@ -78,11 +76,12 @@ from smallcaps_ingest.plan import DensityStore, Window
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT))  # the `dagster dev` helpers are shared with the browser test
+from smallcaps_ingest_tests import ui_helpers as ui  # noqa: E402
+from smallcaps_ingest_tests.ui_helpers import DagsterDev, tail  # noqa: E402
+
 ASSET = "event_windows"
 MAT, CHK, LOG = "ASSET_MATERIALIZATION", "ASSET_CHECK_EVALUATION", "LOGS"
-BACKFILL_DONE = {"COMPLETED", "COMPLETED_SUCCESS"}
-BACKFILL_BAD = {"FAILED", "COMPLETED_FAILED", "CANCELED", "CANCELING", "FAILING"}
-RUN_BAD = {"FAILURE", "CANCELED", "CANCELING"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,125 +148,8 @@ def direct_run(
     }
 
 
-# ----------------------------------------------------------------------------------------------
-# dagster dev on loopback (the approach of smallcaps_ingest_tests/test_ui_browser.py)
-# ----------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-class DagsterDev:
-    """``dagster dev`` (webserver + daemon + code server) in its own process group on 127.0.0.1."""
-
-    def __init__(
-        self, env: Mapping[str, str], log_path: Path, target: Sequence[str] = ("-m", "smallcaps_ingest")
-    ):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [str(BIN / "dagster"), "dev", *target, "-h", "127.0.0.1", "-p", str(self.port)],
-            cwd=ROOT,
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stop() signals the daemon and code server too
-        )
-
-    def _alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"dagster dev exited with {self.proc.returncode}:\n{tail(self.log_path)}")
-
-    def gql(self, query: str, variables: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        r = requests.post(
-            f"{self.url}/graphql", json={"query": query, "variables": dict(variables or {})}, timeout=60
-        )
-        r.raise_for_status()
-        body = r.json()
-        if body.get("errors"):
-            raise RuntimeError(f"GraphQL errors: {body['errors']}")
-        return body["data"]
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        query = (
-            "{ workspaceOrError { ... on Workspace { locationEntries { loadStatus locationOrLoadError "
-            "{ __typename ... on PythonError { message } } } } } }"
-        )
-        while True:
-            self._alive()
-            with contextlib.suppress(requests.RequestException):
-                entries = self.gql(query)["workspaceOrError"].get("locationEntries") or []
-                if entries and all(e["loadStatus"] == "LOADED" for e in entries):
-                    bad = [
-                        e for e in entries if e["locationOrLoadError"]["__typename"] != "RepositoryLocation"
-                    ]
-                    if bad:
-                        raise RuntimeError(f"code location failed to load: {bad}")
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"dagster dev not ready in {timeout:.0f}s:\n{tail(self.log_path)}")
-            time.sleep(0.5)
-
-    def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM the whole group, then SIGKILL whatever is left (the code server may linger)."""
-        try:
-            if self.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(grace)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(5)
-        finally:
-            self._log.close()
-
-
-LAUNCH_BACKFILL = """
-mutation LaunchBackfill($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on Error { message }
-    ... on PythonError { message stack }
-  }
-}
-"""
-BACKFILL_STATUS = """
-query BackfillStatus($id: String!) {
-  partitionBackfillOrError(backfillId: $id) {
-    __typename
-    ... on PartitionBackfill { id status numPartitions error { message } runs { id status } }
-    ... on PythonError { message }
-  }
-}
-"""
-
-
 def launch_backfill(dev: DagsterDev, partitions: Sequence[str]) -> str:
-    params = {
-        "partitionNames": list(partitions),
-        "assetSelection": [{"path": [ASSET]}],
-        "fromFailure": False,
-        "title": "backfill_bench",
-    }
-    out = dev.gql(LAUNCH_BACKFILL, {"params": params})["launchPartitionBackfill"]
-    if out["__typename"] != "LaunchBackfillSuccess":
-        raise RuntimeError(f"launchPartitionBackfill failed: {out}")
-    return str(out["backfillId"])
+    return ui.launch_backfill(dev, ASSET, partitions, title="backfill_bench")
 
 
 def wait_backfill(
@@ -279,8 +161,8 @@ def wait_backfill(
     last_status = None
     next_progress = time.time() + 30.0
     while True:
-        dev._alive()
-        bf = dev.gql(BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"]
+        dev._alive_or_fail()
+        bf = dev.gql(ui.BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"]
         if bf["__typename"] != "PartitionBackfill":
             raise RuntimeError(f"backfill {backfill_id}: {bf}")
         now = time.time()
@@ -294,14 +176,14 @@ def wait_backfill(
                 flush=True,
             )
             last_status = bf["status"]
-        if bf["status"] in BACKFILL_BAD or any(r["status"] in RUN_BAD for r in runs):
+        if bf["status"] in ui.BACKFILL_BAD or any(r["status"] in ui.RUN_BAD for r in runs):
             raise RuntimeError(
                 f"backfill {bf['status']} {bf.get('error')}: runs {runs}\n{tail(dev.log_path)}"
             )
         if runs and all(r["status"] == "SUCCESS" for r in runs) and "runs_done" not in marks:
             marks["runs_done"] = now
             print(f"  [{now - t_launch:6.1f}s] all {len(runs)} run(s) succeeded", flush=True)
-        if bf["status"] in BACKFILL_DONE:
+        if bf["status"] in ui.BACKFILL_DONE:
             marks["backfill_done"] = now
             marks["runs_done"] = marks.get("runs_done", now)
             marks["backfill"] = bf
@@ -607,7 +489,7 @@ def main() -> None:
             t = time.monotonic()
             target, policy_label = code_location(args.policy, root)
             print(f"  backfill policy: {policy_label}")
-            dev = DagsterDev(env, root / "dagster_dev.log", target)
+            dev = DagsterDev(BIN, env, root / "dagster_dev.log", cwd=ROOT, target=target)
             dev.wait_ready(timeout=180)
             ready_s = time.monotonic() - t
             print(f"  dagster dev ready at {dev.url} in {ready_s:.1f}s; launching the backfill", flush=True)

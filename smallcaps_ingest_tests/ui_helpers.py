@@ -59,16 +59,24 @@ def tail(path: Path, lines: int = 60) -> str:
 
 
 class DagsterDev:
-    """``dagster dev`` (webserver + daemon + code server) in its own process group."""
+    """``dagster dev`` (webserver + daemon + code server) in its own process group.
 
-    def __init__(self, bin_dir: Path, env: Mapping[str, str], log_path: Path, cwd: Path = REPO) -> None:
+    ``target``: the code location arguments (``benchmarks/backfill_bench.py`` passes ``-f FILE``)."""
+
+    def __init__(
+        self,
+        bin_dir: Path,
+        env: Mapping[str, str],
+        log_path: Path,
+        cwd: Path = REPO,
+        target: Sequence[str] = ("-m", "smallcaps_ingest"),
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [str(bin_dir / "dagster"), "dev", "-m", "smallcaps_ingest",
-             "-h", "127.0.0.1", "-p", str(self.port)],
+            [str(bin_dir / "dagster"), "dev", *target, "-h", "127.0.0.1", "-p", str(self.port)],
             cwd=cwd,
             env=dict(env),
             stdin=subprocess.DEVNULL,
@@ -181,12 +189,14 @@ query RunErrors($runId: ID!) {
 """
 
 
-def launch_backfill(dev: DagsterDev, asset: str, partitions: Sequence[str]) -> str:
+def launch_backfill(
+    dev: DagsterDev, asset: str, partitions: Sequence[str], title: str = "test_ui_browser"
+) -> str:
     params = {
         "partitionNames": list(partitions),
         "assetSelection": [{"path": [asset]}],
         "fromFailure": False,
-        "title": "test_ui_browser",
+        "title": title,
     }
     out = dev.gql(LAUNCH_BACKFILL, {"params": params})["launchPartitionBackfill"]
     if out["__typename"] != "LaunchBackfillSuccess":
