@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -33,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
@@ -203,8 +204,12 @@ def two_thread_speedup(fn: Callable[[], object], seconds: float = 1.5) -> float:
     return rates[1] / rates[0]
 
 
-def decoder_cases(body: bytes) -> list[tuple[str, Callable[[], pl.DataFrame]]]:
-    """Each decoder turns ``body`` (a quotes page) into the same typed frame."""
+DecoderCase = tuple[str, Callable[[], pl.DataFrame], int | None]
+
+
+def decoder_cases(body: bytes) -> list[DecoderCase]:
+    """Each decoder turns ``body`` (a quotes page) into the same typed frame. The third item is the
+    ``fetch.POLARS_BODY_MAX`` that makes ``parse_page`` pick that reader (see ``reader_forced``)."""
     schema = shape.RAW_QUOTES_SCHEMA
 
     def from_dicts(rows: list[dict]) -> pl.DataFrame:
@@ -219,21 +224,29 @@ def decoder_cases(body: bytes) -> list[tuple[str, Callable[[], pl.DataFrame]]]:
                   for name, dtype in schema.items()]
         return pl.from_arrow(pa.Table.from_arrays(arrays, names=list(schema)))  # type: ignore[return-value]
 
-    def forced(limit: int) -> pl.DataFrame:
-        saved, fetch.POLARS_BODY_MAX = fetch.POLARS_BODY_MAX, limit
-        try:
-            return parse_page("quotes", body)[0]
-        finally:
-            fetch.POLARS_BODY_MAX = saved
+    def engine() -> pl.DataFrame:
+        return parse_page("quotes", body)[0]
 
     return [
-        ("stdlib json.loads + DataFrame(dicts)", lambda: from_dicts(json.loads(body)["results"])),
-        ("orjson.loads + DataFrame(dicts)", lambda: from_dicts(orjson.loads(body)["results"])),
-        ("msgspec untyped + DataFrame(dicts)", lambda: from_dicts(untyped.decode(body)["results"])),
-        ("msgspec typed structs + Arrow columns", msgspec_typed),
-        ("polars read_json (parse_page, <= 1 MiB)", lambda: forced(1 << 40)),
-        ("pyarrow.json (parse_page, larger bodies)", lambda: forced(0)),
+        ("stdlib json.loads + DataFrame(dicts)", lambda: from_dicts(json.loads(body)["results"]), None),
+        ("orjson.loads + DataFrame(dicts)", lambda: from_dicts(orjson.loads(body)["results"]), None),
+        ("msgspec untyped + DataFrame(dicts)", lambda: from_dicts(untyped.decode(body)["results"]), None),
+        ("msgspec typed structs + Arrow columns", msgspec_typed, None),
+        ("polars read_json (parse_page, <= 1 MiB)", engine, 1 << 40),
+        ("pyarrow.json (parse_page, larger bodies)", engine, 0),
     ]
+
+
+@contextlib.contextmanager
+def reader_forced(body_max: int | None) -> Iterator[None]:
+    """Set ``fetch.POLARS_BODY_MAX`` for a whole measurement (before any of its threads start)."""
+    saved = fetch.POLARS_BODY_MAX
+    if body_max is not None:
+        fetch.POLARS_BODY_MAX = body_max
+    try:
+        yield
+    finally:
+        fetch.POLARS_BODY_MAX = saved
 
 
 def decoders(body: bytes, repeat: int) -> None:
@@ -244,15 +257,17 @@ def decoders(body: bytes, repeat: int) -> None:
     with tempfile.NamedTemporaryFile(prefix="bench-page-", suffix=".json") as f:
         f.write(body)
         f.flush()
-        for i, (name, fn) in enumerate(cases):
-            c, w, df = cpu_of(fn, repeat)
+        for i, (name, fn, body_max) in enumerate(cases):
+            with reader_forced(body_max):
+                c, w, df = cpu_of(fn, repeat)
+                scaling = two_thread_speedup(fn)
             assert isinstance(df, pl.DataFrame)
             same = df.equals(reference)
             child = [sys.executable, os.path.abspath(__file__), "--decoder-peak", str(i), f.name]
             peak = subprocess.run(child, capture_output=True, text=True, timeout=120,
                                   check=True).stdout.split()[-1]
-            rows.append((name, c * 1000, w * 1000, c * 1000 / (n / 1000), f"{two_thread_speedup(fn):.2f}",
-                         float(peak), "yes" if same else "NO"))
+            rows.append((name, c * 1000, w * 1000, c * 1000 / (n / 1000), f"{scaling:.2f}", float(peak),
+                         "yes" if same else "NO"))
     print(table(["decoder (+ typed polars frame)", "CPU ms", "wall ms", "CPU ms / 1k rows",
                  "2 threads / 1", "peak MB", "same frame"],
                 rows, title=f"JSON decoders on one {n:,}-row quotes page ({len(body) / 1e6:.1f} MB), "
@@ -263,7 +278,8 @@ def decoders(body: bytes, repeat: int) -> None:
 def decoder_peak(index: int, path: str) -> None:
     """Child: decode a page with decoder ``index`` (once to warm up), then print how far one more
     decode raises the peak RSS above the RSS before it, in MB (Linux: clear_refs resets VmHWM)."""
-    fn = decoder_cases(Path(path).read_bytes())[index][1]
+    _, fn, body_max = decoder_cases(Path(path).read_bytes())[index]
+    fetch.POLARS_BODY_MAX = body_max if body_max is not None else fetch.POLARS_BODY_MAX
     fn()
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
