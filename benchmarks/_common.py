@@ -99,9 +99,17 @@ class Truth:
             self._sips[key] = out
         return self._sips[key]
 
+    def symbol_sips(self, kind: str, symbol: str) -> list[int]:
+        """Every inside tick of the symbol, all days, in time order (ISO days sort in time order)."""
+        key = (kind, symbol, "*")
+        if key not in self._sips:
+            days = sorted(d for s, d in self.unions if s == symbol)
+            self._sips[key] = [t for d in days for t in self.sips(kind, symbol, d)]
+        return self._sips[key]
+
     def count(self, kind: str, symbol: str, start_ns: int, end_ns: int) -> int:
-        """Ticks in [start, end) that lie inside some event window of the symbol (one ET day)."""
-        s = self.sips(kind, symbol, et_day(start_ns))
+        """Ticks in [start, end) that lie inside some event window of the symbol (any days)."""
+        s = self.symbol_sips(kind, symbol)
         return bisect_left(s, end_ns) - bisect_left(s, start_ns)
 
     def inside_total(self, kind: str) -> int:
@@ -149,7 +157,7 @@ class OursRun:
 
 def run_ours(base_url: str, events: Sequence[Event], budget_rps: float, workdir: str | Path, *,
              density: DensityStore | None = None, workers: int = 12, data_dir: str | Path | None = None,
-             ) -> OursRun:
+             overfetch_rows: int | None = None) -> OursRun:
     """One ``FetchEngine.run`` with production-like settings and a fresh budget file."""
     from manifests import to_work
 
@@ -157,16 +165,19 @@ def run_ours(base_url: str, events: Sequence[Event], budget_rps: float, workdir:
     workdir.mkdir(parents=True, exist_ok=True)
     budget_path = workdir / f"budget-{os.getpid()}-{time.monotonic_ns()}.sqlite"
     return run_engine(base_url, to_work(events), budget_rps, budget_path, data_dir or workdir / "data",
-                      density=density, workers=workers)
+                      density=density, workers=workers, overfetch_rows=overfetch_rows)
 
 
 def run_engine(base_url: str, work: Mapping[str, Sequence[Window]], budget_rps: float,
                budget_path: str | Path, data_dir: str | Path, *, density: DensityStore | None = None,
-               workers: int = 12, bucket: str = "polygon", label: str = "ours") -> OursRun:
-    """``FetchEngine.run`` over ``work`` at 1 Hz, over-fetch bound 4, timed; errors are printed."""
+               workers: int = 12, bucket: str = "polygon", label: str = "ours",
+               overfetch_rows: int | None = None) -> OursRun:
+    """``FetchEngine.run`` over ``work`` at 1 Hz, over-fetch bound 4 (allowance: the engine's default
+    for the budget unless given), timed; errors are printed."""
     budget = RequestBudget(budget_rps, budget_path, bucket=bucket)
     client = PolygonClient(base_url, API_KEY, budget, workers=workers)
     engine = FetchEngine(client, str(data_dir), workers=workers, hz=1.0, max_overfetch=4.0,
+                         overfetch_rows=overfetch_rows,
                          density=density if density is not None else DensityStore(None))
     t0 = time.monotonic()
     outcomes = engine.run(work)

@@ -16,6 +16,12 @@ simulator has no holiday calendar: every weekday is a session). Three shapes:
   event. Same universe as ``clustered``. Nothing here was tuned to a target: every parameter is
   taken from ``in_play`` or ``clustered`` as is.
 
+Each shape also comes ``_multiday``: the same symbol-days, but laid out as the users' manifest is
+(572,850 events over 1,621 symbols and 5 years: 0.28 events per symbol per trading day) instead
+of one symbol-day per symbol. Each symbol in turn covers ``SPAN_WEEKDAYS`` consecutive weekdays,
+and each of them is one of its event days with probability 0.28 / (the shape's mean events per
+symbol-day), so a sparse name's events fall days apart and ranges that cross days can serve them.
+
 Generators are prefix-stable: ``make(kind, n)`` is the first events of ``make(kind, m)`` for
 ``n < m`` (up to the last symbol-day group), so runs of different sizes share their data.
 ``isolated`` and ``clustered`` draw from a universe of hash-named tickers whose simulator
@@ -39,7 +45,14 @@ ET = ZoneInfo("America/New_York")
 NS = 1_000_000_000
 BEFORE_NS = 3 * 60 * NS
 AFTER_NS = 7 * 60 * NS
-KINDS = ("clustered", "clustered_in_play", "in_play", "isolated")
+SHAPES = ("clustered", "clustered_in_play", "in_play", "isolated")
+KINDS = SHAPES + tuple(f"{k}_multiday" for k in SHAPES)
+#: The users' manifest: events per symbol per trading day (572,850 / 1,621 symbols / 1,260 days).
+EVENTS_PER_SYMBOL_DAY = 572_850 / 1_621 / 1_260
+#: Weekdays each symbol covers in a ``_multiday`` manifest (about three months).
+SPAN_WEEKDAYS = 60
+#: Mean events per symbol-day of each shape (clusters: 30 % of episodes hold 2.5 events on average).
+_PER_DAY = {"isolated": 1.0, "clustered": 1.45, "in_play": 4.5, "clustered_in_play": 4.5 * 1.45}
 #: In-play names: explicit simulator tickers plus hash tickers picked across the liquidity range.
 IN_PLAY_FIXED = ("BRK.B", "HVY", "AAOI", "XELB")
 
@@ -123,10 +136,26 @@ def _symbol_days(symbols: list[str], seed: int) -> Iterable[tuple[str, date]]:
         lap += 1
 
 
-def isolated(n: int, seed: int = 1) -> list[Event]:
+def _spread_days(symbols: list[str], seed: int, per_day: float) -> Iterable[tuple[str, date]]:
+    """(symbol, day) pairs, symbol after symbol, at the users' rate of events per symbol-day."""
+    p = min(1.0, EVENTS_PER_SYMBOL_DAY / per_day)
+    n_days = len(_DAYS)
+    for s in symbols:
+        rng = random.Random(f"{seed}|spread|{s}")
+        first = rng.randrange(n_days - SPAN_WEEKDAYS)
+        for day in _DAYS[first : first + SPAN_WEEKDAYS]:
+            if rng.random() < p:
+                yield s, day
+
+
+def _days(shape: str, symbols: list[str], seed: int, multiday: bool) -> Iterable[tuple[str, date]]:
+    return _spread_days(symbols, seed, _PER_DAY[shape]) if multiday else _symbol_days(symbols, seed)
+
+
+def isolated(n: int, seed: int = 1, multiday: bool = False) -> list[Event]:
     rng = random.Random(seed)
     out: list[Event] = []
-    for (sym, day), _ in zip(_symbol_days(universe(), seed), range(n), strict=False):
+    for (sym, day), _ in zip(_days("isolated", universe(), seed, multiday), range(n), strict=False):
         out.append(_ev(sym, len(out), _instant(day, _minute(rng))))
     return out
 
@@ -141,11 +170,11 @@ def _episode(rng: random.Random, t: float, p_cluster: float) -> list[float]:
     return times
 
 
-def clustered(n: int, seed: int = 2, p_cluster: float = 0.3) -> list[Event]:
+def clustered(n: int, seed: int = 2, p_cluster: float = 0.3, multiday: bool = False) -> list[Event]:
     """Symbol-days hold a cluster of 2-3 events (prob. ``p_cluster``) or one isolated event."""
     rng = random.Random(seed)
     out: list[Event] = []
-    for sym, day in _symbol_days(universe(), seed):
+    for sym, day in _days("clustered", universe(), seed, multiday):
         if len(out) >= n:
             break
         for m in _episode(rng, _minute(rng), p_cluster):
@@ -153,11 +182,13 @@ def clustered(n: int, seed: int = 2, p_cluster: float = 0.3) -> list[Event]:
     return out
 
 
-def clustered_in_play(n: int, seed: int = 4, p_cluster: float = 0.3) -> list[Event]:
+def clustered_in_play(
+    n: int, seed: int = 4, p_cluster: float = 0.3, multiday: bool = False
+) -> list[Event]:
     """Symbol-days of 3-6 episodes (timed as ``in_play``), each a ``clustered`` episode."""
     rng = random.Random(seed)
     out: list[Event] = []
-    for sym, day in _symbol_days(universe(), seed):
+    for sym, day in _days("clustered_in_play", universe(), seed, multiday):
         if len(out) >= n:
             break
         k = rng.randint(3, 6)
@@ -168,11 +199,15 @@ def clustered_in_play(n: int, seed: int = 4, p_cluster: float = 0.3) -> list[Eve
     return out
 
 
-def in_play(n: int, seed: int = 3) -> list[Event]:
+def in_play(n: int, seed: int = 3, multiday: bool = False) -> list[Event]:
     """Symbol-days of 3-6 events each, until at least ``n`` events."""
     rng = random.Random(seed)
     out: list[Event] = []
-    for sym, day in _symbol_days(in_play_names(), seed):
+    # multiday: the in-play names first, then universe names (12 names do not hold every size)
+    names = in_play_names()
+    if multiday:
+        names += [u for u in universe() if u not in names]
+    for sym, day in _days("in_play", names, seed, multiday):
         if len(out) >= n:
             break
         k = rng.randint(3, 6)
@@ -183,13 +218,15 @@ def in_play(n: int, seed: int = 3) -> list[Event]:
 
 
 def make(kind: str, n: int, seed: int | None = None) -> list[Event]:
+    shape = kind.removesuffix("_multiday")
     gen = {
         "isolated": isolated,
         "clustered": clustered,
         "clustered_in_play": clustered_in_play,
         "in_play": in_play,
-    }[kind]
-    return gen(n) if seed is None else gen(n, seed)
+    }[shape]
+    multiday = kind != shape
+    return gen(n, multiday=multiday) if seed is None else gen(n, seed, multiday=multiday)
 
 
 def to_work(events: Iterable[Event]) -> dict[str, list[Window]]:
@@ -205,7 +242,10 @@ def describe(events: list[Event]) -> str:
     days = {(e.symbol, et_day(e.start_ns + BEFORE_NS)) for e in events}
     liq = sorted(liquidity(s) for s in syms)
     lo, hi = (liq[0], liq[-1]) if liq else (0.0, 0.0)
-    return f"{len(events)} events, {len(syms)} symbols, {len(days)} symbol-days, liquidity {lo:.2f}-{hi:.2f}"
+    return (
+        f"{len(events)} events, {len(syms)} symbols, {len(days)} symbol-days "
+        f"({len(events) / max(1, len(days)):.2f} events each), liquidity {lo:.2f}-{hi:.2f}"
+    )
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ from _common import API_KEY, SimHost, load_average, run_ours, served_rate, table
 from manifests import KINDS, Event, describe, make, to_work
 
 from smallcaps_ingest import budget as budget_mod
-from smallcaps_ingest.plan import DensityStore, group_by_day, plan_symbol
+from smallcaps_ingest.plan import DensityStore, plan_symbol
 
 CLIENT_WORKERS = 12
 PAGE_LIMIT = 50_000
@@ -162,8 +162,7 @@ def planned_rpe(kind: str) -> float:
     events = make(kind, 400)
     ranges = 0
     for symbol, windows in to_work(events).items():
-        for day in group_by_day(windows).values():
-            ranges += len(plan_symbol(symbol, day, DensityStore(None), 4.0))
+        ranges += len(plan_symbol(symbol, windows, DensityStore(None), 4.0))
     return ranges / len(events)
 
 

@@ -210,6 +210,7 @@ def event_windows(
         workers=polygon.workers,
         hz=settings.quotes_hz,
         max_overfetch=settings.max_overfetch,
+        overfetch_rows=settings.overfetch_rows,
         density=DensityStore(f"{settings.data_dir}/_state/density.json"),
     )
     done: queue.Queue[SymbolOutcome | None] = queue.Queue()

@@ -2,7 +2,8 @@
 
 Environment: SMALLCAPS_EVENTS, SMALLCAPS_DATA_DIR (./data), POLYGON_API_KEY, POLYGON_BASE_URL
 (``simulator`` = the bundled simulator), POLYGON_MAX_RPS (90), POLYGON_WORKERS (12),
-SMALLCAPS_QUOTES_HZ (1; 0 = raw quotes), SMALLCAPS_MAX_OVERFETCH (4).
+SMALLCAPS_QUOTES_HZ (1; 0 = raw quotes), SMALLCAPS_MAX_OVERFETCH (4),
+SMALLCAPS_OVERFETCH_ROWS (auto: from POLYGON_MAX_RPS).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ settings = IngestSettings(
     events_path=os.path.abspath(os.environ.get("SMALLCAPS_EVENTS") or str(SAMPLE_EVENTS_PATH)),
     quotes_hz=env_number("SMALLCAPS_QUOTES_HZ", 1.0, float, minimum=0, maximum=1e9),
     max_overfetch=env_number("SMALLCAPS_MAX_OVERFETCH", 4.0, float, minimum=1),
+    overfetch_rows=(
+        None
+        if os.environ.get("SMALLCAPS_OVERFETCH_ROWS", "auto").strip().lower() in ("", "auto")
+        else int(env_number("SMALLCAPS_OVERFETCH_ROWS", 0, int, minimum=0))
+    ),
 )
 polygon = PolygonResource(
     # An EnvVar reference, never the value: the key stays out of run config and the instance DB.

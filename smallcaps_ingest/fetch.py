@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -32,7 +32,14 @@ from urllib3.util.retry import Retry
 
 from smallcaps_ingest import shape, store
 from smallcaps_ingest.budget import RequestBudget, mark_sent
-from smallcaps_ingest.plan import DensityStore, RequestRange, Window, group_by_day, plan_symbol
+from smallcaps_ingest.plan import (
+    DensityStore,
+    RequestRange,
+    Window,
+    components,
+    overfetch_allowance,
+    plan_symbol,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +48,11 @@ PAGE_LIMIT = 50_000
 SIMULATOR_HEADER = "X-Smallcaps-Simulator"
 # Response bytes read and decoded at once by all workers of a client (see _ByteBudget).
 BODY_BYTES_IN_FLIGHT = 12 * 1024 * 1024
-# New days wait while fetched-but-unwritten rows exceed this (with at most 2x workers ranges).
+# New jobs wait while fetched-but-unwritten rows exceed this (with at most 2x workers ranges).
 FRAME_BYTES_HELD = 24 * 1024 * 1024
+_END = object()
+# Windows of a symbol planned together (the plan's cost grows with it; merges reach no further).
+PLAN_HORIZON = 64
 MAX_ATTEMPTS = 12  # our own retries (429, truncated/invalid bodies); urllib3 retries come on top
 
 
@@ -610,13 +620,17 @@ class SymbolOutcome:
 
 
 @dataclass
-class _DayJob:
+class _Job:
+    """Windows of one symbol that no planned range shares with any other job: fetched, shaped and
+    written together (one day, or several days of a sparse name whose ranges cross days)."""
+
     symbol: str
     windows: list[Window]
     ranges: list[RequestRange] = field(default_factory=list)
     frames: dict[int, tuple[pl.DataFrame, int]] = field(default_factory=dict)  # kept rows, raw count
     remaining: int = 0
-    held: int = 0  # bytes of fetched frames this day holds until it is written
+    held: int = 0  # bytes of fetched frames this job holds until it is written
+    done: threading.Event = field(default_factory=threading.Event)  # written or failed
 
 
 _MALLOC_TUNED = False
@@ -655,9 +669,16 @@ def tune_malloc() -> bool:
 class FetchEngine:
     """Fetch and write many symbols' events on one shared thread pool.
 
-    Work is fed day by day (merges never cross days), at most ``2 * workers`` ranges in flight,
-    so memory stays bounded and the pool moves on to the next symbol instead of idling at the
-    tail of a small one. ``on_symbol_done`` runs on the calling thread as each symbol finishes.
+    Work is fed job by job (a group of windows no range shares with another group: see
+    ``plan.components``), at most ``2 * workers`` ranges in flight, so memory stays bounded and
+    the pool moves on to the next symbol instead of idling at the tail of a small one. A symbol is
+    planned ``PLAN_HORIZON`` windows at a time, when its next job is due, so later jobs are
+    planned on the densities its earlier ones observed. ``on_symbol_done`` runs on the calling
+    thread as each symbol finishes.
+
+    ``overfetch_rows`` (None: :func:`plan.overfetch_allowance` of the budget's rate) lets a range
+    fetch that many rows beyond what its windows need, which is what merges a sparse name's
+    events across days.
     """
 
     def __init__(
@@ -668,6 +689,7 @@ class FetchEngine:
         workers: int = 12,
         hz: float = 1.0,
         max_overfetch: float = 4.0,
+        overfetch_rows: int | None = None,
         density: DensityStore | None = None,
     ):
         self.client = client
@@ -675,6 +697,9 @@ class FetchEngine:
         self.workers = max(1, workers)
         self.hz = hz
         self.max_overfetch = max_overfetch
+        self.overfetch_rows = (
+            overfetch_allowance(client.budget.max_rps) if overfetch_rows is None else max(0, overfetch_rows)
+        )
         self.density = density or DensityStore(None)
         tune_malloc()
         self._source_checked = False
@@ -692,20 +717,49 @@ class FetchEngine:
         on_symbol_done: Callable[[SymbolOutcome], None] | None = None,
     ) -> list[SymbolOutcome]:
         outcomes: dict[str, SymbolOutcome] = {}
-        jobs: list[_DayJob] = []
-        days_left: dict[str, int] = {}
+        todos: dict[str, list[Window]] = {}
         for symbol, windows in work.items():
             done = store.scan_symbol(self.data_dir, symbol).complete
             todo = [w for w in windows if w.event_id not in done]
             outcomes[symbol] = SymbolOutcome(symbol, len(windows), skipped=len(windows) - len(todo))
-            days = group_by_day(todo)
-            days_left[symbol] = len(days)
-            jobs.extend(_DayJob(symbol, ws) for ws in days.values())
+            todos[symbol] = todo
+        # jobs handed out and not yet written or failed, per symbol; a symbol is finished when all
+        # its jobs were handed out (it leaves `feeding`) and none is left
+        jobs_left: dict[str, int] = dict.fromkeys(work, 0)
+        feeding: set[str] = {s for s, todo in todos.items() if todo}
 
-        finished: list[str] = [s for s, n in days_left.items() if n == 0]
+        def feed() -> Iterator[_Job | str | None]:
+            """Jobs symbol after symbol; the symbol's name once all its jobs were handed out; None
+            when nothing can be handed out until a probe is written. A symbol whose generator
+            yields a probe's ``done`` event is parked there, and the next symbol goes on; parked
+            symbols resume, first come first, as soon as their probe is written."""
+            parked: list[tuple[threading.Event, str, Iterator[_Job | threading.Event]]] = []
+            upcoming = iter([s for s, todo in todos.items() if todo])
+            while True:
+                ready = next((p for p in parked if p[0].is_set()), None)
+                if ready is not None:
+                    parked.remove(ready)
+                    _, symbol, jobs = ready
+                else:
+                    nxt = next(upcoming, None)
+                    if nxt is None:
+                        if not parked:
+                            return
+                        yield None
+                        continue
+                    symbol, jobs = nxt, self._jobs(nxt, todos[nxt], outcomes[nxt])
+                for item in jobs:
+                    if isinstance(item, threading.Event):
+                        parked.append((item, symbol, jobs))
+                        break
+                    yield item
+                else:
+                    yield symbol  # every job of the symbol was handed out
+
+        finished: list[str] = [s for s in work if s not in feeding]
         cond = threading.Condition()
         in_flight = 0
-        held_bytes = 0  # fetched rows waiting for their day to be written
+        held_bytes = 0  # fetched rows waiting for their job to be written
         fatal: list[BaseException] = []
         results: list[SymbolOutcome] = []
 
@@ -713,25 +767,26 @@ class FetchEngine:
             outcomes[symbol].finished = time.monotonic()
             finished.append(symbol)
 
-        def day_done(job: _DayJob, error: BaseException | None) -> None:
+        def job_done(job: _Job, error: BaseException | None) -> None:
             outcome = outcomes[job.symbol]
             if error is None:
                 try:
-                    self._write_day(job, outcome)
+                    self._write_job(job, outcome)
                 except BaseException as e:  # noqa: BLE001 - recorded on the symbol, run fails later
                     outcome.stats.count("errors", "write" if isinstance(e, OSError) else type(e).__name__)
                     error = e
+            job.done.set()
             with cond:
                 if error is not None and outcome.error is None:
                     outcome.error = error
                     if isinstance(error, (PolygonAuthError, store.SourceMismatchError)):
                         fatal.append(error)
-                days_left[job.symbol] -= 1
-                if days_left[job.symbol] == 0:
+                jobs_left[job.symbol] -= 1
+                if jobs_left[job.symbol] == 0 and job.symbol not in feeding:
                     finish_symbol(job.symbol)
                 cond.notify_all()
 
-        def range_done(job: _DayJob, idx: int, fut: Future[tuple[pl.DataFrame, int]]) -> None:
+        def range_done(job: _Job, idx: int, fut: Future[tuple[pl.DataFrame, int]]) -> None:
             nonlocal in_flight, held_bytes
             error = fut.exception()
             with cond:
@@ -745,22 +800,22 @@ class FetchEngine:
                 last = job.remaining == 0
                 failed = error is not None and job.remaining >= 0
                 if failed:
-                    job.remaining = -(10**9)  # the day is failed; later range results are dropped
+                    job.remaining = -(10**9)  # the job failed; later range results are dropped
                     job.frames.clear()
                     held_bytes -= job.held
                     job.held = 0
                 cond.notify_all()
             if failed:
-                day_done(job, error)
+                job_done(job, error)
             elif last:
                 with cond:
                     in_flight += 1  # a pending write holds its frames: count it against the bound
-                writer.submit(write_day, job)
+                writer.submit(write_job, job)
 
-        def write_day(job: _DayJob) -> None:
+        def write_job(job: _Job) -> None:
             nonlocal in_flight, held_bytes
             try:
-                day_done(job, None)
+                job_done(job, None)
             finally:
                 with cond:
                     in_flight -= 1
@@ -771,7 +826,7 @@ class FetchEngine:
         # budget busy (on the fetch workers, writes capped 12 workers at ~80 req/s: benchmarks).
         writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="writer")
         with writer, ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="polygon") as pool:
-            pending = iter(jobs)
+            pending = feed()
             exhausted = False
             while True:
                 with cond:
@@ -786,26 +841,32 @@ class FetchEngine:
                     if (
                         (exhausted or fatal)
                         and in_flight == 0
-                        and all(
-                            n <= 0 or outcomes[s].error is not None or fatal for s, n in days_left.items()
-                        )
+                        and all(n <= 0 or outcomes[s].error or fatal for s, n in jobs_left.items())
                     ):
                         break
                     if exhausted or fatal or in_flight >= 2 * self.workers or held_bytes > FRAME_BYTES_HELD:
                         cond.wait(timeout=0.5)
                         continue
-                job = next(pending, None)
-                if job is None:
+                job = next(pending, _END)
+                if job is _END:
                     exhausted = True
                     continue
-                outcome = outcomes[job.symbol]
-                if outcome.error is not None:  # symbol already failed: skip its other days
-                    day_done(job, outcome.error)
+                if job is None:  # every symbol left waits for its probe
+                    with cond:
+                        cond.wait(timeout=0.05)
                     continue
+                if isinstance(job, str):  # the symbol's last job was handed out
+                    with cond:
+                        feeding.discard(job)
+                        if jobs_left[job] == 0:
+                            finish_symbol(job)
+                    continue
+                outcome = outcomes[job.symbol]
+                with cond:
+                    jobs_left[job.symbol] += 1
                 if not outcome.begun:  # the symbol's clock starts with its first request, not the run's
                     outcome.begun = True
                     outcome.started = time.monotonic()
-                job.ranges = plan_symbol(job.symbol, job.windows, self.density, self.max_overfetch)
                 job.remaining = len(job.ranges)
                 for idx, rng in enumerate(job.ranges):
                     with cond:
@@ -834,7 +895,37 @@ class FetchEngine:
         self.density.save()
         return results
 
-    def _write_day(self, job: _DayJob, outcome: SymbolOutcome) -> None:
+    def _jobs(
+        self, symbol: str, todo: Sequence[Window], outcome: SymbolOutcome
+    ) -> Iterator[_Job | threading.Event]:
+        """The symbol's jobs in time order, planned ``PLAN_HORIZON`` windows at a time when due.
+
+        A symbol never observed is probed: its first job alone, then the job's ``done`` event, so
+        the rest is planned once the probe's rows have taught the density store the symbol's level
+        (only then may ranges use the over-fetch allowance). Stops once the symbol has failed.
+        """
+        rest = sorted(todo, key=lambda w: (w.start_ns, w.end_ns, w.event_id))
+        while rest and outcome.error is None:
+            probe = not self.density.known(symbol)
+            head = rest[:PLAN_HORIZON]
+            ranges = plan_symbol(
+                symbol, head, self.density, self.max_overfetch, overfetch_rows=self.overfetch_rows
+            )
+            groups = components(head, ranges)
+            if probe and len(groups) > 1:
+                del groups[1:]
+            elif len(rest) > len(head) and len(groups) > 1:
+                groups.pop()  # its ranges might still merge with windows beyond the horizon
+            for windows, rngs in groups:
+                if outcome.error is not None:
+                    return
+                job = _Job(symbol, windows, rngs)
+                yield job
+                if probe:
+                    yield job.done
+            rest = rest[sum(len(ws) for ws, _ in groups) :]
+
+    def _write_job(self, job: _Job, outcome: SymbolOutcome) -> None:
         """Split each range back out per event, shape, and write the event's two files."""
         by_event: dict[str, dict[str, pl.DataFrame]] = {}
         for idx, rng in enumerate(job.ranges):

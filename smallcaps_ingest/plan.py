@@ -1,13 +1,22 @@
 """Plan the fewest requests that cover a symbol's event windows.
 
 The budget counts requests, not rows, and one page holds up to 50,000 rows. So windows that
-overlap or touch are always fetched as one range, and separated windows on the same trading day
-are fetched together when that is expected to need fewer pages. Each day's blocks are partitioned
-optimally (a small dynamic programme over contiguous runs of blocks), not merged greedily, so a
-dense block is left on its own while its sparse neighbours still share a range.
-Over-fetch is bounded: a merged range may hold at most ``max_overfetch`` times the rows its
-events need (a bound on the density's *shape* over the day, not on its level, since both sides
-scale with it).
+overlap or touch are always fetched as one range, and separated windows are fetched together when
+that is expected to need fewer pages. The blocks are partitioned optimally (a small dynamic
+programme over contiguous runs of blocks), not merged greedily, so a dense block is left on its
+own while its sparse neighbours still share a range.
+
+Over-fetch is bounded two ways, and a merged range must satisfy one of them:
+
+* a ratio: at most ``max_overfetch`` times the rows its events need (a bound on the density's
+  *shape* over the day, not on its level, since both sides scale with it); this is what lets
+  windows minutes or hours apart on one day share a range;
+* an allowance: at most ``overfetch_rows`` rows more than its events need. This is what lets a
+  sparse name's events days apart share a range (a day of a small cap's trades often fits in one
+  page, but is ~100x the rows of a 10-minute window, so no ratio would allow it). Being in rows,
+  it is used only once something of the symbol was observed (its level is known). Its default
+  (:func:`overfetch_allowance`) is what the client can parse in one request's share of the
+  budget, so a saved request is never paid for with more CPU time than the request itself.
 
 Densities are learned per symbol, endpoint and session segment from what was already fetched, and
 shrunk towards the symbol's own level (its observed rows over what the priors predicted, in every
@@ -46,6 +55,11 @@ PRIOR_DENSITY = {
 PRIOR_SECONDS = 60.0
 # Weight, in rows, that the market-wide prior level (1.0) keeps against a symbol's observed level.
 PRIOR_LEVEL_ROWS = 10.0
+# Rows per second of CPU that parsing sustains (~1 us per row with polars' JSON reader on one core,
+# benchmarks/cost_per_tick.py): the exchange rate between over-fetched rows and saved requests.
+PARSE_ROWS_PER_CPU_SECOND = 1_000_000
+# A plan looks at most this many blocks back when extending a range (bounds the programme's cost).
+MAX_RUN_BLOCKS = 64
 # (end hour, end minute, segment) in America/New_York
 SESSION_BOUNDS = (
     (4, 0, "OFF"),
@@ -92,6 +106,11 @@ def session_segments(start_ns: int, end_ns: int) -> list[tuple[str, float]]:
         midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
         session, boundary = "OFF", None
         prev = 0
+        if local.weekday() >= 5:  # no US equity session on Saturday or Sunday
+            nxt = min(end_ns, int((midnight + timedelta(days=1)).astimezone(UTC).timestamp()) * NS)
+            out.append(("OFF", (nxt - cur) / NS))
+            cur = nxt
+            continue
         for hour, minute, name in SESSION_BOUNDS:
             b = hour * 60 + minute
             minute_of_day = local.hour * 60 + local.minute + local.second / 60 + local.microsecond / 6e7
@@ -216,26 +235,43 @@ def _blocks(kind: str, windows: Sequence[Window]) -> list[RequestRange]:
     return blocks
 
 
+def overfetch_allowance(max_rps: float) -> int:
+    """Default ``overfetch_rows``: the rows the client parses in one request's share of the budget
+    (1 / max_rps seconds), at most one page. 5 req/min or 10 req/s: a whole page (requests are the
+    scarce resource); 90 req/s: ~11,000 rows (CPU is)."""
+    if max_rps <= 0:
+        return PAGE_ROWS
+    return int(min(PAGE_ROWS, PARSE_ROWS_PER_CPU_SECOND / max_rps))
+
+
+def within_bound(rows: float, need: float, max_overfetch: float, overfetch_rows: float) -> bool:
+    """Whether a range of ``rows`` serving windows that need ``need`` rows respects the bound."""
+    return rows <= max(max_overfetch * need, need + overfetch_rows) * (1 + 1e-9)
+
+
 def partition(
     need: Sequence[float],
     span: Callable[[int, int], float],
     max_overfetch: float,
     cost: Callable[[float], float],
+    overfetch_rows: float = 0.0,
+    max_run: int = MAX_RUN_BLOCKS,
 ) -> list[tuple[int, int]]:
     """Cheapest split of n blocks into contiguous runs [i, j): the total of ``cost(span(i, j))``,
-    then the fewest rows; a run of several blocks only if ``span(i, j)`` <= ``max_overfetch`` x the
-    rows its blocks need. ``need[k]`` = rows of block k, ``span(i, j)`` = rows from block i's start
-    to block j-1's end. (Contiguous runs lose nothing: a range spanning blocks covers those between.)
+    then the fewest rows; a run of several blocks only if ``span(i, j)`` is within the bound
+    (:func:`within_bound`) of the rows its blocks need, and at most ``max_run`` blocks long.
+    ``need[k]`` = rows of block k, ``span(i, j)`` = rows from block i's start to block j-1's end.
+    (Contiguous runs lose nothing: a range spanning blocks covers those between.)
     """
     n = len(need)
     best: list[tuple[float, float]] = [(0.0, 0.0)] + [(math.inf, math.inf)] * n
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
         inside = 0.0
-        for i in range(j - 1, -1, -1):
+        for i in range(j - 1, max(-1, j - 1 - max_run), -1):
             inside += need[i]
             rows = span(i, j)
-            if j - i > 1 and rows > max_overfetch * inside * (1 + 1e-9):
+            if j - i > 1 and not within_bound(rows, inside, max_overfetch, overfetch_rows):
                 continue
             pages, fetched = best[i][0] + cost(rows), best[i][1] + rows
             # pages first; between (near-)equal page counts, the fewer rows
@@ -255,29 +291,31 @@ def plan_kind(
     windows: Sequence[Window],
     density: DensityStore,
     max_overfetch: float = 4.0,
+    overfetch_rows: float = 0.0,
 ) -> list[RequestRange]:
-    """Ranges for one endpoint: overlapping/adjacent windows always merge; separated windows on
-    the same ET day share a range when that lowers the expected page count and keeps over-fetch
-    within the bound (the best such partition of each day)."""
+    """Ranges for one endpoint: overlapping/adjacent windows always merge; separated windows share
+    a range when that lowers the expected page count and keeps over-fetch within the bound (the
+    best such partition of all the blocks, across days when the allowance permits)."""
     blocks = _blocks(kind, windows)
-    dens = density.densities(symbol, kind) if len(blocks) > 1 else {}
-    out: list[RequestRange] = []
-    for _, group in itertools.groupby(blocks, key=lambda blk: et_day(blk.start_ns)):
-        day = list(group)
-        if len(day) == 1:
-            out.extend(day)
-            continue
-        # expected rows up to every block edge, so any run's rows are one subtraction
-        edges = [x for blk in day for x in (blk.start_ns, blk.end_ns)]
-        steps = (
-            sum(dens[s] * secs for s, secs in session_segments(a, b)) for a, b in itertools.pairwise(edges)
+    if len(blocks) <= 1:
+        return blocks
+    if not density.known(symbol):
+        # the allowance is in rows, so it is only as good as the symbol's level: on the priors a
+        # name 12x denser than assumed would fetch 12x the allowance (the ratio is level-free)
+        overfetch_rows = 0.0
+    dens = density.densities(symbol, kind)
+    # expected rows up to every block edge, so any run's rows are one subtraction
+    edges = [x for blk in blocks for x in (blk.start_ns, blk.end_ns)]
+    steps = (sum(dens[s] * secs for s, secs in session_segments(a, b)) for a, b in itertools.pairwise(edges))
+    cum = list(itertools.accumulate(steps, initial=0.0))
+    need = [cum[2 * i + 1] - cum[2 * i] for i in range(len(blocks))]
+    runs = partition(need, lambda i, j: cum[2 * j - 1] - cum[2 * i], max_overfetch, _pages, overfetch_rows)
+    return [
+        RequestRange(
+            kind, blocks[i].start_ns, blocks[j - 1].end_ns, [w for b in blocks[i:j] for w in b.events]
         )
-        cum = list(itertools.accumulate(steps, initial=0.0))
-        need = [cum[2 * i + 1] - cum[2 * i] for i in range(len(day))]
-        for i, j in partition(need, lambda i, j, c=cum: c[2 * j - 1] - c[2 * i], max_overfetch, _pages):
-            events = [w for blk in day[i:j] for w in blk.events]
-            out.append(RequestRange(kind, day[i].start_ns, day[j - 1].end_ns, events))
-    return out
+        for i, j in runs
+    ]
 
 
 def plan_symbol(
@@ -286,14 +324,34 @@ def plan_symbol(
     density: DensityStore,
     max_overfetch: float = 4.0,
     kinds: Sequence[str] = KINDS,
+    overfetch_rows: float = 0.0,
 ) -> list[RequestRange]:
     ws = list(windows)
-    return [r for kind in kinds for r in plan_kind(symbol, kind, ws, density, max_overfetch)]
+    return [r for kind in kinds for r in plan_kind(symbol, kind, ws, density, max_overfetch, overfetch_rows)]
 
 
-def group_by_day(windows: Iterable[Window]) -> dict[str, list[Window]]:
-    """Events grouped by ET trading day (merges never cross days, so days plan independently)."""
-    out: dict[str, list[Window]] = {}
-    for w in sorted(windows, key=lambda w: (w.start_ns, w.event_id)):
-        out.setdefault(et_day(w.start_ns), []).append(w)
-    return out
+def components(
+    windows: Sequence[Window], ranges: Sequence[RequestRange]
+) -> list[tuple[list[Window], list[RequestRange]]]:
+    """Split planned windows into groups no range crosses, in time order: each group can be fetched,
+    shaped and written on its own (the engine's unit of work, so finished groups free their memory).
+
+    Every range covers a contiguous run of the windows in (start, end, id) order, so a group ends
+    between two neighbours that share no range of any endpoint.
+    """
+    order = sorted(windows, key=lambda w: (w.start_ns, w.end_ns, w.event_id))
+    range_of: dict[str, dict[str, int]] = {}
+    for idx, r in enumerate(ranges):
+        for w in r.events:
+            range_of.setdefault(r.kind, {})[w.event_id] = idx
+    groups: list[tuple[list[Window], list[RequestRange]]] = []
+    for k, w in enumerate(order):
+        prev = order[k - 1].event_id if k else None
+        shared = any(m.get(w.event_id, -1) == m.get(prev, -2) for m in range_of.values())
+        if not shared:
+            groups.append(([], []))
+        groups[-1][0].append(w)
+    first = {w.event_id: g for g, (ws, _) in enumerate(groups) for w in ws}
+    for r in ranges:
+        groups[first[r.events[0].event_id]][1].append(r)
+    return groups

@@ -124,3 +124,5 @@ class IngestSettings(dg.ConfigurableResource):
     events_path: str = ""
     quotes_hz: float = 1.0
     max_overfetch: float = 4.0
+    # rows a merged range may fetch beyond what its events need; None: from the budget's rate
+    overfetch_rows: int | None = None

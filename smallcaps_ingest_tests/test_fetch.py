@@ -317,6 +317,43 @@ def test_engine_merges_requests(sim: Simulator, client: PolygonClient, tmp_path:
     assert json.loads((tmp_path / "dens.json").read_text())["XELB"]["quotes"]["RTH"][1] > 0
 
 
+def test_engine_merges_a_sparse_name_across_days(
+    sim: Simulator, client: PolygonClient, tmp_path: Path
+) -> None:
+    """XELB (liquidity 0.02, ~6,000 quotes a day): once its density is learned, five events from
+    a Tuesday to the next Monday are one range per endpoint under a 50,000-row allowance (2
+    requests, not 10), and every event's files are exactly the ground truth; with no allowance,
+    one range per event and endpoint."""
+    dens = tmp_path / "dens.json"
+    teach = FetchEngine(client, str(tmp_path / "t"), workers=4, density=DensityStore(dens), overfetch_rows=0)
+    (t,) = teach.run({"XELB": [Window("teach", ns("2024-02-05T15:00:00"), ns("2024-02-05T16:00:00"))]})
+    assert t.written == 1
+    days = ("2024-02-06", "2024-02-07", "2024-02-08", "2024-02-09", "2024-02-12")
+    ws = [Window(f"x{i}", ns(f"{d}T15:00:00"), ns(f"{d}T15:10:00")) for i, d in enumerate(days)]
+    for allowance, expect in ((50_000, 2), (0, 10)):
+        sim.reset_counters()
+        data = tmp_path / f"d{allowance}"
+        engine = FetchEngine(
+            client, str(data), workers=4, density=DensityStore(dens), overfetch_rows=allowance
+        )
+        (o,) = engine.run({"XELB": ws})
+        assert o.error is None and o.written == 5
+        assert o.stats.total_requests == sim.counters()["total"] == expect
+        if expect == 2:
+            assert {(r.gte_ns, r.lt_ns) for r in sim.request_log()} == {(ws[0].start_ns, ws[-1].end_ns)}
+        for w in ws:
+            d = store.event_dir(data, "XELB", w.event_id)
+            trades = shape.shape_trades(
+                truth_frame("trades", "XELB", w.start_ns, w.end_ns), w.start_ns, w.end_ns
+            )
+            quotes = shape.shape_quotes(
+                truth_frame("quotes", "XELB", w.start_ns, w.end_ns), w.start_ns, w.end_ns, 1.0
+            )
+            assert quotes.height > 0
+            assert pl.read_parquet(d / "trades.parquet").equals(trades)
+            assert pl.read_parquet(d / "quotes.parquet").equals(quotes)
+
+
 def test_engine_failure_is_per_symbol(sim: Simulator, client: PolygonClient, tmp_path: Path) -> None:
     """A write failure fails its symbol only; other symbols complete and are reported."""
     data = tmp_path / "d"

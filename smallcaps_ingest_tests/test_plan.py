@@ -17,9 +17,13 @@ from smallcaps_ingest.plan import (
     PRIOR_SECONDS,
     DensityStore,
     Window,
+    components,
+    overfetch_allowance,
     partition,
     plan_kind,
     plan_symbol,
+    session_segments,
+    within_bound,
 )
 from smallcaps_ingest.simulator import Simulator
 from smallcaps_ingest_tests.conftest import ns
@@ -34,22 +38,26 @@ def et(day: str, hhmm: str) -> int:
     return ns(f"{day}T00:00:00") + (5 * 60 + h * 60 + m) * MIN
 
 
-def _brute_force(need: list[float], span: dict[tuple[int, int], float], bound: float) -> float:
+def _brute_force(
+    need: list[float], span: dict[tuple[int, int], float], bound: float, allowance: float = 0.0
+) -> float:
     """Cheapest cost over every split of the blocks into contiguous runs (2^(n-1) of them)."""
     n = len(need)
     best = math.inf
     for cuts in itertools.product((False, True), repeat=n - 1):
         edges = [0] + [k + 1 for k, c in enumerate(cuts) if c] + [n]
         runs = list(itertools.pairwise(edges))
-        if all(j - i == 1 or span[i, j] <= bound * sum(need[i:j]) for i, j in runs):
+        if all(j - i == 1 or within_bound(span[i, j], sum(need[i:j]), bound, allowance) for i, j in runs):
             best = min(best, sum(max(1, math.ceil(span[i, j] / 50_000)) for i, j in runs))
     return best
 
 
 def test_partition_is_optimal() -> None:
-    """The dynamic programme finds the cheapest bounded partition (checked against brute force)."""
+    """The dynamic programme finds the cheapest bounded partition (checked against brute force),
+    with and without an over-fetch allowance in rows."""
     rng = random.Random(42)
-    for _ in range(300):
+    for case in range(600):
+        allowance = 0.0 if case % 2 else rng.choice((10_000.0, 50_000.0))
         n = rng.randint(1, 7)
         need = [rng.choice((0, rng.uniform(0, 5_000), rng.uniform(5_000, 120_000))) for _ in range(n)]
         gaps = [rng.choice((0.0, rng.uniform(0, 20_000), rng.uniform(0, 200_000))) for _ in range(n - 1)]
@@ -57,12 +65,17 @@ def test_partition_is_optimal() -> None:
         for i in range(n):
             for j in range(i + 1, n + 1):
                 span[i, j] = sum(need[i:j]) + sum(gaps[i : j - 1])
-        runs = partition(need, lambda i, j, s=span: s[i, j], 4.0, lambda r: max(1, math.ceil(r / 50_000)))
+        runs = partition(
+            need, lambda i, j, s=span: s[i, j], 4.0, lambda r: max(1, math.ceil(r / 50_000)), allowance
+        )
         assert [i for i, _ in runs] == sorted({i for i, _ in runs}) and runs[0][0] == 0 and runs[-1][1] == n
         assert all(a[1] == b[0] for a, b in itertools.pairwise(runs))
-        assert all(j - i == 1 or span[i, j] <= 4.0 * sum(need[i:j]) * (1 + 1e-9) for i, j in runs)
+        assert all(
+            j - i == 1 or span[i, j] <= max(4.0 * sum(need[i:j]), sum(need[i:j]) + allowance) * (1 + 1e-9)
+            for i, j in runs
+        )
         got = sum(max(1, math.ceil(span[i, j] / 50_000)) for i, j in runs)
-        assert got == _brute_force(need, span, 4.0)
+        assert got == _brute_force(need, span, 4.0, allowance)
 
 
 def test_partition_prefers_fewer_rows_at_equal_pages() -> None:
@@ -110,7 +123,7 @@ def test_dense_blocks_stay_apart_while_sparse_ones_share_a_range() -> None:
         Window("pm2", et(d, "08:30"), et(d, "08:40")),
         Window("r1", et(d, "11:00"), et(d, "11:10")),
         Window("r2", et(d, "11:20"), et(d, "11:30")),
-        Window("next", et("2024-03-06", "08:05"), et("2024-03-06", "08:15")),  # next day: never merged
+        Window("next", et("2024-03-06", "08:05"), et("2024-03-06", "08:15")),  # next day: no allowance
     ]
     quotes = plan_kind("DNS", "quotes", ws, store)
     assert [(r.start_ns, r.end_ns, [w.event_id for w in r.events]) for r in quotes] == [
@@ -162,3 +175,76 @@ def test_warm_plan_makes_exact_requests_over_http(
         ]
     )
     assert sum(r.rows for r in log) == 43_207 + 71_714 + 71_791 + 8_684 + 43_183
+
+
+def test_overfetch_allowance_follows_the_budget() -> None:
+    """The rows one request's share of the budget pays for in parse time, at most a page."""
+    assert overfetch_allowance(5 / 60) == overfetch_allowance(10) == overfetch_allowance(20) == 50_000
+    assert overfetch_allowance(90) == 11_111 and overfetch_allowance(500) == 2_000
+    assert within_bound(40_000, 30_000, 4.0, 0) and not within_bound(130_000, 30_000, 4.0, 0)
+    assert within_bound(20_000, 100, 4.0, 19_900) and not within_bound(20_001, 100, 4.0, 19_900)
+
+
+def test_weekends_hold_no_session() -> None:
+    """Friday 10:00 to Monday 10:00 holds the same sessions as Thursday 10:00 to Friday 10:00."""
+    fri_mon = session_segments(et("2024-02-09", "10:00"), et("2024-02-12", "10:00"))
+    thu_fri = session_segments(et("2024-02-08", "10:00"), et("2024-02-09", "10:00"))
+
+    def by_session(segs: list[tuple[str, float]]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, secs in segs:
+            out[name] = out.get(name, 0.0) + secs
+        return out
+
+    a, b = by_session(fri_mon), by_session(thu_fri)
+    assert a["OFF"] - b["OFF"] == 2 * 86_400  # Saturday and Sunday, plus the same two nights
+    assert {k: v for k, v in a.items() if k != "OFF"} == {k: v for k, v in b.items() if k != "OFF"}
+
+
+def test_sparse_name_merges_across_days_within_the_allowance() -> None:
+    """A name at 0.05 trades/s and 0.25 quotes/s in RTH: a day of its quotes is ~7,600 rows, ~50x
+    a ten-minute window, so no ratio merges days; an allowance of 25,000 rows puts a week's events
+    (Thursday to the next Tuesday, over a weekend) in one range per endpoint; a dense name's stay
+    apart, and with no allowance so do the sparse name's."""
+    days = ("2024-02-08", "2024-02-09", "2024-02-12", "2024-02-13")
+    ws = [Window(f"e{i}", et(d, "10:00"), et(d, "10:10")) for i, d in enumerate(days)]
+    sparse = _learned("THIN", "quotes", 0.25)
+    merged = plan_symbol("THIN", ws, sparse, overfetch_rows=25_000)
+    assert [(r.kind, len(r.events)) for r in merged] == [("trades", 4), ("quotes", 4)]
+    for r in merged:
+        need = sum(sparse.expected_rows("THIN", r.kind, w.start_ns, w.end_ns) for w in ws)
+        assert sparse.expected_rows("THIN", r.kind, r.start_ns, r.end_ns) <= need + 25_000
+    assert len(plan_symbol("THIN", ws, sparse, overfetch_rows=0)) == 8
+    # a tighter allowance: the quotes split where the rows run out, the trades (5x fewer) do not
+    tight = plan_symbol("THIN", ws, sparse, overfetch_rows=8_000)
+    assert [len(r.events) for r in tight if r.kind == "trades"] == [4]
+    assert [len(r.events) for r in tight if r.kind == "quotes"] == [2, 2]  # one day's gap each
+    dense = _learned("DNS", "quotes", 100.0)
+    assert len(plan_symbol("DNS", ws, dense, overfetch_rows=50_000)) == 8
+
+
+def test_components_cut_where_no_range_is_shared() -> None:
+    """Groups of windows the engine can fetch and write on their own: a trades range across two
+    days ties them together even where the quotes are apart."""
+    sparse = _learned("THIN", "quotes", 0.25)
+    d1, d2, d3 = "2024-03-05", "2024-03-06", "2024-03-20"
+    ws = [
+        Window("a", et(d1, "10:00"), et(d1, "10:10")),
+        Window("b", et(d2, "10:00"), et(d2, "10:10")),
+        Window("c", et(d3, "10:00"), et(d3, "10:10")),
+    ]
+    ranges = plan_symbol("THIN", ws, sparse, overfetch_rows=6_000)
+    assert [(r.kind, [w.event_id for w in r.events]) for r in ranges] == [
+        ("trades", ["a", "b"]),  # ~1,400 trades a day: one day's gap fits the allowance
+        ("trades", ["c"]),  # two weeks do not
+        ("quotes", ["a"]),
+        ("quotes", ["b"]),
+        ("quotes", ["c"]),
+    ]
+    groups = components(ws, ranges)
+    assert [
+        ([w.event_id for w in g], sorted((r.kind, r.events[0].event_id) for r in rs)) for g, rs in groups
+    ] == [
+        (["a", "b"], [("quotes", "a"), ("quotes", "b"), ("trades", "a")]),
+        (["c"], [("quotes", "c"), ("trades", "c")]),
+    ]

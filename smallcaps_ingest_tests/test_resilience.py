@@ -714,6 +714,11 @@ BAD_INPUTS: dict[str, tuple[object, dict[str, str], tuple[str, ...]]] = {
     ),
     "max_rps_nan": (_SAMPLE, {"POLYGON_MAX_RPS": "nan"}, ("POLYGON_MAX_RPS='nan'",)),
     "quotes_hz_inf": (_SAMPLE, {"SMALLCAPS_QUOTES_HZ": "inf"}, ("SMALLCAPS_QUOTES_HZ='inf'",)),
+    "overfetch_rows_text": (
+        _SAMPLE,
+        {"SMALLCAPS_OVERFETCH_ROWS": "lots"},
+        ("SMALLCAPS_OVERFETCH_ROWS='lots' is not a valid int",),
+    ),
 }
 BAD_INPUT_PARAMS = [pytest.param(case) for case in BAD_INPUTS]
 
