@@ -6,8 +6,9 @@ manifest is generated before any clock starts, so the server is never the bottle
 budget, every client gets the same manifest (sized so ours takes about ``--seconds`` at the
 budget); massive and naive stop starting new events after ``--cap`` x ``--seconds``.
 
-* ours    ``FetchEngine`` (12 workers, hz 1, max over-fetch 4, cold ``DensityStore``) with a fresh
-          ``RequestBudget`` file at the budget; it fetches, shapes and writes parquet.
+* ours    ``FetchEngine`` (its defaults for the budget: workers max(12, 0.2 s x budget), over-fetch
+          allowance min(50,000, 10^6 / budget) rows; hz 1, ratio bound 4, cold ``DensityStore``)
+          with a fresh ``RequestBudget`` file at the budget; it fetches, shapes and writes parquet.
 * massive ``massive.RESTClient(api_key, base=<simulator>, maxsize=12)`` driven by
           ``ThreadPoolExecutor(12)``: per event one ``list(list_trades(...))`` and one
           ``list(list_quotes(...))`` (``timestamp_gte/lt``, ``order="asc"``, ``limit=50000``; the
@@ -49,6 +50,7 @@ from _common import API_KEY, SimHost, load_average, run_ours, served_rate, table
 from manifests import KINDS, Event, describe, make, to_work
 
 from smallcaps_ingest import budget as budget_mod
+from smallcaps_ingest.fetch import default_workers
 from smallcaps_ingest.plan import DensityStore, plan_symbol
 
 CLIENT_WORKERS = 12
@@ -196,7 +198,7 @@ def run_client(sim: SimHost, client: str, events: Sequence[Event], budget: float
     cap = a.seconds * a.cap
     if client == "ours":
         def go() -> tuple[int, int, float]:
-            run = run_ours(sim.base_url, events, budget, out, workers=a.workers)
+            run = run_ours(sim.base_url, events, budget, out, workers=a.workers or default_workers(budget))
             return run.events, run.errors, run.seconds
 
         r = measure(sim, client, go)
@@ -225,7 +227,9 @@ def main() -> None:
     p.add_argument("--verify", type=int, default=24, help="ours' events checked against ground truth")
     p.add_argument("--latency-ms", type=float, default=100.0)
     p.add_argument("--jitter-ms", type=float, default=20.0)
-    p.add_argument("--workers", type=int, default=12, help="ours' worker threads (POLYGON default 12)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="ours' worker threads (default: the engine's, per budget)"
+    )
     p.add_argument("--what-if-margin", type=float, default=None, metavar="FRACTION",
                    help="what-if: override budget.WINDOW_MARGIN (0.01) in this process")
     p.add_argument("--what-if-aimd", default=None, metavar="DECREASE,INCREASE",
@@ -297,7 +301,7 @@ def main() -> None:
          "429s", "other", "max 1s", "req/event", "events/min", "cores client/sim"],
         rows,
         title=f"Throughput, manifest {a.manifest}, latency {a.latency_ms:g}+-{a.jitter_ms:g} ms, "
-              f"server limit {a.server_limit}, ours with {a.workers} workers"
+              f"server limit {a.server_limit}, ours with {a.workers or 'max(12, 0.2 s x budget)'} workers"
               + (f" [WHAT-IF {'; '.join(what_if)}]" if what_if else ""),
     ))
     if ratio_rows:

@@ -1,8 +1,8 @@
 """The Dagster ``Definitions``: assets, checks, resources and jobs, configured from the environment.
 
 Environment: SMALLCAPS_EVENTS, SMALLCAPS_DATA_DIR (./data), POLYGON_API_KEY, POLYGON_BASE_URL
-(``simulator`` = the bundled simulator), POLYGON_MAX_RPS (90), POLYGON_WORKERS (12),
-SMALLCAPS_QUOTES_HZ (1; 0 = raw quotes), SMALLCAPS_MAX_OVERFETCH (4),
+(``simulator`` = the bundled simulator), POLYGON_MAX_RPS (90), POLYGON_WORKERS (auto: 12,
+more above 60 req/s), SMALLCAPS_QUOTES_HZ (1; 0 = raw quotes), SMALLCAPS_MAX_OVERFETCH (4),
 SMALLCAPS_OVERFETCH_ROWS (auto: from POLYGON_MAX_RPS).
 """
 
@@ -13,7 +13,7 @@ import os
 import dagster as dg
 
 from smallcaps_ingest.assets import event_windows, event_windows_checks, manifest, symbol_events
-from smallcaps_ingest.fetch import OFFICIAL_BASE_URL
+from smallcaps_ingest.fetch import OFFICIAL_BASE_URL, default_workers
 from smallcaps_ingest.ops import cleanup_and_reconcile, ingestion_report
 from smallcaps_ingest.resources import (
     AtomicPolarsParquetIOManager,
@@ -36,12 +36,17 @@ settings = IngestSettings(
         else int(env_number("SMALLCAPS_OVERFETCH_ROWS", 0, int, minimum=0))
     ),
 )
+_max_rps = env_number("POLYGON_MAX_RPS", 90.0, float, minimum=0.001)
 polygon = PolygonResource(
     # An EnvVar reference, never the value: the key stays out of run config and the instance DB.
     api_key=dg.EnvVar("POLYGON_API_KEY") if os.environ.get("POLYGON_API_KEY") else None,
     base_url=os.environ.get("POLYGON_BASE_URL") or OFFICIAL_BASE_URL,
-    max_rps=env_number("POLYGON_MAX_RPS", 90.0, float, minimum=0.001),
-    workers=int(env_number("POLYGON_WORKERS", 12, int, minimum=1)),
+    max_rps=_max_rps,
+    workers=(
+        default_workers(_max_rps)
+        if os.environ.get("POLYGON_WORKERS", "auto").strip().lower() in ("", "auto")
+        else int(env_number("POLYGON_WORKERS", 12, int, minimum=1))
+    ),
 )
 
 ingest_job = dg.define_asset_job(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -404,3 +405,25 @@ def test_cleanup_fails_killed_runs_and_frees_their_pool_slots(env: dict[str, str
     assert not list(Path(env["SMALLCAPS_DATA_DIR"]).rglob("*.tmp*"))
     sim.config.latency_ms = 0
     materialize(env, "--select", "event_windows", "--partition-range", "AAOI...CLOV")
+
+
+@pytest.mark.parametrize(
+    ("env", "want"),
+    [
+        ({}, "18 None"),  # 90 req/s: 0.2 s x 90 workers; allowance from the budget at run time
+        ({"POLYGON_MAX_RPS": "10"}, "12 None"),  # never fewer than 12
+        ({"POLYGON_MAX_RPS": "100", "SMALLCAPS_OVERFETCH_ROWS": "0"}, "20 0"),
+        ({"POLYGON_WORKERS": "7", "SMALLCAPS_OVERFETCH_ROWS": "auto"}, "7 None"),
+    ],
+)
+def test_worker_and_allowance_defaults_follow_the_budget(env: dict[str, str], want: str) -> None:
+    code = (
+        "from smallcaps_ingest.definitions import polygon as p, settings as s; "
+        "print(p.workers, s.overfetch_rows)"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("POLYGON_", "SMALLCAPS_"))}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[-2] == want

@@ -354,6 +354,28 @@ def test_engine_merges_a_sparse_name_across_days(
             assert pl.read_parquet(d / "quotes.parquet").equals(quotes)
 
 
+def test_engine_probes_a_new_symbol_before_merging_days(
+    sim: Simulator, client: PolygonClient, tmp_path: Path
+) -> None:
+    """A symbol never seen: its first day is fetched alone (priors only, no allowance), and the
+    other four days are planned once that probe taught the store XELB's level: one range per
+    endpoint for all four. 4 requests, not 10 (or 2 ranges each spanning a week planned blind)."""
+    days = ("2024-02-06", "2024-02-07", "2024-02-08", "2024-02-09", "2024-02-12")
+    ws = [Window(f"p{i}", ns(f"{d}T15:00:00"), ns(f"{d}T15:10:00")) for i, d in enumerate(days)]
+    engine = FetchEngine(client, str(tmp_path / "d"), workers=4, overfetch_rows=50_000)
+    sim.reset_counters()
+    (o,) = engine.run({"XELB": ws})
+    assert o.error is None and o.written == 5
+    log = sim.request_log()
+    assert o.stats.total_requests == len(log) == 4
+    assert [(r.gte_ns, r.lt_ns) for r in log[:2]] == [(ws[0].start_ns, ws[0].end_ns)] * 2  # the probe
+    assert {(r.gte_ns, r.lt_ns) for r in log[2:]} == {(ws[1].start_ns, ws[-1].end_ns)}
+    for w in ws:
+        d = store.event_dir(tmp_path / "d", "XELB", w.event_id)
+        want = shape.shape_trades(truth_frame("trades", "XELB", w.start_ns, w.end_ns), w.start_ns, w.end_ns)
+        assert pl.read_parquet(d / "trades.parquet").equals(want)
+
+
 def test_engine_failure_is_per_symbol(sim: Simulator, client: PolygonClient, tmp_path: Path) -> None:
     """A write failure fails its symbol only; other symbols complete and are reported."""
     data = tmp_path / "d"
