@@ -40,6 +40,7 @@ from smallcaps_ingest.plan import (
     components,
     overfetch_allowance,
     plan_symbol,
+    time_order,
 )
 
 log = logging.getLogger(__name__)
@@ -914,7 +915,7 @@ class FetchEngine:
         the rest is planned once the probe's rows have taught the density store the symbol's level
         (only then may ranges use the over-fetch allowance). Stops once the symbol has failed.
         """
-        rest = sorted(todo, key=lambda w: (w.start_ns, w.end_ns, w.event_id))
+        rest = sorted(todo, key=time_order)  # components() returns groups in this order
         while rest and outcome.error is None:
             probe = not self.density.known(symbol)
             head = rest[:PLAN_HORIZON]

@@ -79,6 +79,12 @@ class Window:
     end_ns: int
 
 
+def time_order(w: Window) -> tuple[int, int, str]:
+    """The order blocks, ranges and the engine's jobs all follow (start, end, event id): shared, so
+    a prefix of the sorted windows is always a prefix of the planned groups."""
+    return (w.start_ns, w.end_ns, w.event_id)
+
+
 @dataclass
 class RequestRange:
     """One request range (followed through every page) and the events it serves."""
@@ -226,7 +232,7 @@ def _pages(rows: float) -> int:
 def _blocks(kind: str, windows: Sequence[Window]) -> list[RequestRange]:
     """Overlapping or touching windows unioned (exact, no over-fetch), in time order."""
     blocks: list[RequestRange] = []
-    for w in sorted(windows, key=lambda w: (w.start_ns, w.end_ns, w.event_id)):
+    for w in sorted(windows, key=time_order):
         if blocks and w.start_ns <= blocks[-1].end_ns:
             blocks[-1].end_ns = max(blocks[-1].end_ns, w.end_ns)
             blocks[-1].events.append(w)
@@ -336,10 +342,10 @@ def components(
     """Split planned windows into groups no range crosses, in time order: each group can be fetched,
     shaped and written on its own (the engine's unit of work, so finished groups free their memory).
 
-    Every range covers a contiguous run of the windows in (start, end, id) order, so a group ends
+    Every range covers a contiguous run of the windows in ``time_order``, so a group ends
     between two neighbours that share no range of any endpoint.
     """
-    order = sorted(windows, key=lambda w: (w.start_ns, w.end_ns, w.event_id))
+    order = sorted(windows, key=time_order)
     range_of: dict[str, dict[str, int]] = {}
     for idx, r in enumerate(ranges):
         for w in r.events:
