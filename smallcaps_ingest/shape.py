@@ -8,6 +8,7 @@ the window are used, so the output never depends on how the request ranges were 
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 
 TS = pl.Datetime("ns", "UTC")
@@ -84,54 +85,71 @@ def quotes_schema(hz: float) -> dict[str, pl.DataType]:
     return QUOTES_SCHEMA if hz > 0 else RAW_QUOTES_OUT_SCHEMA
 
 
-def _in_window(raw: pl.DataFrame, start_ns: int, end_ns: int) -> pl.LazyFrame:
-    return (
-        raw.lazy()
-        .filter((pl.col("sip_timestamp") >= start_ns) & (pl.col("sip_timestamp") < end_ns))
-        .sort("sip_timestamp", "sequence_number")
-    )
+def _keys(raw: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The (sip_timestamp, sequence_number) columns as int64 arrays (zero-copy without nulls)."""
+    cols = [raw.get_column(c) for c in ("sip_timestamp", "sequence_number")]
+    return tuple(c.fill_null(0).to_numpy() if c.null_count() else c.to_numpy() for c in cols)  # type: ignore[return-value]
 
 
-def _typed(frame: pl.LazyFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
-    """Cast to the on-disk schema (integer nanoseconds become UTC datetimes) and run the query.
+def in_time_order(raw: pl.DataFrame) -> bool:
+    """True if rows are strictly ordered by (sip_timestamp, sequence_number), as v3 pages are."""
+    ts, seq = _keys(raw)
+    step = np.diff(ts)
+    if (step < 0).any():
+        return False
+    ties = step == 0
+    return not ties.any() or bool((np.diff(seq)[ties] > 0).all())
 
-    Each function builds one lazy query and collects it once: eager steps cost ~0.2 ms each in
-    fixed overhead, which was most of the shaping CPU of a small-cap event (benchmarks)."""
-    return frame.select(pl.col(c).cast(t) for c, t in schema.items()).collect()
+
+def _in_window(raw: pl.DataFrame, start_ns: int, end_ns: int) -> tuple[pl.DataFrame, np.ndarray]:
+    """The rows with start <= sip_timestamp < end, sorted by (sip_timestamp, sequence_number), and
+    their timestamps.
+
+    Pages arrive in time order, so this is normally two binary searches and a zero-copy slice;
+    anything out of order is sorted first. Series and numpy calls cost microseconds where each
+    polars query costs ~0.1-0.2 ms of planning: a lazy filter + sort + cast per file was most of
+    a small-cap event's shaping CPU (benchmarks/cost_per_tick.py)."""
+    if not in_time_order(raw):
+        raw = raw.sort("sip_timestamp", "sequence_number")
+    ts = _keys(raw)[0]
+    lo, hi = np.searchsorted(ts, (start_ns, end_ns), side="left")
+    return raw.slice(int(lo), int(hi - lo)), ts[lo:hi]
+
+
+def _typed(
+    frame: pl.DataFrame, schema: dict[str, pl.DataType], extra: dict[str, pl.Series] | None = None
+) -> pl.DataFrame:
+    """Cast to the on-disk schema (integer nanoseconds become UTC datetimes), column by column."""
+    cols = {**{c: frame.get_column(c) for c in schema if c not in (extra or {})}, **(extra or {})}
+    return pl.DataFrame([cols[c].cast(t) for c, t in schema.items()])
 
 
 def shape_trades(raw: pl.DataFrame, start_ns: int, end_ns: int) -> pl.DataFrame:
     """Every trade with start <= sip_timestamp < end, sorted by (sip_timestamp, sequence_number)."""
-    return _typed(_in_window(raw, start_ns, end_ns), TRADES_SCHEMA)
+    return _typed(_in_window(raw, start_ns, end_ns)[0], TRADES_SCHEMA)
 
 
 def shape_quotes(raw: pl.DataFrame, start_ns: int, end_ns: int, hz: float) -> pl.DataFrame:
-    """Quotes sampled at `hz` (0 = raw quotes inside the window)."""
-    inside = _in_window(raw, start_ns, end_ns)
+    """Quotes sampled at `hz` (0 = raw quotes inside the window).
+
+    Bucket k is [start + k*w, start + (k+1)*w) clipped to the window; ``pos[k]`` is the number of
+    quotes before its left edge (a binary search of the sorted timestamps), so the bucket holds
+    ``pos[k+1] - pos[k]`` quotes and the NBBO known at its right edge is quote ``pos[k+1] - 1``.
+    That is an as-of join with ``allow_exact_matches=False`` plus a count per bucket; the polars
+    join + group-by took ~1 ms per event in fixed costs, this takes ~0.1 (benchmarks; the join
+    is the oracle in the tests).
+    """
+    inside, ts = _in_window(raw, start_ns, end_ns)
     if hz <= 0:
         return _typed(inside, RAW_QUOTES_OUT_SCHEMA)
     width = round(1_000_000_000 / hz)
     if width <= 0:
         raise ValueError(f"SMALLCAPS_QUOTES_HZ={hz} is too high: bucket width must be >= 1 ns")
     buckets = -(-(end_ns - start_ns) // width)  # ceil
-    grid = pl.LazyFrame({"bucket": pl.int_range(0, buckets, dtype=pl.Int64, eager=True)}).with_columns(
-        ts=pl.min_horizontal(pl.lit(start_ns) + (pl.col("bucket") + 1) * width, pl.lit(end_ns))
-    )
-    counts = inside.group_by(bucket=(pl.col("sip_timestamp") - start_ns) // width).agg(
-        quote_count=pl.len().cast(pl.UInt32)
-    )
-    known = inside.select("sip_timestamp", "sequence_number", *QUOTE_FIELDS)
-    out = (
-        grid.join_asof(
-            known,
-            left_on="ts",
-            right_on="sip_timestamp",
-            strategy="backward",
-            allow_exact_matches=False,  # the NBBO "as known at ts" excludes a quote stamped at ts
-            check_sortedness=False,
-        )
-        .filter(pl.col("sip_timestamp").is_not_null())  # buckets before the first quote
-        .join(counts, on="bucket", how="left")
-        .with_columns(pl.col("quote_count").fill_null(0))
-    )
-    return _typed(out, QUOTES_SCHEMA)
+    edges = np.minimum(start_ns + np.arange(buckets + 1, dtype=np.int64) * width, end_ns)
+    pos = np.searchsorted(ts, edges, side="left")
+    known = pos[1:] > 0  # buckets before the first quote have no NBBO yet
+    return _typed(inside.gather(pos[1:][known] - 1), QUOTES_SCHEMA, {
+        "ts": pl.Series("ts", edges[1:][known]),
+        "quote_count": pl.Series("quote_count", np.diff(pos)[known], dtype=pl.UInt32),
+    })

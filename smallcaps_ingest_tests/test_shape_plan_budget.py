@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from pathlib import Path
@@ -87,6 +88,70 @@ def test_trades_window_and_order() -> None:
     out = shape.shape_trades(raw, 1, 10)
     assert out["sequence_number"].to_list() == [1, 3, 4, 5]  # [1, 10), sorted by (ts, seq)
     assert out.schema == pl.Schema(shape.TRADES_SCHEMA)
+
+
+def _reference_trades(raw: pl.DataFrame, start_ns: int, end_ns: int) -> pl.DataFrame:
+    """The plain polars statement of the contract: filter, sort, cast."""
+    inside = raw.filter((pl.col("sip_timestamp") >= start_ns) & (pl.col("sip_timestamp") < end_ns))
+    return inside.sort("sip_timestamp", "sequence_number").select(
+        pl.col(c).cast(t) for c, t in shape.TRADES_SCHEMA.items()
+    )
+
+
+def _reference_quotes(raw: pl.DataFrame, start_ns: int, end_ns: int, hz: float) -> pl.DataFrame:
+    """The 1 Hz grid as polars' as-of join + group-by (shape.py used it until its fixed costs were
+    measured): the oracle for shape_quotes' binary searches."""
+    inside = raw.lazy().filter((pl.col("sip_timestamp") >= start_ns) & (pl.col("sip_timestamp") < end_ns))
+    inside = inside.sort("sip_timestamp", "sequence_number")
+    width = round(S / hz)
+    buckets = -(-(end_ns - start_ns) // width)
+    grid = pl.LazyFrame({"bucket": pl.int_range(0, buckets, dtype=pl.Int64, eager=True)}).with_columns(
+        ts=pl.min_horizontal(pl.lit(start_ns) + (pl.col("bucket") + 1) * width, pl.lit(end_ns))
+    )
+    counts = inside.group_by(bucket=(pl.col("sip_timestamp") - start_ns) // width).agg(
+        quote_count=pl.len().cast(pl.UInt32)
+    )
+    known = inside.select("sip_timestamp", "sequence_number", *shape.QUOTE_FIELDS)
+    out = (
+        grid.join_asof(known, left_on="ts", right_on="sip_timestamp", strategy="backward",
+                       allow_exact_matches=False, check_sortedness=False)
+        .filter(pl.col("sip_timestamp").is_not_null())
+        .join(counts, on="bucket", how="left")
+        .with_columns(pl.col("quote_count").fill_null(0))
+    )
+    return out.select(pl.col(c).cast(t) for c, t in shape.QUOTES_SCHEMA.items()).collect()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_shaping_matches_the_polars_join_oracle(seed: int) -> None:
+    """Random raw frames (ties, shuffled pages, rows outside the window, quiet stretches, partial
+    last buckets, several rates) shape exactly as the filter/sort/as-of-join statement does."""
+    rng = random.Random(seed)
+    start = 1_700_000_000 * S + rng.randrange(S)
+    end = start + rng.choice([S // 3, 7 * S + 123, 60 * S, 600 * S + 1])
+    n = rng.choice([0, 1, 5, 300, 3000])
+    lo, hi = start - 5 * S, end + 5 * S
+    quiet = (start + (end - start) // 3, start + (end - start) // 2)
+    ts = [t for t in sorted(rng.randrange(lo, hi) for _ in range(n)) if not quiet[0] <= t < quiet[1]]
+    ts += [t for t in ts[: n // 10]]  # equal timestamps: the sequence number decides
+    ts += [start, end - 1, end]  # exactly on the edges
+    ts.sort()
+    rows = [(t, i + 1, 10.0 + i / 100, 10.01 + i / 100) for i, t in enumerate(ts)]
+    if seed % 2:
+        rng.shuffle(rows)  # out of order: sorted first
+    raw = _quotes(rows)
+    hz = rng.choice([1.0, 2.0, 0.1, 1 / 7, 3.0])
+    assert shape.shape_quotes(raw, start, end, hz).equals(_reference_quotes(raw, start, end, hz))
+    assert shape.shape_quotes(raw, start, end, 0).equals(
+        raw.filter((pl.col("sip_timestamp") >= start) & (pl.col("sip_timestamp") < end))
+        .sort("sip_timestamp", "sequence_number")
+        .select(pl.col(c).cast(t) for c, t in shape.RAW_QUOTES_OUT_SCHEMA.items())
+    )
+    trades = raw.select(pl.col("sip_timestamp", "sequence_number")).with_columns(
+        (pl.lit(None).cast(t).alias(c) for c, t in shape.RAW_TRADES_SCHEMA.items()
+         if c not in ("sip_timestamp", "sequence_number"))
+    ).select(*shape.RAW_TRADES_SCHEMA)
+    assert shape.shape_trades(trades, start, end).equals(_reference_trades(trades, start, end))
 
 
 def test_session_segments_split_at_boundaries() -> None:
