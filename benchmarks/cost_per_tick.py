@@ -3,9 +3,11 @@
 1. End to end, on page bodies fetched once from the simulator (dense symbol HVY, [-3, +7] min
    windows in RTH, ``limit=50000`` pages): CPU ms per 1,000 raw ticks, by stage, measured with
    ``time.process_time()`` (all threads of this process, so polars' own threads count):
-     parse = ``fetch.parse_page`` on every page; then concat + sort per range (as ``fetch_range``);
+     parse = ``fetch.parse_page`` on every page; then concat per range (as ``fetch_windows``);
      shape = ``shape.shape_trades`` + ``shape.shape_quotes`` (1 Hz) per event;
-     write = ``store.write_event`` (two zstd parquet files, fsync, atomic rename) per event.
+     write = ``store.write_event`` (two zstd parquet files, fsync, atomic rename) per event,
+     and separately the encoding alone (``store.encode_parquet``).
+   The process first tunes glibc's allocator as ``FetchEngine`` does (``fetch.tune_malloc``).
    Each stage runs ``--repeat`` times; the lowest CPU is kept. The same is then done for typical
    small-cap pages (``--mixed-events`` of the clustered manifest, one range per event and
    endpoint), where per-page and per-file fixed costs weigh more.
@@ -24,7 +26,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -34,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
@@ -138,16 +139,19 @@ def end_to_end(fetched: list[tuple[Event, str, list[bytes]]], repeat: int,
             return sum(store.write_event(d, e.symbol, eid, *shaped[eid]) for eid, e in events.items())
 
         c_write, w_write, _ = cpu_of(write_all, repeat)
+    frames = [f for pair in shaped.values() for f in pair]
+    c_enc, w_enc, _ = cpu_of(lambda: [store.encode_parquet(f) for f in frames], repeat)
 
     k = sum(ticks.values()) / 1000
     total = c_parse + c_asm + c_shape + c_write
     wall = w_parse + w_asm + w_shape + w_write
     rows = [
-        (label, "parse_page (polars or pyarrow JSON; NBBO fields of quotes)", c_parse * 1000, w_parse * 1000,
-         c_parse * 1000 / k),
+        (label, "parse_page (polars JSON in pieces; NBBO fields of quotes)", c_parse * 1000,
+         w_parse * 1000, c_parse * 1000 / k),
         ("", "concat pages per range", c_asm * 1000, w_asm * 1000, c_asm * 1000 / k),
         ("", "shape (trades raw, quotes 1 Hz)", c_shape * 1000, w_shape * 1000, c_shape * 1000 / k),
         ("", "write (2 zstd parquet, fsync, rename)", c_write * 1000, w_write * 1000, c_write * 1000 / k),
+        ("", "  of which encoding (pyarrow, zstd)", c_enc * 1000, w_enc * 1000, c_enc * 1000 / k),
         ("", "end to end", total * 1000, wall * 1000, total * 1000 / k),
     ]
     n_pages = sum(len(b) for _, _, b in fetched)
@@ -204,13 +208,13 @@ def two_thread_speedup(fn: Callable[[], object], seconds: float = 1.5) -> float:
     return rates[1] / rates[0]
 
 
-DecoderCase = tuple[str, Callable[[], pl.DataFrame], int | None]
+DecoderCase = tuple[str, Callable[[], pl.DataFrame]]
 
 
 def decoder_cases(body: bytes) -> list[DecoderCase]:
-    """Each decoder turns ``body`` (a quotes page) into the same typed frame. The third item is the
-    ``fetch.POLARS_BODY_MAX`` that makes ``parse_page`` pick that reader (see ``reader_forced``)."""
+    """Each decoder turns ``body`` (a quotes page) into the same typed frame."""
     schema = shape.RAW_QUOTES_SCHEMA
+    page_schema = fetch._PAGE_SCHEMAS["quotes"]
 
     def from_dicts(rows: list[dict]) -> pl.DataFrame:
         return pl.DataFrame(rows, schema=schema, strict=False)
@@ -224,29 +228,18 @@ def decoder_cases(body: bytes) -> list[DecoderCase]:
                   for name, dtype in schema.items()]
         return pl.from_arrow(pa.Table.from_arrays(arrays, names=list(schema)))  # type: ignore[return-value]
 
-    def engine() -> pl.DataFrame:
-        return parse_page("quotes", body)[0]
+    def reader(read: Callable[..., tuple[pl.DataFrame | None, str | None]]) -> Callable[[], pl.DataFrame]:
+        return lambda: read(body, page_schema)[0]  # type: ignore[return-value]
 
     return [
-        ("stdlib json.loads + DataFrame(dicts)", lambda: from_dicts(json.loads(body)["results"]), None),
-        ("orjson.loads + DataFrame(dicts)", lambda: from_dicts(orjson.loads(body)["results"]), None),
-        ("msgspec untyped + DataFrame(dicts)", lambda: from_dicts(untyped.decode(body)["results"]), None),
-        ("msgspec typed structs + Arrow columns", msgspec_typed, None),
-        ("polars read_json (parse_page, <= 1 MiB)", engine, 1 << 40),
-        ("pyarrow.json (parse_page, larger bodies)", engine, 0),
+        ("stdlib json.loads + DataFrame(dicts)", lambda: from_dicts(json.loads(body)["results"])),
+        ("orjson.loads + DataFrame(dicts)", lambda: from_dicts(orjson.loads(body)["results"])),
+        ("msgspec untyped + DataFrame(dicts)", lambda: from_dicts(untyped.decode(body)["results"])),
+        ("msgspec typed structs + Arrow columns", msgspec_typed),
+        ("polars read_json, whole page", reader(fetch._read_polars)),
+        ("polars read_json, 256 KiB pieces (parse_page)", reader(fetch._read_pieces)),
+        ("pyarrow.json, whole page (fallback)", reader(fetch._read_arrow)),
     ]
-
-
-@contextlib.contextmanager
-def reader_forced(body_max: int | None) -> Iterator[None]:
-    """Set ``fetch.POLARS_BODY_MAX`` for a whole measurement (before any of its threads start)."""
-    saved = fetch.POLARS_BODY_MAX
-    if body_max is not None:
-        fetch.POLARS_BODY_MAX = body_max
-    try:
-        yield
-    finally:
-        fetch.POLARS_BODY_MAX = saved
 
 
 def decoders(body: bytes, repeat: int) -> None:
@@ -257,10 +250,9 @@ def decoders(body: bytes, repeat: int) -> None:
     with tempfile.NamedTemporaryFile(prefix="bench-page-", suffix=".json") as f:
         f.write(body)
         f.flush()
-        for i, (name, fn, body_max) in enumerate(cases):
-            with reader_forced(body_max):
-                c, w, df = cpu_of(fn, repeat)
-                scaling = two_thread_speedup(fn)
+        for i, (name, fn) in enumerate(cases):
+            c, w, df = cpu_of(fn, repeat)
+            scaling = two_thread_speedup(fn)
             assert isinstance(df, pl.DataFrame)
             same = df.equals(reference)
             child = [sys.executable, os.path.abspath(__file__), "--decoder-peak", str(i), f.name]
@@ -278,8 +270,7 @@ def decoders(body: bytes, repeat: int) -> None:
 def decoder_peak(index: int, path: str) -> None:
     """Child: decode a page with decoder ``index`` (once to warm up), then print how far one more
     decode raises the peak RSS above the RSS before it, in MB (Linux: clear_refs resets VmHWM)."""
-    _, fn, body_max = decoder_cases(Path(path).read_bytes())[index]
-    fetch.POLARS_BODY_MAX = body_max if body_max is not None else fetch.POLARS_BODY_MAX
+    _, fn = decoder_cases(Path(path).read_bytes())[index]
     fn()
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
@@ -363,6 +354,7 @@ def main() -> None:
         peak_rss(a.rss_events, a.workers)
         print()
     if not {"e2e", "decoders"} <= skip:
+        fetch.tune_malloc()  # as the engine does (after the RSS child started: it tunes its own)
         dense = dense_events(a.events)
         mixed = make("clustered", a.mixed_events) if a.mixed_events else []
         with SimHost() as sim:

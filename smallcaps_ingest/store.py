@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 FILES = ("trades.parquet", "quotes.parquet")
 TMP_MARK = ".tmp"
@@ -53,23 +55,37 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def encode_parquet(df: pl.DataFrame) -> pa.Buffer:
+    """The file's bytes: zstd (level 3), plain encoding, min/max statistics.
+
+    pyarrow without dictionary pages, not polars' writer: an event's files are small (hundreds
+    to a few thousand rows), where per-column fixed costs dominate; this took ~0.5 ms of CPU per
+    file against ~0.7 and came out ~5 % smaller (benchmarks/cost_per_tick.py)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(df.to_arrow(), sink, compression="zstd", compression_level=3, use_dictionary=False)
+    return sink.getvalue()
+
+
 def atomic_write_parquet(df: pl.DataFrame, dest: Path, sync_dir: bool = True) -> int:
-    """Write `df` to `dest` atomically; returns the bytes written."""
+    """Write `df` to `dest` atomically; returns the bytes written.
+
+    The file is encoded in memory first, so a frame that cannot be written leaves no file at all,
+    and the temporary file gets one write and one fsync before the rename."""
+    data = encode_parquet(df)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name}{TMP_MARK}.{os.getpid()}.{time.monotonic_ns()}")
     try:
         with open(tmp, "wb") as fh:
-            df.write_parquet(fh, compression="zstd", statistics=True)
+            fh.write(data)  # type: ignore[arg-type]  # a pa.Buffer supports the buffer protocol
             fh.flush()
             os.fsync(fh.fileno())
-        size = tmp.stat().st_size
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     if sync_dir:
         fsync_dir(dest.parent)
-    return size
+    return data.size
 
 
 def write_event(

@@ -219,11 +219,59 @@ def test_fixture_payloads_parse(page_reader: str) -> None:
     assert parse_page("trades", b'{"status":"OK","request_id":"x"}')[0].height == 0  # results missing
 
 
-@pytest.fixture(params=["polars", "pyarrow"])
+@pytest.fixture(params=["polars", "pieces", "pyarrow"])
 def page_reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a parse test through each of the two JSON readers ``parse_page`` picks by body size."""
-    monkeypatch.setattr(fetch, "POLARS_BODY_MAX", 1 << 40 if request.param == "polars" else 0)
+    """Run a parse test through each way ``parse_page`` reads a page: polars on the whole body,
+    polars on pieces cut between rows (tiny pieces here, so every page is cut many times), and
+    pyarrow, the fallback."""
+    if request.param == "polars":
+        monkeypatch.setattr(fetch, "PIECE_BYTES", 1 << 40)
+    elif request.param == "pieces":
+        monkeypatch.setattr(fetch, "PIECE_BYTES", 64)
+    else:
+        def fail(body: bytes, schema: object) -> None:
+            raise pl.exceptions.ComputeError("polars refused the page")
+
+        monkeypatch.setattr(fetch, "_read_pieces", fail)
     return str(request.param)
+
+
+def _trades_body(ids: list[str], nested: bool) -> bytes:
+    rows = []
+    for i, tid in enumerate(ids):
+        extra = ',"nested":{"list":[{"a":1},{"b":[{"c":2},{"d":3}]}]}' if nested and i % 3 == 0 else ""
+        rows.append(f'{{"sip_timestamp":{1_700_000_000_000_000_000 + i},"sequence_number":{i + 1},'
+                    f'"price":{i}.5,"size":{i},"conditions":[{i},1],"id":"{tid}"{extra}}}')
+    return ('{"status":"OK","next_url":"http://h/v3?cursor=c","results":[' + ",".join(rows)
+            + '],"request_id":"r"}').encode()
+
+
+def test_parse_page_pieces_never_cut_inside_a_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows whose strings hold the cut marker (``},{``), escaped quotes and nested objects: at every
+    piece size the frame equals pyarrow's whole-page read. A wrong cut must fall back, never
+    return other rows; a body cut short stays an error."""
+    ids = ["7", "a},{b", 'q\\"},{\\"', "}", "{", "x},{"]
+    body = _trades_body([ids[i % len(ids)] for i in range(40)], nested=True)
+    want, want_next = fetch._read_arrow(body, fetch._PAGE_SCHEMAS["trades"])
+    assert want is not None and want.height == 40 and want_next == "http://h/v3?cursor=c"
+    assert {"a},{b", 'q"},{"', "x},{"} <= set(want["id"].to_list())  # the marker inside strings
+    for size in range(1, len(body) + 2, 7):
+        monkeypatch.setattr(fetch, "PIECE_BYTES", size)
+        got, nxt = parse_page("trades", body)
+        assert got.equals(want) and nxt == want_next, size
+        with pytest.raises(PageDecodeError):
+            parse_page("trades", body[: len(body) // 2 + size % 97])
+    # plain rows are read in pieces at every size, never by the fallback
+    clean = _trades_body([str(i) for i in range(40)], nested=False)
+    fallbacks: list[int] = []
+    arrow = fetch._read_arrow
+    monkeypatch.setattr(fetch, "_read_arrow", lambda b, sch: fallbacks.append(len(b)) or arrow(b, sch))
+    whole = arrow(clean, fetch._PAGE_SCHEMAS["trades"])[0]
+    assert whole is not None and whole.height == 40
+    for size in range(1, len(clean) + 2, 5):
+        monkeypatch.setattr(fetch, "PIECE_BYTES", size)
+        assert parse_page("trades", clean)[0].equals(whole)
+    assert fallbacks == [], fallbacks
 
 
 def test_parse_page_edge_cases_and_errors(page_reader: str) -> None:

@@ -210,7 +210,10 @@ def test_kill_and_resume_is_exact(tmp_path: Path) -> None:
     events = tmp_path / "events.parquet"
     write_events_subset(events, KILL_SYMBOLS)
     with Simulator(SimConfig(latency_ms=30, latency_jitter_ms=10, seed=SEED)) as sim:
-        env = _env(tmp_path, sim, POLYGON_MAX_RPS="200", SMALLCAPS_EVENTS=str(events))
+        # the budget, not the machine, sets the pace: ~300 requests at 30 req/s take ~10 s, so three
+        # kills at most 2 s after a run's first request always land mid-fetch (at 200 req/s a fast
+        # host finished the whole fetch before the kill, and the next run had nothing to do)
+        env = _env(tmp_path, sim, POLYGON_MAX_RPS="30", SMALLCAPS_EVENTS=str(events))
         data = Path(env["SMALLCAPS_DATA_DIR"])
         _manifest(env)
         manifest = pl.read_parquet(data / "manifest.parquet")
