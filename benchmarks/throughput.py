@@ -6,7 +6,7 @@ manifest is generated before any clock starts, so the server is never the bottle
 budget, every client gets the same manifest (sized so ours takes about ``--seconds`` at the
 budget); massive and naive stop starting new events after ``--cap`` x ``--seconds``.
 
-* ours    ``FetchEngine`` (its defaults for the budget: workers max(12, 0.2 s x budget), over-fetch
+* ours    ``FetchEngine`` (its defaults for the budget: workers ceil(0.4 s x budget) in [12, 32], over-fetch
           allowance min(50,000, 10^6 / budget) rows; hz 1, ratio bound 4, cold ``DensityStore``)
           with a fresh ``RequestBudget`` file at the budget; it fetches, shapes and writes parquet.
 * massive ``massive.RESTClient(api_key, base=<simulator>, maxsize=12)`` driven by
@@ -301,7 +301,8 @@ def main() -> None:
          "429s", "other", "max 1s", "req/event", "events/min", "cores client/sim"],
         rows,
         title=f"Throughput, manifest {a.manifest}, latency {a.latency_ms:g}+-{a.jitter_ms:g} ms, "
-              f"server limit {a.server_limit}, ours with {a.workers or 'max(12, 0.2 s x budget)'} workers"
+              f"server limit {a.server_limit}, ours with {a.workers or 'ceil(0.4 s x budget) in [12, 32]'} "
+              "workers"
               + (f" [WHAT-IF {'; '.join(what_if)}]" if what_if else ""),
     ))
     if ratio_rows:

@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 
 OFFICIAL_BASE_URL = "https://api.polygon.io"
 # Seconds a worker spends per request (round trip + parse), for sizing the pool (Little's law).
-REQUEST_SECONDS = 0.2
+REQUEST_SECONDS = 0.4
+MAX_DEFAULT_WORKERS = 32
 PAGE_LIMIT = 50_000
 SIMULATOR_HEADER = "X-Smallcaps-Simulator"
 # Response bytes read and decoded at once by all workers of a client (see _ByteBudget).
@@ -64,10 +65,13 @@ MAX_ATTEMPTS = 12  # our own retries (429, truncated/invalid bodies); urllib3 re
 # Errors and figures
 # ----------------------------------------------------------------------------------------------
 def default_workers(max_rps: float) -> int:
-    """Workers that keep ``max_rps`` busy: requests in flight = rate x seconds per request, and never
-    fewer than the 12 users run today (90 req/s: 18; 100 req/s: 20). With 12 at 100 req/s and
-    100 +- 20 ms latency, utilization measured 0.95-0.96 (16: 0.97-0.98, 24: 0.99)."""
-    return max(12, math.ceil(max_rps * REQUEST_SECONDS))
+    """Workers that keep ``max_rps`` busy: requests in flight = rate x seconds per request, never
+    fewer than the 12 users run today and at most 32 (each worker adds ~1.3 MB of peak RSS:
+    262 MB at 20, 310 MB at 40). 0.4 s, not the 0.2 of a small page at 100 ms latency, because
+    multi-day ranges return larger pages that a server takes longer to produce: at 50 req/s on
+    the multi-day manifest 12 workers kept 0.91-0.94 of the budget busy, 20 kept 0.98
+    (benchmarks/throughput.py). 50 req/s: 20 workers; 80 req/s and above: 32."""
+    return min(MAX_DEFAULT_WORKERS, max(12, math.ceil(max_rps * REQUEST_SECONDS)))
 
 
 class PolygonError(RuntimeError):

@@ -410,9 +410,9 @@ def test_cleanup_fails_killed_runs_and_frees_their_pool_slots(env: dict[str, str
 @pytest.mark.parametrize(
     ("env", "want"),
     [
-        ({}, "18 None"),  # 90 req/s: 0.2 s x 90 workers; allowance from the budget at run time
+        ({}, "32 None"),  # 90 req/s: 0.4 s x 90 = 36, at most 32; allowance from the budget at run time
         ({"POLYGON_MAX_RPS": "10"}, "12 None"),  # never fewer than 12
-        ({"POLYGON_MAX_RPS": "100", "SMALLCAPS_OVERFETCH_ROWS": "0"}, "20 0"),
+        ({"POLYGON_MAX_RPS": "50", "SMALLCAPS_OVERFETCH_ROWS": "0"}, "20 0"),
         ({"POLYGON_WORKERS": "7", "SMALLCAPS_OVERFETCH_ROWS": "auto"}, "7 None"),
     ],
 )
