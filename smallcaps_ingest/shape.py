@@ -91,9 +91,8 @@ def _keys(raw: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return tuple(c.fill_null(0).to_numpy() if c.null_count() else c.to_numpy() for c in cols)  # type: ignore[return-value]
 
 
-def in_time_order(raw: pl.DataFrame) -> bool:
+def _in_time_order(ts: np.ndarray, seq: np.ndarray) -> bool:
     """True if rows are strictly ordered by (sip_timestamp, sequence_number), as v3 pages are."""
-    ts, seq = _keys(raw)
     step = np.diff(ts)
     if (step < 0).any():
         return False
@@ -109,9 +108,10 @@ def _in_window(raw: pl.DataFrame, start_ns: int, end_ns: int) -> tuple[pl.DataFr
     anything out of order is sorted first. Series and numpy calls cost microseconds where each
     polars query costs ~0.1-0.2 ms of planning: a lazy filter + sort + cast per file was most of
     a small-cap event's shaping CPU (benchmarks/cost_per_tick.py)."""
-    if not in_time_order(raw):
+    ts, seq = _keys(raw)
+    if not _in_time_order(ts, seq):
         raw = raw.sort("sip_timestamp", "sequence_number")
-    ts = _keys(raw)[0]
+        ts = _keys(raw)[0]
     lo, hi = np.searchsorted(ts, (start_ns, end_ns), side="left")
     return raw.slice(int(lo), int(hi - lo)), ts[lo:hi]
 
