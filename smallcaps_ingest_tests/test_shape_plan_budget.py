@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -13,7 +16,7 @@ import pytest
 from smallcaps_ingest import shape
 from smallcaps_ingest.budget import RequestBudget
 from smallcaps_ingest.plan import DensityStore, Window, plan_kind, plan_symbol, session_segments
-from smallcaps_ingest_tests.conftest import ns
+from smallcaps_ingest_tests.conftest import REPO, ns
 
 S = 1_000_000_000
 MIN = 60 * S
@@ -282,3 +285,21 @@ def test_budget_counts_a_grant_until_its_request_is_sent(
     assert 0 < b.try_acquire() <= 0.002
     at(6.1)  # past grant 1's lease (5 s) plus one window: it no longer blocks anyone
     assert b.try_acquire() == 0.0
+
+
+def test_processes_opening_a_fresh_budget_file_at_once_all_start(tmp_path: Path) -> None:
+    """Steps and runs that start together open the same new budget file at the same moment:
+    each must wait for the file, never fail with "database is locked"."""
+    for trial in range(6):
+        path = tmp_path / f"budget{trial}.sqlite"
+        start = time.time() + 1.0
+        code = textwrap.dedent(f"""
+            import time
+            from smallcaps_ingest.budget import RequestBudget
+            time.sleep(max(0.0, {start} - time.time()))
+            assert RequestBudget(20, {str(path)!r}).try_acquire() == 0.0
+        """)
+        procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE, text=True)
+                 for _ in range(8)]
+        errors = [p.communicate(timeout=60)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0] * 8, (trial, [e for e in errors if e][:1])
