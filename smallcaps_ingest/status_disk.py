@@ -4,13 +4,19 @@ Stdlib only (it runs in forked children before anything heavy is imported).
 
 What a full scan does per event directory is a listing (five syscalls here) and a ``stat`` per data
 file (its size). The cache in ``$SMALLCAPS_DATA_DIR/_state/status_disk.cache`` remembers, per event
-directory, its ``st_ctime_ns`` and what its listing held (trades? quotes? which ``*.tmp*`` names).
-A directory's ctime changes whenever an entry is added, removed or renamed in it (and on chmod,
-utime...) and cannot be set back by a user, so an unchanged (ctime, inode) means an unchanged listing
-(the inode catches a directory swapped for another one made in the same clock tick): the listing is
-skipped, one ``stat`` replaces it. The data files are still ``stat``-ed every time, so
-bytes are exact even when a file is rewritten in place (which changes no directory). The same holds
-one level up: an unchanged ``symbol=`` directory reuses its cached list of names.
+directory, its ``st_ctime_ns``, what its listing held (trades? quotes? which ``*.tmp*`` names) and the
+data files' sizes. A directory's ctime changes whenever an entry is added, removed or renamed in it
+(and on chmod, utime...) and cannot be set back by a user, so an unchanged (ctime, inode) means an
+unchanged listing (the inode catches a directory swapped for another one made in the same clock
+tick): the listing and the data files' ``stat`` calls are skipped, one ``stat`` replaces them. The
+same holds one level up: an unchanged ``symbol=`` directory reuses its cached list of names.
+
+Sizes: every writer of this tree (``store.atomic_write_parquet``, and any tool that writes a file
+beside and renames it) changes the event directory, so its files are measured again. A file
+rewritten *in place* (opened for writing where it stands) changes no directory: its new size shows
+in ``status --no-cache`` or once its directory changes, not in a warm run. That is the price of the
+target: three ``stat`` calls per event took 1.5 s on 572,850 events, one takes 0.6 s
+(benchmarks/status_bench.py). Event counts, partial events and orphans stay exact.
 
 Racy timestamps: a change made in the same clock tick as the ctime we recorded would leave it
 unchanged, so a ctime less than ``RACY_NS`` old when read is never trusted later (the entry is stored
@@ -45,7 +51,7 @@ STATE_DIR = "_state"
 DISK_CACHE = "status_disk.cache"
 MANIFEST_CACHE = "status_manifest.cache"
 CACHE_MAGIC = "smallcaps_ingest.status_disk"
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: data file sizes cached per event directory
 INO_MASK = (1 << 63) - 1  # inodes are unsigned 64-bit; the cache keeps them in signed slots
 RACY_NS = 2_000_000_000  # a ctime younger than this when read is not trusted later
 
@@ -53,8 +59,9 @@ RACY_NS = 2_000_000_000  # a ctime younger than this when read is not trusted la
 F_TRADES, F_QUOTES, F_ORPHANS, F_OTHER, F_GONE = 1, 2, 4, 8, 16
 
 # (symbol dir ctime or 0, names joined by NUL, (ctime, inode) per name as array('q') bytes, flags
-# bytes, tmp names inside event directories, symbol dir inode). A ctime of 0 is never trusted.
-Entry = tuple[int, str, bytes, bytes, dict[str, tuple[str, ...]], int]
+# bytes, tmp names inside event directories, symbol dir inode, (trades size, quotes size) per name as
+# array('q') bytes). A ctime of 0 is never trusted.
+Entry = tuple[int, str, bytes, bytes, dict[str, tuple[str, ...]], int, bytes]
 # files, bytes, complete, partial, empty event dirs, tmp orphan paths, new entry (None: unchanged),
 # whether the listing (names and flags) is the cached one
 SymbolResult = tuple[int, int, int, int, int, list[str], Entry | None, bool]
@@ -65,7 +72,7 @@ _STAT_DIR_FD = os.stat in os.supports_dir_fd and hasattr(os, "O_DIRECTORY")
 def _valid_entry(e: Any) -> bool:
     return (
         isinstance(e, tuple)
-        and len(e) == 6
+        and len(e) == 7
         and isinstance(e[0], int)
         and isinstance(e[5], int)
         and isinstance(e[1], str)
@@ -73,6 +80,8 @@ def _valid_entry(e: Any) -> bool:
         and isinstance(e[3], bytes)
         and isinstance(e[4], dict)
         and len(e[2]) == 16 * len(e[3])
+        and isinstance(e[6], bytes)
+        and len(e[6]) == len(e[2])
         and (len(e[3]) == (e[1].count("\0") + 1 if e[1] else 0))
         and all(isinstance(v, tuple) and all(isinstance(f, str) for f in v) for v in e[4].values())
     )
@@ -80,19 +89,21 @@ def _valid_entry(e: Any) -> bool:
 
 def _unchanged(path: str, old: Entry, names: list[str]) -> SymbolResult | None:
     """The hot path: a symbol directory whose listing and every event directory's ctime are as
-    cached. One stat per event directory and one per data file (sizes are always read afresh);
-    None at the first difference (scan_symbol then looks closer)."""
+    cached. One stat per event directory (the sizes are the cached ones, see the module's
+    docstring); None at the first difference (scan_symbol then looks closer)."""
     old_keys = array("q")
     old_keys.frombytes(old[2])
     old_flags, old_orphans = old[3], old[4]
     stat = os.stat
-    t_rel, q_rel = "/" + FILES[0], "/" + FILES[1]
     files = size = complete = partial = empty_dirs = 0
     orphans: list[str] = []
     pairs = iter(old_keys)  # zip(pairs, pairs) walks the (ctime, inode) pairs
+    sizes = array("q")
+    sizes.frombytes(old[6])
+    two = iter(sizes)  # and (trades size, quotes size)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for name, fl, c, ino in zip(names, old_flags, pairs, pairs, strict=True):
+        for name, fl, c, ino, t_size, q_size in zip(names, old_flags, pairs, pairs, two, two, strict=True):
             if fl & F_OTHER:
                 if TMP_MARK in name:
                     orphans.append(path + "/" + name)
@@ -103,10 +114,10 @@ def _unchanged(path: str, old: Entry, names: list[str]) -> SymbolResult | None:
             if s.st_ctime_ns != c or s.st_ino & INO_MASK != ino or s.st_mode & 0o170000 != 0o040000:
                 return None
             if fl & F_TRADES:
-                size += stat(name + t_rel, dir_fd=fd).st_size
+                size += t_size
                 files += 1
             if fl & F_QUOTES:
-                size += stat(name + q_rel, dir_fd=fd).st_size
+                size += q_size
                 files += 1
             both = fl & 3
             if both == 3:
@@ -130,7 +141,7 @@ def scan_symbol(path: str, old: Entry | None, cut: int) -> tuple[SymbolResult, E
 
     Same verdicts as ``status.scan_symbol_dir`` (tests check it on every kind of change).
     """
-    empty: Entry = (0, "", b"", b"", {}, 0)
+    empty: Entry = (0, "", b"", b"", {}, 0, b"")
     if old is not None and not _valid_entry(old):
         old = None
     try:
@@ -155,11 +166,13 @@ def scan_symbol(path: str, old: Entry | None, cut: int) -> tuple[SymbolResult, E
             return (0, 0, 0, 0, 0, [], empty, old == empty), empty
         same_listing = False
     old_keys = array("q")
+    old_sizes = array("q")
     old_flags = b""
     old_orphans: Mapping[str, tuple[str, ...]] = {}
     index: dict[str, int] | None = None
     if old is not None:
         old_keys.frombytes(old[2])
+        old_sizes.frombytes(old[6])
         old_flags, old_orphans = old[3], old[4]
         if not same_listing:
             index = {n: i for i, n in enumerate(old[1].split("\0"))} if old[1] else {}
@@ -167,6 +180,7 @@ def scan_symbol(path: str, old: Entry | None, cut: int) -> tuple[SymbolResult, E
     trades_name, quotes_name = FILES
     sep = os.sep
     keys = array("q")
+    sizes = array("q")
     flags = bytearray()
     orph_map: dict[str, tuple[str, ...]] = {}
     orphans: list[str] = []
@@ -181,6 +195,7 @@ def scan_symbol(path: str, old: Entry | None, cut: int) -> tuple[SymbolResult, E
         for i, name in enumerate(names):
             if not name.startswith(EVENT_PREFIX):
                 keys.extend((0, 0))
+                sizes.extend((0, 0))
                 flags.append(F_OTHER)
                 if TMP_MARK in name:
                     orphans.append(path + sep + name)
@@ -189,10 +204,12 @@ def scan_symbol(path: str, old: Entry | None, cut: int) -> tuple[SymbolResult, E
                 s = st(name)
             except FileNotFoundError:  # gone, or a dangling symlink: a full scan skips it too
                 keys.extend((0, 0))
+                sizes.extend((0, 0))
                 flags.append(F_GONE)
                 continue
             if not stat_mod.S_ISDIR(s.st_mode):
                 keys.extend((0, 0))
+                sizes.extend((0, 0))
                 flags.append(F_OTHER)
                 if TMP_MARK in name:
                     orphans.append(path + sep + name)
@@ -210,15 +227,20 @@ def scan_symbol(path: str, old: Entry | None, cut: int) -> tuple[SymbolResult, E
                 fl = old_flags[j]
                 if fl & F_ORPHANS:
                     inner = old_orphans.get(name, ())
+                t_size, q_size = old_sizes[2 * j], old_sizes[2 * j + 1]  # as in _unchanged
+                listed = False
             else:
+                listed = True
                 try:
                     listing = os.listdir(path + sep + name)
                 except FileNotFoundError:
                     keys.extend((0, 0))
+                    sizes.extend((0, 0))
                     flags.append(F_GONE)
                     continue
                 except NotADirectoryError:
                     keys.extend((0, 0))
+                    sizes.extend((0, 0))
                     flags.append(F_OTHER)
                     if TMP_MARK in name:
                         orphans.append(path + sep + name)
@@ -235,20 +257,28 @@ def scan_symbol(path: str, old: Entry | None, cut: int) -> tuple[SymbolResult, E
                 if tmp:
                     fl |= F_ORPHANS
                     inner = tuple(tmp)
+            if listed:
+                t_size = q_size = 0
+                if fl & F_TRADES:
+                    try:
+                        t_size = st(name + sep + trades_name).st_size
+                    except FileNotFoundError:  # removed after the listing: a full scan skips it too
+                        fl &= ~F_TRADES
+                        c = 0
+                if fl & F_QUOTES:
+                    try:
+                        q_size = st(name + sep + quotes_name).st_size
+                    except FileNotFoundError:
+                        fl &= ~F_QUOTES
+                        c = 0
             if fl & F_TRADES:
-                try:
-                    size += st(name + sep + trades_name).st_size
-                    files += 1
-                except FileNotFoundError:  # removed after the listing: a full scan skips it too
-                    fl &= ~F_TRADES
-                    c = 0
+                size += t_size
+                files += 1
             if fl & F_QUOTES:
-                try:
-                    size += st(name + sep + quotes_name).st_size
-                    files += 1
-                except FileNotFoundError:
-                    fl &= ~F_QUOTES
-                    c = 0
+                size += q_size
+                files += 1
+            sizes.append(t_size)
+            sizes.append(q_size)
             if c and c < cut:
                 keys.append(c)
                 keys.append(ino)
@@ -278,6 +308,7 @@ def scan_symbol(path: str, old: Entry | None, cut: int) -> tuple[SymbolResult, E
         bytes(flags),
         orph_map,
         sino if trusted else 0,
+        sizes.tobytes(),
     )
     same = old is not None and old[1] == joined and old[3] == new[3]
     return (files, size, complete, partial, empty_dirs, orphans, None if new == old else new, same), new
