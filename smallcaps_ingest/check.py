@@ -7,6 +7,7 @@ numbers, the share of quotes with bid <= ask, and the documented schema).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from smallcaps_ingest import shape, store
 from smallcaps_ingest.plan import Window
 
 BID_LE_ASK_MIN_SHARE = 0.98
+# sampling error allowed around that share, in standard deviations of a binomial count
+BID_LE_ASK_SIGMAS = 3.0
 EXAMPLES = 5  # offending examples shown per check
 
 
@@ -44,7 +47,10 @@ CHECK_DESCRIPTIONS = {
     "timestamps_in_window": "Every trade and sampled quote lies inside its event window [ts_start, ts_end).",
     "rows_sorted": "Trades are sorted by (sip_timestamp, sequence_number); quotes by ts.",
     "sequence_unique": "sequence_number is unique within each trades file.",
-    "quotes_bid_le_ask": f"At least {BID_LE_ASK_MIN_SHARE:.0%} of quote rows have bid_price <= ask_price.",
+    "quotes_bid_le_ask": (
+        f"At least {BID_LE_ASK_MIN_SHARE:.0%} of the distinct quotes have bid_price <= ask_price, within "
+        f"{BID_LE_ASK_SIGMAS:g} standard deviations of sampling error."
+    ),
     "schema_as_documented": "Both files carry exactly the documented columns and types.",
 }
 
@@ -57,10 +63,22 @@ def _result(name: str, bad: Sequence[object], total: int, **extra: object) -> Ch
     return CheckOutcome(name, not bad, severity, CHECK_DESCRIPTIONS[name], meta)
 
 
+def crossed_allowance(quotes: int) -> float:
+    """Crossed quotes (bid > ask) tolerated among ``quotes`` distinct ones.
+
+    ``1 - BID_LE_ASK_MIN_SHARE`` of them plus ``BID_LE_ASK_SIGMAS`` binomial standard deviations:
+    real NBBO feeds show locked and crossed markets, and one crossed quote in a 45-second window of
+    a quiet name is 2-5 % of its quotes, which a flat share flagged as bad data (99 of 1,600 symbols
+    in benchmarks/backfill_bench.py). On a symbol's whole history the allowance tends to the share.
+    """
+    p = 1.0 - BID_LE_ASK_MIN_SHARE
+    return quotes * p + BID_LE_ASK_SIGMAS * math.sqrt(quotes * p * (1.0 - p))
+
+
 def _read_all(files: list[str]) -> pl.DataFrame | None:
     if not files:
         return None
-    return pl.read_parquet(files, include_file_paths="path", allow_missing_columns=True)
+    return pl.read_parquet(files, include_file_paths="path", missing_columns="insert")
 
 
 def evaluate_symbol(
@@ -97,7 +115,7 @@ def evaluate_symbol(
     bad_window: list[str] = []
     bad_sort: list[str] = []
     bad_seq: list[str] = []
-    bid_ok = quotes_rows = 0
+    quotes_rows = distinct = crossed = 0
     trades = _read_all([f for f in trade_files if f not in bad_schema])
     if trades is not None and trades.height:
         t = trades.with_columns(
@@ -141,19 +159,30 @@ def evaluate_symbol(
         )
         bad_window += per.filter(pl.col("outside") > 0)["event_id"].to_list()
         bad_sort += per.filter(pl.col("unsorted") > 0)["event_id"].to_list()
+        # a 1 Hz row carries the last quote forward through quiet seconds: judge each quote once
+        quote = pl.struct("event_id", "sequence_number")
         quotes_rows = q.height
-        bid_ok = q.filter(pl.col("bid_price") <= pl.col("ask_price")).height
-    share = bid_ok / quotes_rows if quotes_rows else 1.0
+        distinct = q.select(quote.n_unique()).item()
+        crossed = q.filter(pl.col("bid_price") > pl.col("ask_price")).select(quote.n_unique()).item()
+    allowed = crossed_allowance(distinct)
+    share = 1.0 - crossed / distinct if distinct else 1.0
     out += [
         _result("timestamps_in_window", sorted(set(bad_window)), len(events)),
         _result("rows_sorted", sorted(set(bad_sort)), len(events)),
         _result("sequence_unique", sorted(set(bad_seq)), len(events)),
         CheckOutcome(
             "quotes_bid_le_ask",
-            share >= BID_LE_ASK_MIN_SHARE,
+            crossed <= allowed,
             "WARN",
             CHECK_DESCRIPTIONS["quotes_bid_le_ask"],
-            {"share": round(share, 6), "quote_rows": quotes_rows, "min_share": BID_LE_ASK_MIN_SHARE},
+            {
+                "share": round(share, 6),
+                "distinct_quotes": distinct,
+                "crossed": crossed,
+                "crossed_allowed": math.floor(allowed),
+                "quote_rows": quotes_rows,
+                "min_share": BID_LE_ASK_MIN_SHARE,
+            },
         ),
         _result("schema_as_documented", [os.path.relpath(f, root) for f in bad_schema], len(events) * 2),
     ]
