@@ -15,8 +15,8 @@ Sizes: every writer of this tree (``store.atomic_write_parquet``, and any tool t
 beside and renames it) changes the event directory, so its files are measured again. A file
 rewritten *in place* (opened for writing where it stands) changes no directory: its new size shows
 in ``status --no-cache`` or once its directory changes, not in a warm run. That is the price of the
-target: three ``stat`` calls per event took 1.5 s on 572,850 events, one takes 0.6 s
-(benchmarks/status_bench.py). Event counts, partial events and orphans stay exact.
+target: with three ``stat`` calls per event a warm ``status`` on 572,850 events took 1.54 s, with
+one it takes 0.74 s (benchmarks/status_bench.py). Event counts, partial events and orphans stay exact.
 
 Racy timestamps: a change made in the same clock tick as the ctime we recorded would leave it
 unchanged, so a ctime less than ``RACY_NS`` old when read is never trusted later (the entry is stored
