@@ -125,11 +125,17 @@ def _metadata(o: SymbolOutcome) -> dict[str, object]:
     }
 
 
-def _provenance_tags(instance: dg.DagsterInstance, symbol: str, code_version: str) -> dict[str, str]:
+def _provenance_tags(
+    instance: dg.DagsterInstance, symbol: str, code_version: str, before_storage_id: int | None = None
+) -> dict[str, str]:
     """Data-version provenance for one partition's materialization in a multi-partition run.
 
     Dagster writes these tags itself for a run's regular output; per-partition materializations
     logged mid-run need them too, or every partition would look stale after any manifest run.
+    ``before_storage_id`` pins the inputs to what the instance held when the step loaded the
+    manifest: a manifest re-materialized during a long run must not be credited to partitions
+    fetched from the old one (a symbol whose events changed would then look fresh, its new events
+    never fetched).
     """
     from dagster._core.definitions.data_version import (
         CODE_VERSION_TAG,
@@ -140,9 +146,14 @@ def _provenance_tags(instance: dg.DagsterInstance, symbol: str, code_version: st
     )
 
     inputs: dict[dg.AssetKey, tuple[str, int | None]] = {}
-    man = instance.fetch_materializations(dg.AssetKey("manifest"), limit=1).records
+    man = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("manifest"), before_storage_id=before_storage_id), limit=1
+    ).records
     obs = instance.fetch_observations(
-        dg.AssetRecordsFilter(asset_key=symbol_events.key, asset_partitions=[symbol]), limit=1
+        dg.AssetRecordsFilter(
+            asset_key=symbol_events.key, asset_partitions=[symbol], before_storage_id=before_storage_id
+        ),
+        limit=1,
     ).records
     for key, recs in ((dg.AssetKey("manifest"), man), (symbol_events.key, obs)):
         event_tags = (recs[0].event_log_entry.tags or {}) if recs else {}
@@ -202,6 +213,9 @@ def event_windows(
     settings: IngestSettings,
 ):  # type: ignore[no-untyped-def]
     symbols = list(context.partition_keys)
+    # the manifest input is loaded: provenance is pinned to the records the instance holds now
+    last_id = context.instance.event_log_storage.get_maximum_record_id()
+    inputs_before = None if last_id is None else last_id + 1
     polygon.preflight()  # no key and no simulator: stop here, before any request
     work = {s: windows_from_frame(manifest.filter(pl.col("symbol") == s)) for s in symbols}
     engine = FetchEngine(
@@ -248,7 +262,7 @@ def event_windows(
             asset_key=context.asset_key,
             partition=o.symbol,
             metadata=_metadata(o),
-            tags=_provenance_tags(context.instance, o.symbol, EVENT_WINDOWS_CODE_VERSION),
+            tags=_provenance_tags(context.instance, o.symbol, EVENT_WINDOWS_CODE_VERSION, inputs_before),
         )
         target = _latest_materialization(context.instance, o.symbol)
         for r in _check_evaluations(settings, o.symbol, manifest):

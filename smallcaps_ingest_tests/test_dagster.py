@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -326,9 +326,9 @@ def _stale(env: dict[str, str], partition: str) -> str:
     return resolver.get_status(dg.AssetKey("event_windows"), partition).value
 
 
-def test_changed_symbol_turns_stale_and_fetches_only_new_events(
-    tmp_path: Path, sim: Simulator, env: dict[str, str]
-) -> None:
+def _two_symbols(tmp_path: Path, env: dict[str, str]) -> tuple[dict[str, str], Callable[[], None]]:
+    """An events file of AAOI and BBIG with the manifest materialized; and a function that adds
+    one AAOI event to the file and re-materializes the manifest."""
     from smallcaps_ingest.events import read_events
     from smallcaps_ingest.sample import SAMPLE_EVENTS_PATH
 
@@ -337,23 +337,65 @@ def test_changed_symbol_turns_stale_and_fetches_only_new_events(
     events.write_parquet(path)
     env = {**env, "SMALLCAPS_EVENTS": str(path)}
     materialize(env, "--select", "manifest")
-    materialize(env, "--select", "event_windows", "--partition-range", "AAOI...BBIG")
-    assert _stale(env, "AAOI") == _stale(env, "BBIG") == "FRESH"
-    extra = (
-        events.filter(pl.col("symbol") == "AAOI")
-        .head(1)
-        .with_columns(
-            (pl.col("timestamp") + pl.duration(hours=1, seconds=7)).cast(events.schema["timestamp"])
-        )
-    )
-    pl.concat([events, extra]).write_parquet(path)
-    materialize(env, "--select", "manifest")
+
+    def add_aaoi_event() -> None:
+        later = (pl.col("timestamp") + pl.duration(hours=1, seconds=7)).cast(events.schema["timestamp"])
+        extra = events.filter(pl.col("symbol") == "AAOI").head(1).with_columns(later)
+        pl.concat([events, extra]).write_parquet(path)
+        materialize(env, "--select", "manifest")
+
+    return env, add_aaoi_event
+
+
+def _stale_aaoi_fetches_only_its_new_event(env: dict[str, str], sim: Simulator) -> None:
     assert _stale(env, "AAOI") == "STALE"
     assert _stale(env, "BBIG") == "FRESH"  # its events did not change
     sim.reset_counters()
     materialize(env, "--select", "event_windows", "--partition", "AAOI")
     assert sim.counters()["total"] == 2  # trades + quotes of the one new event
     assert _stale(env, "AAOI") == "FRESH"
+
+
+def test_changed_symbol_turns_stale_and_fetches_only_new_events(
+    tmp_path: Path, sim: Simulator, env: dict[str, str]
+) -> None:
+    env, add_aaoi_event = _two_symbols(tmp_path, env)
+    materialize(env, "--select", "event_windows", "--partition-range", "AAOI...BBIG")
+    assert _stale(env, "AAOI") == _stale(env, "BBIG") == "FRESH"
+    add_aaoi_event()
+    _stale_aaoi_fetches_only_its_new_event(env, sim)
+
+
+def test_manifest_changed_during_a_range_run_leaves_the_changed_symbol_stale(
+    tmp_path: Path, sim: Simulator, env: dict[str, str]
+) -> None:
+    """A range run records each symbol's provenance as of the manifest it loaded: AAOI's events
+    change while the run fetches the old ones, so AAOI must end stale (its new event unfetched)."""
+    import time
+
+    env, add_aaoi_event = _two_symbols(tmp_path, env)
+    sim.config.latency_ms = 10_000  # the run's first requests stay in flight while the manifest changes
+    log = tmp_path / "range_run.log"
+    with log.open("w") as out:  # a file, not a pipe: nobody reads a pipe while the manifest runs
+        proc = subprocess.Popen(
+            [str(BIN / "dagster"), "asset", "materialize", "-m", "smallcaps_ingest", "--select",
+             "event_windows", "--partition-range", "AAOI...BBIG"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 120
+    while sim.counters()["total"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sim.counters()["total"] >= 1, "the run made no request"
+    add_aaoi_event()
+    sim.config.latency_ms = 0
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    instance = _instance(env)
+    manifest_v2 = instance.fetch_materializations(dg.AssetKey("manifest"), limit=1).records[0]
+    aaoi = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("event_windows"), asset_partitions=["AAOI"]), limit=1
+    ).records[0]
+    assert manifest_v2.storage_id < aaoi.storage_id  # the scenario: recorded after the manifest changed
+    _stale_aaoi_fetches_only_its_new_event(env, sim)
 
 
 def test_cleanup_fails_killed_runs_and_frees_their_pool_slots(env: dict[str, str], sim: Simulator) -> None:
