@@ -119,9 +119,11 @@ def _in_window(raw: pl.DataFrame, start_ns: int, end_ns: int) -> tuple[pl.DataFr
 def _typed(
     frame: pl.DataFrame, schema: dict[str, pl.DataType], extra: dict[str, pl.Series] | None = None
 ) -> pl.DataFrame:
-    """Cast to the on-disk schema (integer nanoseconds become UTC datetimes), column by column."""
-    cols = {**{c: frame.get_column(c) for c in schema if c not in (extra or {})}, **(extra or {})}
-    return pl.DataFrame([cols[c].cast(t) for c, t in schema.items()])
+    """Cast to the on-disk schema (integer nanoseconds become UTC datetimes), column by column;
+    ``extra`` supplies columns the frame does not have."""
+    extra = extra or {}
+    cols = (extra[c] if c in extra else frame.get_column(c) for c in schema)
+    return pl.DataFrame([col.cast(t) for col, t in zip(cols, schema.values(), strict=True)])
 
 
 def shape_trades(raw: pl.DataFrame, start_ns: int, end_ns: int) -> pl.DataFrame:

@@ -93,12 +93,13 @@ def test_trades_window_and_order() -> None:
     assert out.schema == pl.Schema(shape.TRADES_SCHEMA)
 
 
-def _reference_trades(raw: pl.DataFrame, start_ns: int, end_ns: int) -> pl.DataFrame:
-    """The plain polars statement of the contract: filter, sort, cast."""
+def _reference_raw(
+    raw: pl.DataFrame, start_ns: int, end_ns: int, schema: dict[str, pl.DataType]
+) -> pl.DataFrame:
+    """The plain polars statement of the raw contract (trades, quotes at hz 0): filter, sort, cast."""
     inside = raw.filter((pl.col("sip_timestamp") >= start_ns) & (pl.col("sip_timestamp") < end_ns))
-    return inside.sort("sip_timestamp", "sequence_number").select(
-        pl.col(c).cast(t) for c, t in shape.TRADES_SCHEMA.items()
-    )
+    inside = inside.sort("sip_timestamp", "sequence_number")
+    return inside.select(pl.col(c).cast(t) for c, t in schema.items())
 
 
 def _reference_quotes(raw: pl.DataFrame, start_ns: int, end_ns: int, hz: float) -> pl.DataFrame:
@@ -146,15 +147,14 @@ def test_shaping_matches_the_polars_join_oracle(seed: int) -> None:
     hz = rng.choice([1.0, 2.0, 0.1, 1 / 7, 3.0])
     assert shape.shape_quotes(raw, start, end, hz).equals(_reference_quotes(raw, start, end, hz))
     assert shape.shape_quotes(raw, start, end, 0).equals(
-        raw.filter((pl.col("sip_timestamp") >= start) & (pl.col("sip_timestamp") < end))
-        .sort("sip_timestamp", "sequence_number")
-        .select(pl.col(c).cast(t) for c, t in shape.RAW_QUOTES_OUT_SCHEMA.items())
+        _reference_raw(raw, start, end, shape.RAW_QUOTES_OUT_SCHEMA)
     )
     trades = raw.select(pl.col("sip_timestamp", "sequence_number")).with_columns(
         (pl.lit(None).cast(t).alias(c) for c, t in shape.RAW_TRADES_SCHEMA.items()
          if c not in ("sip_timestamp", "sequence_number"))
     ).select(*shape.RAW_TRADES_SCHEMA)
-    assert shape.shape_trades(trades, start, end).equals(_reference_trades(trades, start, end))
+    want = _reference_raw(trades, start, end, shape.TRADES_SCHEMA)
+    assert shape.shape_trades(trades, start, end).equals(want)
 
 
 def test_session_segments_split_at_boundaries() -> None:
