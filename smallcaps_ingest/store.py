@@ -55,14 +55,27 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _delta_columns(schema: pa.Schema) -> dict[str, str]:
+    """64-bit integer and timestamp columns: DELTA_BINARY_PACKED (the rest stays plain).
+
+    Timestamps and sequence numbers rise steadily within an event, so their deltas are small and
+    zstd gets a fraction of the bytes to compress: files 16-19 % smaller and encoding 8-19 %
+    cheaper than plain zstd level 3 on small-cap and dense events (benchmarks/README.md)."""
+    return {f.name: "DELTA_BINARY_PACKED" for f in schema
+            if pa.types.is_int64(f.type) or pa.types.is_timestamp(f.type)}
+
+
 def encode_parquet(df: pl.DataFrame) -> pa.Buffer:
-    """The file's bytes: zstd (level 3), plain encoding, min/max statistics.
+    """The file's bytes: zstd (level 1), delta-encoded 64-bit columns, min/max statistics.
 
     pyarrow without dictionary pages, not polars' writer: an event's files are small (hundreds
     to a few thousand rows), where per-column fixed costs dominate; this took ~0.5 ms of CPU per
-    file against ~0.7 and came out ~5 % smaller (benchmarks/cost_per_tick.py)."""
+    file against ~0.7 and came out smaller (benchmarks/cost_per_tick.py). After delta encoding
+    zstd level 3 is no smaller than level 1 (3.74 against 3.73 MB for 300 small-cap files)."""
+    table = df.to_arrow()
     sink = pa.BufferOutputStream()
-    pq.write_table(df.to_arrow(), sink, compression="zstd", compression_level=3, use_dictionary=False)
+    pq.write_table(table, sink, compression="zstd", compression_level=1, use_dictionary=False,
+                   column_encoding=_delta_columns(table.schema))
     return sink.getvalue()
 
 
