@@ -9,6 +9,7 @@ here, because they need the AIMD budget or a re-read of the body. 401/403 stop a
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import math
 import random
@@ -258,6 +259,7 @@ class PageDecodeError(ValueError):
 PIECE_BYTES = 256 << 10
 _RESULTS = b'"results":['
 _ROW_GAP = b"},{"
+_ROWS_END = b"}]"
 # Arrow's default jemalloc pool keeps freed pages for reuse: page frames are short-lived and
 # sized all over the place, so that was ~170 MB of a 12-worker run's peak RSS (benchmarks).
 _POOL = pa.system_memory_pool()
@@ -296,27 +298,43 @@ def _read_polars(body: bytes, schema: _PageSchema) -> tuple[pl.DataFrame | None,
 
 
 def _read_pieces(body: bytes, schema: _PageSchema) -> tuple[pl.DataFrame | None, str | None]:
-    """polars' reader on pieces of about ``PIECE_BYTES``, so its peak memory stays small.
+    """polars' reader on the rows alone, in pieces of about ``PIECE_BYTES``, so its peak memory
+    stays small and the rows never go through a one-row frame of a list of structs.
 
-    Each piece ends at a ``},{`` between two rows and is read as a JSON array; the last one is the
-    page's own object with only the remaining rows (so ``next_url`` is read wherever it sits).
-    A cut that is not between two top-level rows (inside a string, or inside a nested object)
-    leaves a piece with an open string or bracket, which is invalid JSON: the reader raises and
-    ``parse_page`` reads the page whole with pyarrow instead. A piece is never silently wrong.
+    The rows run from ``"results":[`` to the last ``}]`` of the page. Each piece ends at a ``},{``
+    between two rows and is read as a JSON array; what is left of the page (its object with an
+    empty ``results``) is read on its own, so ``next_url`` is found wherever it sits. A cut that is
+    not between two top-level rows (inside a string, or inside a nested object), or a ``}]`` that
+    does not close the rows, leaves a piece with an open string or bracket or with text after its
+    closing bracket, which is invalid JSON: the reader raises and ``parse_page`` reads the page
+    whole with pyarrow instead. A piece is never silently wrong.
     """
     start = body.find(_RESULTS) + len(_RESULTS)
-    if len(body) <= PIECE_BYTES or start < len(_RESULTS):
-        return _read_polars(body, schema)
+    end = body.rfind(_ROWS_END) + 1  # just after the last row's closing brace
+    if start < len(_RESULTS) or end <= start:
+        return _read_polars(body, schema)  # no rows (or no array of them): the whole object
     view = memoryview(body)
     frames: list[pl.DataFrame] = []
     at = start
-    while len(body) - at > PIECE_BYTES and (cut := body.find(_ROW_GAP, at + PIECE_BYTES)) >= 0:
+    while end - at > PIECE_BYTES and (cut := body.find(_ROW_GAP, at + PIECE_BYTES, end)) >= 0:
         frames.append(pl.read_json(b"".join((b"[", view[at : cut + 1], b"]")), schema=schema.columns))
         at = cut + 2
-    tail, next_url = _read_polars(b"".join((view[:start], view[at:])), schema)
-    if tail is not None:
-        frames.append(tail)
-    return (pl.concat(frames) if frames else None), next_url
+    frames.append(pl.read_json(b"".join((b"[", view[at:end], b"]")), schema=schema.columns))
+    return (pl.concat(frames) if len(frames) > 1 else frames[0]), _next_url(view[:start], view[end:])
+
+
+def _next_url(head: memoryview, tail: memoryview) -> str | None:
+    """``next_url`` of the page without its rows (a few hundred bytes: stdlib json is cheapest)."""
+    try:
+        page = json.loads(b"".join((head, tail)))
+    except ValueError:
+        raise PageDecodeError("invalid JSON around the rows") from None
+    if not isinstance(page, dict) or page.get("results") != []:
+        raise PageDecodeError("not one JSON object")
+    next_url = page.get("next_url")
+    if next_url is not None and not isinstance(next_url, str):
+        raise PageDecodeError(f"next_url is not a string: {str(next_url)[:80]!r}")
+    return next_url
 
 
 def _read_arrow(body: bytes, schema: _PageSchema) -> tuple[pl.DataFrame | None, str | None]:
@@ -343,9 +361,11 @@ def parse_page(kind: str, body: bytes, nbbo_only: bool = False) -> tuple[pl.Data
     Both readers parse in native code without the GIL, so twelve workers parse on every core;
     msgspec structs (plus one Python list per column) held the GIL half the time at 100 req/s
     and capped it at one core. polars' reader takes the least CPU but peaks at ~8x its input in
-    memory, which its allocator then keeps, so it reads a page in 256 KiB pieces cut between rows
-    (``_read_pieces``): 0.47 ms per 1,000 quotes against 0.55-0.69 whole and 0.73 for pyarrow's
-    reader, which peaks at ~1.5x (benchmarks/cost_per_tick.py). pyarrow reads the page whole
+    memory, which its allocator then keeps, so it reads a page's rows alone, in 256 KiB pieces cut
+    between rows (``_read_pieces``): 0.47 ms per 1,000 quotes against 0.55-0.69 whole and 0.73
+    for pyarrow's reader, which peaks at ~1.5x (benchmarks/cost_per_tick.py). Reading the rows as
+    arrays, not the last piece as the page object, took 11 % less CPU on small-cap pages (a
+    frame of one row holding a list of structs costs its explode). pyarrow reads the page whole
     when the pieces do not parse. Fields outside the schema are skipped; a missing ``results``
     is an empty page. ``nbbo_only`` decodes just the quote fields the sampled grid keeps. Raises
     ``PageDecodeError`` on truncated or invalid JSON, which the caller retries.

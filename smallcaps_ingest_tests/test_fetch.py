@@ -274,6 +274,32 @@ def test_parse_page_pieces_never_cut_inside_a_row(monkeypatch: pytest.MonkeyPatc
     assert fallbacks == [], fallbacks
 
 
+def test_parse_page_finds_the_rows_end_and_next_url_anywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows are read up to the page's last ``}]``. When that mark sits in a later field (here a
+    string), the rows piece is invalid and pyarrow reads the page whole: the frame is still right.
+    A body cut short after its rows, or with text after its object, stays an error."""
+    rows = _trades_body([str(i) for i in range(12)], nested=False)
+    want, _ = fetch._read_arrow(rows, fetch._PAGE_SCHEMAS["trades"])
+    assert want is not None and want.height == 12
+    fallbacks: list[int] = []
+    arrow = fetch._read_arrow
+    monkeypatch.setattr(fetch, "_read_arrow", lambda b, sch: fallbacks.append(len(b)) or arrow(b, sch))
+    inner = rows[rows.index(b'"results":[') : rows.rindex(b"]") + 1]
+    for body, n_fallbacks in (
+        (b'{"next_url":"http://h/n","status":"OK",' + inner + b"}", 0),  # next_url first
+        (b"{" + inner + b',"next_url":"http://h/n","status":"OK"}', 0),  # next_url last
+        (b"{" + inner + b',"request_id":"r}]x","next_url":"http://h/n"}', 1),  # a "}]" after the rows
+    ):
+        got, nxt = parse_page("trades", body)
+        assert got.equals(want) and nxt == "http://h/n", body[-60:]
+        assert len(fallbacks) == n_fallbacks, body[-60:]
+        fallbacks.clear()
+    for bad in (b"{" + inner + b',"next_url":"http://h', b"{" + inner + b"}}", b"{" + inner + b"} x",
+                b"{" + inner + b',"next_url":7}'):
+        with pytest.raises(PageDecodeError, match="invalid trades page"):
+            parse_page("trades", bad)
+
+
 def test_parse_page_edge_cases_and_errors(page_reader: str) -> None:
     body = (b'{"results":[{"sip_timestamp":1517562000015577088,"price":5,"size":100,"conditions":[1,2],'
             b'"id":"7","sequence_number":3,"unknown_field":{"a":[1]}}],"next_url":"http://h/v3?cursor=c",'
