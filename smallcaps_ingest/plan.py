@@ -28,6 +28,7 @@ fall back to the market-wide prior (which made merged ranges look less over-fetc
 from __future__ import annotations
 
 import fcntl
+import functools
 import itertools
 import json
 import math
@@ -35,7 +36,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -103,33 +104,40 @@ def et_day(ns: int) -> str:
     return datetime.fromtimestamp(ns / NS, UTC).astimezone(ET).strftime("%Y-%m-%d")
 
 
+@functools.lru_cache(maxsize=8192)
+def _day_sessions(day: date) -> tuple[tuple[int, str], ...]:
+    """One ET calendar day as (end ns, segment) pairs from its midnight; a weekend day is one OFF.
+
+    Edges are wall-clock times resolved through the zone, so DST days (23 or 25 hours) are right."""
+    midnight = datetime(day.year, day.month, day.day, tzinfo=ET)
+
+    def edge(minutes: int) -> int:
+        return int((midnight + timedelta(minutes=minutes)).astimezone(UTC).timestamp()) * NS
+
+    if day.weekday() >= 5:  # no US equity session on Saturday or Sunday
+        return ((edge(24 * 60), "OFF"),)
+    return tuple((edge(hour * 60 + minute), name) for hour, minute, name in SESSION_BOUNDS)
+
+
 def session_segments(start_ns: int, end_ns: int) -> list[tuple[str, float]]:
-    """Split [start, end) at the ET session boundaries: [(session, seconds), ...]."""
+    """Split [start, end) at the ET session boundaries: [(session, seconds), ...].
+
+    Integer arithmetic on each day's cached edges: the planner calls this for every gap between a
+    symbol's windows, and resolving every edge through the zone took ~85 % of the planning thread's
+    time (GIL held) on a multi-day manifest at 100 req/s (benchmarks/README.md)."""
     out: list[tuple[str, float]] = []
     cur = start_ns
+    day = datetime.fromtimestamp(start_ns // NS, UTC).astimezone(ET).date()
     while cur < end_ns:
-        local = datetime.fromtimestamp(cur / NS, UTC).astimezone(ET)
-        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
-        session, boundary = "OFF", None
-        prev = 0
-        if local.weekday() >= 5:  # no US equity session on Saturday or Sunday
-            nxt = min(end_ns, int((midnight + timedelta(days=1)).astimezone(UTC).timestamp()) * NS)
-            out.append(("OFF", (nxt - cur) / NS))
+        for edge_ns, name in _day_sessions(day):
+            if edge_ns <= cur:
+                continue
+            nxt = min(edge_ns, end_ns)
+            out.append((name, (nxt - cur) / NS))
             cur = nxt
-            continue
-        for hour, minute, name in SESSION_BOUNDS:
-            b = hour * 60 + minute
-            minute_of_day = local.hour * 60 + local.minute + local.second / 60 + local.microsecond / 6e7
-            if prev <= minute_of_day < b:
-                session = name
-                edge = (midnight + timedelta(minutes=b)) if b < 24 * 60 else (midnight + timedelta(days=1))
-                # recompute through the zone so DST days stay correct
-                boundary = int(edge.astimezone(UTC).timestamp()) * NS
+            if cur >= end_ns:
                 break
-            prev = b
-        nxt = min(end_ns, boundary if boundary and boundary > cur else end_ns)
-        out.append((session, (nxt - cur) / NS))
-        cur = nxt
+        day += timedelta(days=1)
     return out
 
 

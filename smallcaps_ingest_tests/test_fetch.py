@@ -539,3 +539,62 @@ def test_polars_allocator_returns_memory_unless_the_user_chose() -> None:
     env["_RJEM_MALLOC_CONF"] = "narenas:4"
     theirs = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert theirs.stdout.strip().endswith("narenas:4") and "dirty_decay_ms:100" not in theirs.stdout
+
+
+def test_gzip_bodies_are_decoded_and_a_short_gzip_body_is_retried(tmp_path: Path) -> None:
+    """The real API gzips when asked (requests asks). A page is read in one call
+    (``fetch._read_body``): a gzip body is decoded whole; one cut short of its Content-Length is a
+    truncated body, retried, never half a page."""
+    import gzip
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    rows = [{"sip_timestamp": 1_700_000_000_000_000_000 + i, "sequence_number": i + 1, "price": 1.5,
+             "size": 100, "exchange": 4, "id": str(i)} for i in range(5000)]
+    pages = {
+        "/v3/trades/GZIP": {"results": rows[:3000], "status": "OK",
+                            "next_url": "__BASE__/v3/trades/GZIP?cursor=two"},
+        "/v3/trades/GZIP?cursor=two": {"results": rows[3000:], "status": "OK"},
+    }
+    served: list[tuple[str, str, bool]] = []
+    cut_once = {"/v3/trades/GZIP?cursor=two"}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            key = self.path.split("&", 1)[0] if "cursor" in self.path else self.path.split("?", 1)[0]
+            page = json.dumps(pages[key]).replace("__BASE__", base).encode()
+            body = gzip.compress(page)
+            short = key in cut_once
+            cut_once.discard(key)
+            served.append((key, self.headers.get("Accept-Encoding", ""), short))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2] if short else body)
+            if short:
+                self.close_connection = True
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    base = f"http://127.0.0.1:{server.server_port}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        budget = RequestBudget(50, tmp_path / "b.sqlite")
+        c = PolygonClient(base, TEST_KEY, budget, workers=1, read_timeout=10)
+        stats = FetchStats()
+        got = c.fetch_range("trades", "GZIP", 1_700_000_000_000_000_000, 1_700_000_001_000_000_000, stats)
+        c.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert got.height == 5000 and got["sequence_number"].to_list() == list(range(1, 5001))
+    assert got["id"].to_list() == [str(i) for i in range(5000)]
+    first, second = "/v3/trades/GZIP", "/v3/trades/GZIP?cursor=two"
+    assert [(k, short) for k, _, short in served] == [(first, False), (second, True), (second, False)]
+    assert all("gzip" in enc for _, enc, _ in served)
+    assert stats.as_dict()["retries_by_cause"] == {"truncated": 1}, stats.as_dict()
+    assert stats.pages == 2 and stats.total_requests == 3

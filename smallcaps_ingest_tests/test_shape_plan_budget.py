@@ -8,6 +8,7 @@ import sys
 import textwrap
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -15,7 +16,16 @@ import pytest
 
 from smallcaps_ingest import shape
 from smallcaps_ingest.budget import RequestBudget
-from smallcaps_ingest.plan import DensityStore, Window, plan_kind, plan_symbol, session_segments
+from smallcaps_ingest.plan import (
+    ET,
+    NS,
+    SESSION_BOUNDS,
+    DensityStore,
+    Window,
+    plan_kind,
+    plan_symbol,
+    session_segments,
+)
 from smallcaps_ingest_tests.conftest import REPO, ns
 
 S = 1_000_000_000
@@ -166,6 +176,64 @@ def test_session_segments_split_at_boundaries() -> None:
     assert segs == [("PM", 300.0), ("OPEN", 300.0)]
     segs = session_segments(ns("2024-03-05T14:55:00"), ns("2024-03-05T21:05:00"))  # 09:55 -> 16:05 ET
     assert segs == [("OPEN", 300.0), ("RTH", 19800.0), ("CLOSE", 1800.0), ("AH", 300.0)]
+
+
+def _segments_through_the_zone(start_ns: int, end_ns: int) -> list[tuple[str, float]]:
+    """The former ``session_segments`` (every edge resolved through the zone): the oracle."""
+    out: list[tuple[str, float]] = []
+    cur = start_ns
+    while cur < end_ns:
+        local = datetime.fromtimestamp(cur / NS, UTC).astimezone(ET)
+        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        session, boundary, prev = "OFF", None, 0
+        if local.weekday() >= 5:
+            nxt = min(end_ns, int((midnight + timedelta(days=1)).astimezone(UTC).timestamp()) * NS)
+            out.append(("OFF", (nxt - cur) / NS))
+            cur = nxt
+            continue
+        for hour, minute, name in SESSION_BOUNDS:
+            b = hour * 60 + minute
+            minute_of_day = local.hour * 60 + local.minute + local.second / 60 + local.microsecond / 6e7
+            if prev <= minute_of_day < b:
+                session = name
+                edge = (midnight + timedelta(minutes=b)) if b < 24 * 60 else (midnight + timedelta(days=1))
+                boundary = int(edge.astimezone(UTC).timestamp()) * NS
+                break
+            prev = b
+        nxt = min(end_ns, boundary if boundary and boundary > cur else end_ns)
+        out.append((session, (nxt - cur) / NS))
+        cur = nxt
+    return out
+
+
+def test_session_segments_match_the_zone_oracle_across_dst_and_weekends() -> None:
+    rng = random.Random(5)
+    anchors = [ns(t) for t in ("2024-03-08T05:00:00", "2024-03-10T06:59:59", "2024-11-01T13:30:00",
+                               "2024-11-03T05:00:00", "2023-12-29T21:00:00", "2025-06-06T08:00:00")]
+    spans = [1, 59, 1800, 3600 * 6, 86_400, 86_400 * 3, 86_400 * 9]
+    cases = 0
+    for anchor in anchors:
+        for _ in range(120):
+            offset = rng.choice((0, 1, rng.randrange(NS)))
+            start = anchor + rng.randrange(-3 * 86_400, 3 * 86_400) * NS + offset
+            end = start + rng.choice(spans) * NS + rng.randrange(NS)
+            assert session_segments(start, end) == _segments_through_the_zone(start, end), (start, end)
+            cases += 1
+    # exactly on edges (midnights around DST, the open, the close), and a nanosecond before them:
+    # that nanosecond is the previous segment's (the oracle's float cannot tell it apart)
+    for t, before in (("2024-03-11T04:00:00", "OFF"), ("2024-03-11T13:30:00", "PM"),
+                      ("2024-11-04T05:00:00", "OFF"), ("2024-03-08T21:00:00", "CLOSE")):
+        start = ns(t)
+        for end in (start + 1, start + 86_400 * NS, start + 86_400 * 2 * NS + 1):
+            want = _segments_through_the_zone(start, end)
+            assert session_segments(start, end) == want, (t, end)
+            assert session_segments(start - 1, end) == [(before, 1e-9), *want], (t, end)
+    assert cases == 720
+    # a DST day is 23 or 25 hours, and its segments add up to the range
+    spring = session_segments(ns("2024-03-10T05:00:00"), ns("2024-03-11T04:00:00"))  # Sunday, 23 h
+    assert spring == [("OFF", 23 * 3600.0)]
+    autumn = session_segments(ns("2024-11-04T05:00:00"), ns("2024-11-05T05:00:00"))  # Monday after
+    assert sum(sec for _, sec in autumn) == 86_400.0 and [s for s, _ in autumn][:3] == ["OFF", "PM", "OPEN"]
 
 
 def _w(i: int, start: int, minutes: int = 10) -> Window:
