@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import polars as pl
@@ -545,9 +547,6 @@ def test_gzip_bodies_are_decoded_and_a_short_gzip_body_is_retried(tmp_path: Path
     """The real API gzips when asked (requests asks). A page is read in one call
     (``fetch._read_body``): a gzip body is decoded whole; one cut short of its Content-Length is a
     truncated body, retried, never half a page."""
-    import gzip
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     rows = [{"sip_timestamp": 1_700_000_000_000_000_000 + i, "sequence_number": i + 1, "price": 1.5,
              "size": 100, "exchange": 4, "id": str(i)} for i in range(5000)]
     pages = {
