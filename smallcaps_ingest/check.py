@@ -162,8 +162,10 @@ def evaluate_symbol(
         # a 1 Hz row carries the last quote forward through quiet seconds: judge each quote once
         quote = pl.struct("event_id", "sequence_number")
         quotes_rows = q.height
-        distinct = q.select(quote.n_unique()).item()
-        crossed = q.filter(pl.col("bid_price") > pl.col("ask_price")).select(quote.n_unique()).item()
+        distinct, crossed = q.select(
+            quote.n_unique().alias("distinct"),
+            quote.filter(pl.col("bid_price") > pl.col("ask_price")).n_unique().alias("crossed"),
+        ).row(0)
     allowed = crossed_allowance(distinct)
     share = 1.0 - crossed / distinct if distinct else 1.0
     out += [
