@@ -213,9 +213,14 @@ def event_windows(
     settings: IngestSettings,
 ):  # type: ignore[no-untyped-def]
     symbols = list(context.partition_keys)
-    # the manifest input is loaded: provenance is pinned to the records the instance holds now
-    last_id = context.instance.event_log_storage.get_maximum_record_id()
-    inputs_before = None if last_id is None else last_id + 1
+    # Only a run tagged dagster/partition gives its check step a partition; any range run (even
+    # XELB...XELB from a UI backfill) records materializations and check results per symbol here.
+    single = context.has_partition_key
+    inputs_before = None
+    if not single:  # Dagster records a single partition's provenance itself
+        # the manifest input is loaded: provenance is pinned to the records the instance holds now
+        last_id = context.instance.event_log_storage.get_maximum_record_id()
+        inputs_before = None if last_id is None else last_id + 1
     polygon.preflight()  # no key and no simulator: stop here, before any request
     work = {s: windows_from_frame(manifest.filter(pl.col("symbol") == s)) for s in symbols}
     engine = FetchEngine(
@@ -239,9 +244,6 @@ def event_windows(
             done.put(None)
 
     threading.Thread(target=run, name="fetch-engine", daemon=True).start()
-    # Only a run tagged dagster/partition gives its check step a partition; any range run (even
-    # XELB...XELB from a UI backfill) records materializations and check results per symbol here.
-    single = context.has_partition_key
     failed: list[SymbolOutcome] = []
     outcomes: list[SymbolOutcome] = []
     while (o := done.get()) is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from smallcaps_ingest import shape, store
@@ -30,6 +31,13 @@ def test_event_files_round_trip_exactly_with_delta_encoded_64_bit_columns(tmp_pa
         assert back.schema == frame.schema and back.equals(frame), name
         meta = pq.ParquetFile(path).metadata
         assert meta.num_rows == frame.height and meta.num_row_groups == 1
+        # no ARROW:schema footer entry (~1 KB per file): Parquet's logical types carry the types,
+        # so another reader (pyarrow here) sees UTC nanosecond timestamps and unsigned counts too
+        assert meta.metadata is None or b"ARROW:schema" not in meta.metadata
+        arrow = pq.read_table(path).schema
+        assert arrow.field(frame.columns[0]).type == pa.timestamp("ns", tz="UTC")
+        if name == "quotes":
+            assert arrow.field("quote_count").type == pa.uint32()
         group = meta.row_group(0)
         for i in range(group.num_columns):
             col = group.column(i)
