@@ -279,24 +279,27 @@ class SimHost:
                 for kind in KINDS]
         return self._call("warm", jobs, max_minutes, max_bytes)
 
-    def warm_ours(self, events: Sequence[Event], budget_rps: float, workdir: str | Path) -> float:
-        """Run our engine once over ``events`` as it will run at ``budget_rps`` (the same plans and
-        over-fetch allowance) but unthrottled and without latency, so the simulator has generated every
-        minute the measured run asks for; returns the seconds it took.
+    def warm_ours(self, events: Sequence[Event], budget_rps: float, workdir: str | Path,
+                  workers: int) -> float:
+        """Run our engine once over ``events`` as it will run at ``budget_rps`` (the same allowance and
+        workers, so the same plans) but unthrottled and without latency, so the simulator has generated
+        every minute the measured run asks for; returns the seconds it took. (Plans after the first
+        follow densities learned in flight, so a measured run could still ask for a minute this did
+        not; in the runs measured the minute cache did not grow after it.)
 
         Its ranges reach into the gaps between events, which ``warm`` does not generate. A minute
         first asked for during a measured run is generated then, on the same two cores as the client:
         in the first in_play run at 50 req/s the simulator used 0.57 of a core against 0.10 in a second
         run of the same manifest, and ours reached 0.90 of the budget against 0.98."""
+        from manifests import to_work
+
         keys = ("latency_ms", "latency_jitter_ms", "rate_limit_rps")
         saved = {k: v for k, v in self._call("config").items() if k in keys}
         self.set(latency_ms=0.0, latency_jitter_ms=0.0, rate_limit_rps=None)
-        from manifests import to_work
-
         try:
             run = run_engine(self.base_url, to_work(events), 10_000.0,
                              Path(workdir) / f"warm-{time.monotonic_ns()}.sqlite",
-                             Path(workdir) / f"warm-{time.monotonic_ns()}", workers=8,
+                             Path(workdir) / f"warm-{time.monotonic_ns()}", workers=workers,
                              overfetch_rows=overfetch_allowance(budget_rps), label="warm-up")
         finally:
             self.set(**saved)

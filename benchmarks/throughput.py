@@ -274,7 +274,7 @@ def main() -> None:
                 a.server_limit)
             events = manifests[b]
             if "ours" in clients:  # the gap minutes its ranges reach, generated before the clock starts
-                secs = sim.warm_ours(events, b, Path(tmp) / f"warm-{b:g}")
+                secs = sim.warm_ours(events, b, Path(tmp) / f"warm-{b:g}", a.workers or default_workers(b))
                 print(f"  budget {b:g} req/s: simulator warmed for ours' ranges by an unthrottled run "
                       f"({secs:.1f} s)", flush=True)
             sim.set(rate_limit_rps=limit)
