@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 import requests
 from requests.adapters import HTTPAdapter
+from requests.auth import AuthBase
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import (
@@ -393,6 +394,24 @@ def parse_page(kind: str, body: bytes, nbbo_only: bool = False) -> tuple[pl.Data
     return frame, next_url
 
 
+class _BearerAuth(AuthBase):
+    """Sends the key as ``Authorization: Bearer`` on every request, ``next_url`` pages included.
+
+    It is the session's ``auth`` rather than a default header because requests, with no ``auth``
+    set, looks the host up in ``~/.netrc`` (or ``$NETRC``) on every request, and an entry there
+    would replace the header with Basic credentials: every request would then be refused."""
+
+    def __init__(self, key: str):
+        self._key = key
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        r.headers["Authorization"] = f"Bearer {self._key}"
+        return r
+
+    def __repr__(self) -> str:  # never show the key
+        return "_BearerAuth(<key hidden>)"
+
+
 class PolygonClient:
     """A pooled, budgeted v3 client. Safe to share between worker threads."""
 
@@ -438,13 +457,8 @@ class PolygonClient:
         )
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        self.session.headers.update(
-            {
-                "Authorization": f"Bearer {api_key}",
-                "Accept": "application/json",
-                "User-Agent": "smallcaps-ingest/0.1",
-            }
-        )
+        self.session.auth = _BearerAuth(api_key)
+        self.session.headers.update({"Accept": "application/json", "User-Agent": "smallcaps-ingest/0.1"})
 
     def __repr__(self) -> str:  # never show the key
         return f"PolygonClient(base_url={self.base_url!r})"

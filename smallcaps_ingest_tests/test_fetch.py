@@ -58,6 +58,24 @@ def test_pagination_is_exact_under_a_page_cap(sim: Simulator, client: PolygonCli
     assert not any(r.had_api_key_in_query for r in log)
 
 
+def test_a_netrc_entry_for_the_host_does_not_replace_the_key(
+    sim: Simulator, client: PolygonClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """requests looks a session without ``auth`` up in ~/.netrc (or $NETRC) on every request; an
+    entry for the API host would replace the Bearer header with Basic credentials (401s)."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password not-the-key\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    sim.config.page_cap = 300
+    lo, hi = ns("2024-03-05T14:30:00"), ns("2024-03-05T14:35:00")
+    got = client.fetch_range("trades", "BRK.B", lo, hi, FetchStats())
+    _assert_exact(got, "trades", "BRK.B", lo, hi)
+    log = sim.request_log()
+    assert len(log) >= 2 and {r.status for r in log} == {200}  # next_url pages carry the key too
+    assert "not-the-key" not in repr(client.session.auth) and TEST_KEY not in repr(client.session.auth)
+
+
 def test_page_overlap_is_deduplicated_on_sequence_number(sim: Simulator, client: PolygonClient) -> None:
     sim.config.page_cap = 300
     sim.config.page_overlap = 3
