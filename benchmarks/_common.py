@@ -157,7 +157,7 @@ class OursRun:
 
 def run_ours(base_url: str, events: Sequence[Event], budget_rps: float, workdir: str | Path, *,
              density: DensityStore | None = None, workers: int = 12, data_dir: str | Path | None = None,
-             overfetch_rows: int | None = None) -> OursRun:
+             overfetch_rows: int | None = None, label: str = "ours") -> OursRun:
     """One ``FetchEngine.run`` with production-like settings and a fresh budget file."""
     from manifests import to_work
 
@@ -165,7 +165,7 @@ def run_ours(base_url: str, events: Sequence[Event], budget_rps: float, workdir:
     workdir.mkdir(parents=True, exist_ok=True)
     budget_path = workdir / f"budget-{os.getpid()}-{time.monotonic_ns()}.sqlite"
     return run_engine(base_url, to_work(events), budget_rps, budget_path, data_dir or workdir / "data",
-                      density=density, workers=workers, overfetch_rows=overfetch_rows)
+                      density=density, workers=workers, overfetch_rows=overfetch_rows, label=label)
 
 
 def run_engine(base_url: str, work: Mapping[str, Sequence[Window]], budget_rps: float,
@@ -207,13 +207,12 @@ def _host_main(conn: Any, config: dict[str, Any]) -> None:
             sim.stop()
             conn.send(None)
             return
-        if cmd == "config":
-            conn.send(dict(vars(sim.config)))
-            continue
         if cmd == "set":
             for k, v in args[0].items():
                 setattr(sim.config, k, v)
             conn.send(None)
+        elif cmd == "config":
+            conn.send(dict(vars(sim.config)))
         elif cmd == "reset":
             sim.reset_counters()
             conn.send(None)
@@ -291,16 +290,12 @@ class SimHost:
         first asked for during a measured run is generated then, on the same two cores as the client:
         in the first in_play run at 50 req/s the simulator used 0.57 of a core against 0.10 in a second
         run of the same manifest, and ours reached 0.90 of the budget against 0.98."""
-        from manifests import to_work
-
         keys = ("latency_ms", "latency_jitter_ms", "rate_limit_rps")
         saved = {k: v for k, v in self._call("config").items() if k in keys}
         self.set(latency_ms=0.0, latency_jitter_ms=0.0, rate_limit_rps=None)
         try:
-            run = run_engine(self.base_url, to_work(events), 10_000.0,
-                             Path(workdir) / f"warm-{time.monotonic_ns()}.sqlite",
-                             Path(workdir) / f"warm-{time.monotonic_ns()}", workers=workers,
-                             overfetch_rows=overfetch_allowance(budget_rps), label="warm-up")
+            run = run_ours(self.base_url, events, 10_000.0, workdir, workers=workers,
+                           overfetch_rows=overfetch_allowance(budget_rps), label="warm-up")
         finally:
             self.set(**saved)
             self.reset()
