@@ -46,7 +46,10 @@ CHECK_DESCRIPTIONS = {
     "no_tmp_orphans": "No *.tmp* file is left in the partition (an interrupted write).",
     "timestamps_in_window": "Every trade and sampled quote lies inside its event window [ts_start, ts_end).",
     "rows_sorted": "Trades are sorted by (sip_timestamp, sequence_number); quotes by ts.",
-    "sequence_unique": "sequence_number is unique within each trades file.",
+    "sequence_unique": (
+        "sequence_number is unique within each trades file. A WARN for inspection only: the tape has "
+        "genuine duplicate sequence numbers and trades identical in every field, and every one is kept."
+    ),
     "quotes_bid_le_ask": (
         f"At least {BID_LE_ASK_MIN_SHARE:.0%} of the distinct quotes have bid_price <= ask_price, within "
         f"{BID_LE_ASK_SIGMAS:g} standard deviations of sampling error."
@@ -73,6 +76,28 @@ def crossed_allowance(quotes: int) -> float:
     """
     p = 1.0 - BID_LE_ASK_MIN_SHARE
     return quotes * p + BID_LE_ASK_SIGMAS * math.sqrt(quotes * p * (1.0 - p))
+
+
+def _duplicate_figures(trades: pl.DataFrame) -> dict[str, object]:
+    """What ``sequence_unique`` shows of the duplicates (trades of the offending events, with
+    ``event_id``): rows beyond the first of each (event, sequence_number), how many of those are
+    identical in every field to an earlier row, and a few of the repeated numbers."""
+    fields = [c for c in shape.TRADES_SCHEMA if c in trades.columns]
+    repeated = (
+        trades.group_by("event_id", "sequence_number")
+        .agg(n=pl.len(), distinct=pl.struct(fields).n_unique())
+        .filter(pl.col("n") > 1)
+        .sort("event_id", "sequence_number")
+    )
+    examples = [
+        f"{e} sequence_number {q} x{n}" + (f" ({n - d} identical copies)" if d < n else "")
+        for e, q, n, d in repeated.head(EXAMPLES).iter_rows()
+    ]
+    return {
+        "duplicate_rows": int((repeated["n"] - 1).sum()),
+        "identical_rows": int((repeated["n"] - repeated["distinct"]).sum()),
+        "duplicate_examples": "; ".join(examples),
+    }
 
 
 def _read_all(files: list[str]) -> pl.DataFrame | None:
@@ -115,6 +140,7 @@ def evaluate_symbol(
     bad_window: list[str] = []
     bad_sort: list[str] = []
     bad_seq: list[str] = []
+    seq_figures: dict[str, object] = {"duplicate_rows": 0, "identical_rows": 0}
     quotes_rows = distinct = crossed = 0
     trades = _read_all([f for f in trade_files if f not in bad_schema])
     if trades is not None and trades.height:
@@ -135,6 +161,8 @@ def evaluate_symbol(
         bad_window += per.filter(pl.col("outside") > 0)["event_id"].to_list()
         bad_sort += per.filter(pl.col("unsorted") > 0)["event_id"].to_list()
         bad_seq += per.filter(pl.col("dup") > 0)["event_id"].to_list()
+        if bad_seq:
+            seq_figures = _duplicate_figures(t.filter(pl.col("event_id").is_in(bad_seq)))
     quotes = _read_all([f for f in quote_files if f not in bad_schema])
     if quotes is not None and quotes.height:
         key = "ts" if hz > 0 else "sip_timestamp"
@@ -171,7 +199,7 @@ def evaluate_symbol(
     out += [
         _result("timestamps_in_window", sorted(set(bad_window)), len(events)),
         _result("rows_sorted", sorted(set(bad_sort)), len(events)),
-        _result("sequence_unique", sorted(set(bad_seq)), len(events)),
+        _result("sequence_unique", sorted(set(bad_seq)), len(events), **seq_figures),
         CheckOutcome(
             "quotes_bid_le_ask",
             crossed <= allowed,

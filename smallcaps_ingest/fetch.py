@@ -581,7 +581,7 @@ class PolygonClient:
     def fetch_range(
         self, kind: str, ticker: str, start_ns: int, end_ns: int, stats: FetchStats, nbbo_only: bool = False
     ) -> pl.DataFrame:
-        """Every tick in [start_ns, end_ns), ascending, across all pages, de-duplicated at page seams.
+        """Every tick in [start_ns, end_ns), ascending, across all pages: every row the API returned.
 
         ``nbbo_only`` (quotes only) keeps just the fields the sampled quote grid needs.
         """
@@ -602,6 +602,9 @@ class PolygonClient:
 
         A merged range spans the gaps between its events (up to the over-fetch bound); dropping
         the gap rows page by page keeps a dense symbol's day from being held in memory whole.
+        Nothing else is dropped, not even at page seams: the cursor is exact, and
+        ``sequence_number`` is no row key (it restarts every trading day, and genuine duplicates
+        and identical trades occur within a day).
         """
         url: str | None = f"{self.base_url}/v3/{kind}/{quote(ticker, safe='.-')}"
         params: dict[str, object] | None = {
@@ -612,18 +615,13 @@ class PolygonClient:
             "limit": PAGE_LIMIT,
         }
         frames: list[pl.DataFrame] = []
-        previous: pl.Series | None = None
         raw = 0
         while url:
             page, next_url = self.get_page(kind, url, params, stats, nbbo_only)
-            seqs = page["sequence_number"]
-            if previous is not None and page.height:
-                page = page.filter(~pl.col("sequence_number").is_in(previous.implode()))
             raw += page.height
             if keep is not None and page.height:
                 page = page.filter(_inside(keep))
             frames.append(page)
-            previous = seqs
             url = self._same_host(next_url) if next_url else None
             params = None
         # Not sorted here: shaping sorts each event's slice, which is all that is ever written.

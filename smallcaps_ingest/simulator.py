@@ -28,6 +28,7 @@ import math
 import os
 import random
 import re
+import select
 import signal
 import socket
 import socketserver
@@ -96,6 +97,11 @@ _ERR_429 = (
     "continue. https://massive.com/pricing"
 )
 _ERR_5XX = "Internal server error"
+#: What nginx (in front of an API, or as a CDN's origin proxy) answers when its upstream fails.
+_PROXY_PAGE = (
+    "<html>\r\n<head><title>{code} {phrase}</title></head>\r\n<body>\r\n"
+    "<center><h1>{code} {phrase}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,8 +280,25 @@ def _minute_seed(kind: str, ticker: str, minute_ns: int) -> int:
     return int.from_bytes(blake2b(f"{kind}|{ticker}|{minute_ns}".encode()).digest()[:8], "big")
 
 
-def _generate(kind: str, ticker: str, minute_ns: int, minute_of_day: int, day_ord: int) -> _Minute:
-    """Generate a minute's rows; depends only on its arguments (which derive from kind/ticker/minute)."""
+#: (duplicate_sequence_rate, identical_trade_rate) of a SimConfig; (0, 0) is the plain tape.
+Dups = tuple[float, float]
+NO_DUPS: Dups = (0.0, 0.0)
+
+
+def _dups(cfg: SimConfig | None) -> Dups:
+    return NO_DUPS if cfg is None else (cfg.duplicate_sequence_rate, cfg.identical_trade_rate)
+
+
+def _generate(
+    kind: str, ticker: str, minute_ns: int, minute_of_day: int, day_ord: int, dups: Dups = NO_DUPS
+) -> _Minute:
+    """Generate a minute's rows; depends only on its arguments (which derive from kind/ticker/minute).
+
+    Sequence numbers are ``minute_of_day * SEQ_STRIDE + 1, + 2, ...``: they restart every ET day,
+    as the real API's do ("values reset after each trading session/day"), so two days of one
+    ticker share numbers. ``dups`` (trades only) adds the tape's genuine duplicates: see
+    ``_gen_trades``.
+    """
     seq_base = minute_of_day * SEQ_STRIDE
     tp = _ticker_params(ticker)
     rate = BASE_RATE[kind] * tp.liq * _FACTOR[minute_of_day]
@@ -289,7 +312,10 @@ def _generate(kind: str, ticker: str, minute_ns: int, minute_of_day: int, day_or
     sips = sorted([minute_ns + int(r() * 59_999_999_999) for _ in range(n)])
     center = _center_ticks(tp, minute_of_day, day_ord)
     if kind == "trades":
-        rows = _gen_trades(r, sips, seq_base, tp, center, minute_of_day < 570 or minute_of_day >= 960)
+        dup_rng = random.Random(_minute_seed("dups", ticker, minute_ns)).random if any(dups) else None
+        rows, sips = _gen_trades(
+            r, sips, seq_base, tp, center, minute_of_day < 570 or minute_of_day >= 960, dups, dup_rng
+        )
     else:
         rows = _gen_quotes(r, sips, seq_base, tp, center)
     return _Minute(sips, rows, seq_base)
@@ -302,8 +328,23 @@ def _compact_dumps(obj: Any) -> bytes:
 
 
 def _gen_trades(
-    r: Any, sips: list[int], seq_base: int, tp: _TickerParams, price_t: int, extended: bool
-) -> list[bytes]:
+    r: Any,
+    sips: list[int],
+    seq_base: int,
+    tp: _TickerParams,
+    price_t: int,
+    extended: bool,
+    dups: Dups = NO_DUPS,
+    dup_rng: Any = None,
+) -> tuple[list[bytes], list[int]]:
+    """The minute's trade rows and their sip timestamps (one per row).
+
+    With ``dup_rng`` (its own seeded stream, so the plain tape is the same with or without it), a
+    ``dups[0]`` share of trades reuse the previous trade's ``sequence_number`` (a different trade:
+    own id, price, size, time), and a ``dups[1]`` share are served twice, identical in every field:
+    both seen on the real tape (polygon-io/issues#241, #233). The cursor never relies on sequence
+    numbers being unique: it counts positions (``_row_at``).
+    """
     dumps = _compact_dumps
     div = tp.div
     tape = tp.tape
@@ -312,9 +353,13 @@ def _gen_trades(
     n_cond = len(_COND_RTH)
     rows: list[bytes] = []
     append = rows.append
+    out_sips = sips if dup_rng is None else []
     seq = seq_base
+    number = 0  # the previous trade's sequence_number (0: none yet in this minute)
     for sip in sips:
         seq += 1
+        reuse, twice = (dup_rng() < dups[0], dup_rng() < dups[1]) if dup_rng is not None else (False, False)
+        number = number if reuse and number else seq
         u = r()
         if u < 0.2:
             price_t += 1
@@ -342,7 +387,7 @@ def _gen_trades(
         row["id"] = str(seq)
         row["participant_timestamp"] = pts
         row["price"] = price_t / div
-        row["sequence_number"] = seq
+        row["sequence_number"] = number
         row["sip_timestamp"] = sip
         row["size"] = size
         row["tape"] = tape
@@ -350,7 +395,12 @@ def _gen_trades(
             row["trf_id"] = _TRF_IDS[int(r() * 3)]
             row["trf_timestamp"] = pts - 1_000 - int(r() * 500_000)
         append(dumps(row))
-    return rows
+        if dup_rng is not None:
+            out_sips.append(sip)
+            if twice:
+                append(rows[-1])
+                out_sips.append(sip)
+    return rows, out_sips
 
 
 def _gen_quotes(r: Any, sips: list[int], seq_base: int, tp: _TickerParams, center: int) -> list[bytes]:
@@ -398,19 +448,22 @@ class _MinuteCache:
     def __init__(self, max_minutes: int = 8192, max_bytes: int = 384 << 20) -> None:
         self.max_minutes = max_minutes
         self.max_bytes = max_bytes
-        self._d: OrderedDict[tuple[str, str, int], _Minute] = OrderedDict()
+        self._d: OrderedDict[tuple[str, str, int, Dups], _Minute] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, kind: str, ticker: str, m: int, minute_of_day: int, day_ord: int) -> _Minute:
-        key = (kind, ticker, m)
+    def get(
+        self, kind: str, ticker: str, m: int, minute_of_day: int, day_ord: int, dups: Dups = NO_DUPS
+    ) -> _Minute:
+        dups = dups if kind == "trades" else NO_DUPS
+        key = (kind, ticker, m, dups)
         with self._lock:
             md = self._d.get(key)
             if md is not None:
                 self._d.move_to_end(key)
                 return md
         # Generate outside the lock: a duplicate generation is harmless (deterministic), a stall is not.
-        md = _generate(kind, ticker, m, minute_of_day, day_ord)
+        md = _generate(kind, ticker, m, minute_of_day, day_ord, dups)
         with self._lock:
             old = self._d.get(key)
             if old is not None:
@@ -443,8 +496,14 @@ def _slice(md: _Minute, m: int, gte: int, lt: int) -> tuple[int, int]:
     return a, b
 
 
-def ground_truth(kind: str, ticker: str, gte_ns: int, lt_ns: int) -> list[dict[str, Any]]:
-    """Every row with gte_ns <= sip_timestamp < lt_ns, ascending, exactly as the endpoints serve them."""
+def ground_truth(
+    kind: str, ticker: str, gte_ns: int, lt_ns: int, config: SimConfig | None = None
+) -> list[dict[str, Any]]:
+    """Every row with gte_ns <= sip_timestamp < lt_ns, ascending, exactly as the endpoints serve them.
+
+    ``config``: a server's knobs that change the tape itself (duplicate sequence numbers and
+    identical trades); None is the default tape.
+    """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     out: list[dict[str, Any]] = []
@@ -453,7 +512,7 @@ def ground_truth(kind: str, ticker: str, gte_ns: int, lt_ns: int) -> list[dict[s
     gte_ns = max(gte_ns, DATA_START_NS)
     lt_ns = min(lt_ns, DATA_END_NS)
     for m, k, d in _iter_minutes(gte_ns, lt_ns, False):
-        md = _CACHE.get(kind, ticker, m, k, d)
+        md = _CACHE.get(kind, ticker, m, k, d, _dups(config))
         a, b = _slice(md, m, gte_ns, lt_ns)
         if a < b:
             out.extend(orjson.loads(b"[" + b",".join(md.rows[a:b]) + b"]"))
@@ -602,8 +661,14 @@ def _decode_cursor(kind: str, ticker: str, cursor: str) -> _Query:
 # --------------------------------------------------------------------------------------------------
 
 
-def _collect(qy: _Query, page_size: int, now_ns: int) -> tuple[list[tuple[_Minute, int, int]], bool]:
-    """Segments (minute, a, b) forming the page in serve order, and whether more rows remain after it."""
+def _collect(
+    qy: _Query, page_size: int, now_ns: int, dups: Dups = NO_DUPS, day_pages: bool = False
+) -> tuple[list[tuple[_Minute, int, int]], bool]:
+    """Segments (minute, a, b) forming the page in serve order, and whether more rows remain after it.
+
+    ``day_pages``: the page ends after the last row of the first ET day it holds (with a cursor
+    when more rows follow), so it may hold fewer than ``page_size`` rows.
+    """
     segs: list[tuple[_Minute, int, int]] = []
     if liquidity(qy.ticker) <= 0:
         return segs, False
@@ -620,8 +685,9 @@ def _collect(qy: _Query, page_size: int, now_ns: int) -> tuple[list[tuple[_Minut
         else:
             lo = max(lo, ps)
     need = page_size
+    first_day = None
     for m, k, d in _iter_minutes(lo, hi, qy.desc):
-        md = _CACHE.get(qy.kind, qy.ticker, m, k, d)
+        md = _CACHE.get(qy.kind, qy.ticker, m, k, d, dups)
         if not md.sips:
             continue
         a, b = _slice(md, m, gte, lt)
@@ -632,8 +698,9 @@ def _collect(qy: _Query, page_size: int, now_ns: int) -> tuple[list[tuple[_Minut
                 a = max(a, pq - md.seq_base)
         if a >= b:
             continue
-        if need == 0:
+        if need == 0 or (day_pages and first_day is not None and d != first_day):
             return segs, True
+        first_day = d
         take = min(b - a, need)
         segs.append((md, a, a + take) if not qy.desc else (md, b - take, b))
         need -= take
@@ -643,7 +710,9 @@ def _collect(qy: _Query, page_size: int, now_ns: int) -> tuple[list[tuple[_Minut
 
 
 def _row_at(segs: list[tuple[_Minute, int, int]], desc: bool, idx: int) -> tuple[int, int]:
-    """(sip_timestamp, sequence_number) of the idx-th served row of a page."""
+    """The cursor position of the idx-th served row of a page: its sip_timestamp and
+    ``seq_base`` + its 1-based place in its minute (a position, not the row's sequence_number,
+    which may repeat)."""
     for md, a, b in segs:
         n = b - a
         if idx < n:
@@ -695,7 +764,18 @@ class SimConfig:
     reset_rate: float = 0.0
     truncate_rate: float = 0.0
     page_cap: int | None = None
-    page_overlap: int = 0
+    #: pages end after each ET day's last row (a page may hold fewer than `limit` rows, next_url set)
+    page_ends_at_day: bool = False
+    #: share of trades that reuse the previous trade's sequence_number (genuine duplicates)
+    duplicate_sequence_rate: float = 0.0
+    #: share of trades served twice, identical in every field
+    identical_trade_rate: float = 0.0
+    #: share of requests answered 502/504 with a proxy's HTML page (text/html), not the API's JSON
+    html_5xx_rate: float = 0.0
+    #: share of requests read and never answered (no status line, connection held open)
+    hang_rate: float = 0.0
+    #: share of 200s whose headers and part of the body are sent, then nothing more
+    stall_rate: float = 0.0
     keys: dict[str, str] | None = None
     seed: int = 0
 
@@ -715,6 +795,8 @@ class RequestRecord:
     had_api_key_in_query: bool
     truncated: bool = False
     handled: float = 0.0  # when a handler thread got to it (t is when its bytes arrived)
+    hung: bool = False  # never answered (hang_rate) or stalled mid-body (stall_rate)
+    html: bool = False  # a proxy's HTML error page (html_5xx_rate)
 
 
 @dataclass(frozen=True)
@@ -732,6 +814,10 @@ class _Arrival:
     u_mode: float
     u_cut: float
     u_lat: float
+    hang: bool = False  # read and never answered
+    stall: bool = False  # headers and part of the body, then nothing
+    html: bool = False  # a proxy's 502/504 HTML page instead of the API's answer
+    u_proxy: float = 0.0
 
 
 def _is_loopback(host: str) -> bool:
@@ -883,7 +969,10 @@ class Simulator:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._fault_rng = random.Random(self.config.seed)
+        # the proxy faults draw from their own stream, so adding them moved no other fault
+        self._proxy_rng = random.Random(f"proxy|{self.config.seed}")
         self._fault_seed = self.config.seed
+        self._stopping = threading.Event()  # releases handlers that hang on purpose
         self._served: list[float] = []  # sorted arrival times of admitted requests
         self._active = 0
         self._reset_state()
@@ -893,6 +982,7 @@ class Simulator:
     def start(self) -> Simulator:
         if self._server is not None:
             return self
+        self._stopping.clear()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         self._server = _Server((self.host, self.port), self, family)
         self.port = self._server.server_port
@@ -911,6 +1001,7 @@ class Simulator:
         srv, self._server = self._server, None
         if srv is None:
             return
+        self._stopping.set()
         srv.shutdown()
         srv.server_close()
         srv.close_all()  # keep-alive connections would otherwise keep being served
@@ -940,7 +1031,7 @@ class Simulator:
         self._bytes = 0
         self._max_conc = self._active
         self._log: deque[RequestRecord] = deque(maxlen=1_000_000)
-        self._faults = {"reset": 0, "truncated": 0, "5xx": 0, "429": 0}
+        self._faults = dict.fromkeys(("reset", "truncated", "5xx", "429", "html_5xx", "hung", "stalled"), 0)
 
     def reset_counters(self) -> None:
         """Zero counters and the request log (the rate limiter's window is server state and is kept)."""
@@ -975,14 +1066,20 @@ class Simulator:
 
     @staticmethod
     def _frame(
-        status: int, body: bytes, extra: list[str] | None, declared_len: int | None, close: bool
+        status: int,
+        body: bytes,
+        extra: list[str] | None,
+        declared_len: int | None,
+        close: bool,
+        html: bool = False,
     ) -> tuple[bytes, bytes]:
         head = [
             f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
-            "Content-Type: application/json",
+            "Content-Type: text/html" if html else "Content-Type: application/json",
             f"Content-Length: {len(body) if declared_len is None else declared_len}",
-            "X-Smallcaps-Simulator: 1",
         ]
+        if not html:  # a proxy's page is not the API's (nor the simulator's) answer
+            head.append("X-Smallcaps-Simulator: 1")
         if extra:
             head.extend(extra)
         if close:
@@ -996,6 +1093,21 @@ class Simulator:
         else:
             h.wfile.write(head)
             h.wfile.write(body)
+
+    def _hold(self, h: _Handler) -> None:
+        """Keep the connection open and say nothing more, as a hung upstream behind a proxy does,
+        until the client hangs up or the simulator stops (so ``stop`` never waits on it)."""
+        h.close_connection = True
+        conn = h.connection
+        while not self._stopping.is_set():
+            try:
+                readable, _, _ = select.select([conn], [], [], 0.1)
+                if readable and not conn.recv(1, socket.MSG_PEEK):
+                    return  # the client closed its end
+            except OSError:
+                return
+            if readable:  # the client sent more (a pipelined request): it stays unanswered
+                self._stopping.wait(0.1)
 
     def _write(self, h: _Handler, status: int, body: bytes) -> None:
         """Send a response outside the normal path (protocol errors); not counted."""
@@ -1060,9 +1172,17 @@ class Simulator:
             self._max_conc = max(self._max_conc, self._active)
             if cfg.seed != self._fault_seed:
                 self._fault_rng.seed(cfg.seed)
+                self._proxy_rng.seed(f"proxy|{cfg.seed}")
                 self._fault_seed = cfg.seed
             u = [self._fault_rng.random() for _ in range(7)]
+            p = [self._proxy_rng.random() for _ in range(4)]
             reset = u[0] < cfg.reset_rate
+            proxy = {
+                "hang": not reset and p[0] < cfg.hang_rate,
+                "html": not reset and p[1] < cfg.html_5xx_rate,
+                "stall": not reset and p[2] < cfg.stall_rate,
+                "u_proxy": p[3],
+            }
             limited = False
             retry_after = 1
             dq = self._served
@@ -1087,7 +1207,7 @@ class Simulator:
                 insort(dq, now)  # keep the window warm so turning the limiter on mid-run is exact
                 if len(dq) > 100_000:
                     del dq[:50_000]
-        return _Arrival(now, handled, reset, limited, retry_after, *u[1:])
+        return _Arrival(now, handled, reset, limited, retry_after, *u[1:], **proxy)
 
     def _respond(
         self,
@@ -1124,6 +1244,10 @@ class Simulator:
         if status == 200 and arr.u_5xx < cfg.error_5xx_rate:
             status = (500, 502, 503)[min(2, int(arr.u_code * 3))]
             body = self._err(rid, error=_ERR_5XX)
+        html = status not in (0, 429) and arr.html and not arr.hang
+        if html:  # a proxy in front of the API answers for it, whatever the API would have said
+            status = 502 if arr.u_proxy < 0.5 else 504
+            body = _PROXY_PAGE.format(code=status, phrase=HTTPStatus(status).phrase).encode()
         if status == 200 and (bad is not None or qy is None):
             status = 400
             body = self._err(rid, error=bad or "bad request")
@@ -1133,16 +1257,22 @@ class Simulator:
             except Exception:  # a simulator bug must surface as a 500, not as a hung connection
                 traceback.print_exc(file=sys.stderr)
                 status, body = 500, self._err(rid, error=_ERR_5XX)
-        if status == 200 and arr.u_trunc < cfg.truncate_rate and len(body) > 1:
+        stall = status == 200 and arr.stall and not arr.hang and len(body) > 1
+        if status == 200 and not stall and arr.u_trunc < cfg.truncate_rate and len(body) > 1:
             truncated = True
             cut = 1 + int(arr.u_cut * (len(body) - 1))
             if arr.u_mode < 0.5:
                 h.close_connection = True  # promise the full length, send part, hang up
                 declared = len(body)
             body = body[:cut]
+        if stall:
+            declared = len(body)
+            body = body[: 1 + int(arr.u_proxy * (len(body) - 1))]
         head = b""
-        if status:
-            head, body = self._frame(status, body, extra, declared, h.close_connection)
+        if arr.hang:
+            status, body = 0, b""
+        elif status:
+            head, body = self._frame(status, body, extra, declared, h.close_connection, html)
         # Record before sending: a client that has its response must already see it in the log.
         rec = RequestRecord(
             t=arr.now,
@@ -1156,15 +1286,23 @@ class Simulator:
             rows=rows,
             had_api_key_in_query="apiKey" in q,
             truncated=truncated,
+            hung=arr.hang or stall,
+            html=html,
         )
         with self._lock:
             self._total += 1
             bucket = self._counts[endpoint]
-            sk = str(status)
+            sk = "hung" if arr.hang else "stalled" if stall else str(status)
             bucket[sk] = bucket.get(sk, 0) + 1
             self._bytes += len(head) + len(body)
             self._log.append(rec)
-            if status == 0:
+            if arr.hang:
+                self._faults["hung"] += 1
+            elif stall:
+                self._faults["stalled"] += 1
+            elif html:
+                self._faults["html_5xx"] += 1
+            elif status == 0:
                 self._faults["reset"] += 1
             elif status == 429:
                 self._faults["429"] += 1
@@ -1172,7 +1310,11 @@ class Simulator:
                 self._faults["5xx"] += 1
             if truncated:
                 self._faults["truncated"] += 1
-        if arr.reset:
+        if arr.hang or stall:
+            if stall:
+                self._send(h, head, body)
+            self._hold(h)
+        elif arr.reset:
             h.close_connection = True
             h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             with h.server.conns_lock:
@@ -1208,7 +1350,7 @@ class Simulator:
     def _page(self, qy: _Query, rid: str, cfg: SimConfig) -> tuple[bytes, int]:
         """Assemble a 200 body by joining cached row bytes; returns (body, rows)."""
         size = qy.limit if cfg.page_cap is None else max(1, min(qy.limit, cfg.page_cap))
-        segs, more = _collect(qy, size, time.time_ns())
+        segs, more = _collect(qy, size, time.time_ns(), _dups(cfg), cfg.page_ends_at_day)
         if not segs:
             return b'{"status":"OK","request_id":"' + rid.encode() + b'"}', 0
         parts: list[bytes] = []
@@ -1221,8 +1363,7 @@ class Simulator:
             total += b - a
         out = [b'{"results":[', b",".join(parts), b'],"status":"OK","request_id":"', rid.encode(), b'"']
         if more:
-            overlap = max(0, min(cfg.page_overlap, total - 1))
-            pos = _row_at(segs, qy.desc, total - 1 - overlap)
+            pos = _row_at(segs, qy.desc, total - 1)
             path = f"/v3/{qy.kind}/{quote(qy.ticker, safe='.')}"
             url = f"{self.base_url}{path}?cursor={_encode_cursor(qy, pos)}"
             out += [b',"next_url":"', url.encode(), b'"']
@@ -1250,7 +1391,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reset-rate", type=float, default=0.0)
     p.add_argument("--truncate-rate", type=float, default=0.0)
     p.add_argument("--page-cap", type=int, default=None)
-    p.add_argument("--page-overlap", type=int, default=0)
+    p.add_argument("--page-ends-at-day", action="store_true")
+    p.add_argument("--duplicate-sequence-rate", type=float, default=0.0)
+    p.add_argument("--identical-trade-rate", type=float, default=0.0)
+    p.add_argument("--html-5xx-rate", type=float, default=0.0)
+    p.add_argument("--hang-rate", type=float, default=0.0)
+    p.add_argument("--stall-rate", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--key",
@@ -1279,7 +1425,12 @@ def main(argv: list[str] | None = None) -> None:
         reset_rate=a.reset_rate,
         truncate_rate=a.truncate_rate,
         page_cap=a.page_cap,
-        page_overlap=a.page_overlap,
+        page_ends_at_day=a.page_ends_at_day,
+        duplicate_sequence_rate=a.duplicate_sequence_rate,
+        identical_trade_rate=a.identical_trade_rate,
+        html_5xx_rate=a.html_5xx_rate,
+        hang_rate=a.hang_rate,
+        stall_rate=a.stall_rate,
         keys=keys,
         seed=a.seed,
     )

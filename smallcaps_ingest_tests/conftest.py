@@ -27,9 +27,10 @@ def ns(text: str) -> int:
     return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()) * 1_000_000_000
 
 
-def truth_frame(kind: str, ticker: str, lo: int, hi: int) -> pl.DataFrame:
-    """The simulator's ground truth for [lo, hi) as a raw frame, typed like the client's pages."""
-    rows = ground_truth(kind, ticker, lo, hi)
+def truth_frame(kind: str, ticker: str, lo: int, hi: int, config: SimConfig | None = None) -> pl.DataFrame:
+    """The simulator's ground truth for [lo, hi) as a raw frame, typed like the client's pages
+    (``config``: a server's knobs that change the tape, such as duplicate sequence numbers)."""
+    rows = ground_truth(kind, ticker, lo, hi, config)
     return pl.DataFrame(
         {c: [r.get(c) for r in rows] for c in shape.RAW_SCHEMAS[kind]},
         schema=shape.RAW_SCHEMAS[kind],

@@ -76,14 +76,6 @@ def test_a_netrc_entry_for_the_host_does_not_replace_the_key(
     assert "not-the-key" not in repr(client.session.auth) and TEST_KEY not in repr(client.session.auth)
 
 
-def test_page_overlap_is_deduplicated_on_sequence_number(sim: Simulator, client: PolygonClient) -> None:
-    sim.config.page_cap = 300
-    sim.config.page_overlap = 3
-    lo, hi = ns("2024-03-05T15:00:00"), ns("2024-03-05T15:10:00")
-    got = client.fetch_range("trades", "AAOI", lo, hi, FetchStats())
-    _assert_exact(got, "trades", "AAOI", lo, hi)
-
-
 def test_desc_default_is_handled(sim: Simulator, client: PolygonClient) -> None:
     lo, hi = ns("2024-03-05T15:00:00"), ns("2024-03-05T15:03:00")
     raw = requests.get(

@@ -175,31 +175,72 @@ def test_next_url_never_carries_query_key(sim: Simulator) -> None:
     assert r2.status_code == 200 and len(r2.json()["results"]) == 10
 
 
-def test_page_overlap_repeats_tail(fresh: Simulator) -> None:
-    fresh.config.page_cap = 100
-    fresh.config.page_overlap = 5
-    lo, hi = RTH_OPEN, RTH_OPEN + 240 * NS
+def test_sequence_numbers_restart_every_trading_day_and_pages_may_end_at_a_day(fresh: Simulator) -> None:
+    """Sequence numbers restart every ET day (the real API's do), so a two-day range repeats
+    numbers; ``page_ends_at_day`` ends each page after a day's last row (fewer rows than the
+    limit, with a next_url). Every row is served once, in order, whatever the page size."""
+    lo, hi = ns(2024, 3, 5, 5), ns(2024, 3, 7, 5)  # Tue and Wed, 00:00 ET to 00:00 ET
+    truth = ground_truth("trades", "XELB", lo, hi)
+    tue = [r for r in truth if r["sip_timestamp"] < DAY_END]
+    wed = truth[len(tue) :]
+    assert tue and wed and {r["sequence_number"] for r in tue} & {r["sequence_number"] for r in wed}
+    assert min(r["sequence_number"] for r in wed) < max(r["sequence_number"] for r in tue)
+    fresh.config.page_ends_at_day = True
+    for limit in (50_000, len(tue), 97):
+        pages = _pages(fresh, "trades", "XELB", {"order": "asc", "timestamp.gte": lo, "timestamp.lt": hi,
+                                                  "limit": limit})
+        assert [r for p in pages for r in p] == truth, limit
+        # every page holds one day; the day's last page ends with its last row
+        assert all(len({r["sip_timestamp"] < DAY_END for r in p}) == 1 for p in pages), limit
+        assert any(p[-1] == tue[-1] for p in pages) and len(pages) >= 2
+    fresh.config.page_ends_at_day = False
+    assert _pages(fresh, "trades", "XELB", {"order": "asc", "timestamp.gte": lo, "timestamp.lt": hi,
+                                            "limit": 50_000}) == [truth]  # one page, no next_url
+
+
+def _pages(sim: Simulator, kind: str, ticker: str, params: dict[str, Any]) -> list[list[dict]]:
     s = requests.Session()
     s.headers["Authorization"] = "Bearer k"
-    body = s.get(
-        f"{fresh.base_url}/v3/trades/AAOI",
-        params={"order": "asc", "timestamp.gte": lo, "timestamp.lt": hi},
-        timeout=30,
-    ).json()
-    pages = [body["results"]]
+    body = s.get(f"{sim.base_url}/v3/{kind}/{ticker}", params=params, timeout=30).json()
+    pages = [body.get("results", [])]
     while "next_url" in body:
         body = s.get(body["next_url"], timeout=30).json()
-        pages.append(body["results"])
-    truth = ground_truth("trades", "AAOI", lo, hi)
-    assert len(pages) > 3
-    for prev, nxt in zip(pages, pages[1:], strict=False):
-        assert nxt[:5] == prev[-5:]
-    flat = [r for p in pages for r in p]
-    assert len(flat) == len(truth) + 5 * (len(pages) - 1)
-    assert list({r["sequence_number"]: r for r in flat}.values()) == truth
-    # A window smaller than a page is served once, with no overlap and no next_url.
-    rows, urls = all_pages(fresh, "trades", "XELB", order="asc", **{"timestamp.gte": lo, "timestamp.lt": hi})
-    assert urls == [] and rows == ground_truth("trades", "XELB", lo, hi)
+        pages.append(body.get("results", []))
+    return pages
+
+
+def test_duplicate_sequence_numbers_and_identical_trades_are_served_as_ground_truth_says(
+    fresh: Simulator,
+) -> None:
+    """The two knobs add the tape's genuine duplicates to trades: reused sequence numbers (a
+    different trade each) and trades served twice, identical in every field. Deterministic, in
+    ``ground_truth`` exactly as served (asc and desc, any page size: the cursor counts positions,
+    not sequence numbers), and the plain tape underneath is unchanged."""
+    cfg = SimConfig(duplicate_sequence_rate=0.05, identical_trade_rate=0.03)
+    lo, hi = RTH_OPEN, RTH_OPEN + 20 * 60 * NS
+    dup = ground_truth("trades", "AAOI", lo, hi, cfg)
+    plain = ground_truth("trades", "AAOI", lo, hi)
+    assert dup == ground_truth("trades", "AAOI", lo, hi, SimConfig(**vars(cfg)))  # deterministic
+    minute = (lo, lo + 60 * NS)
+    assert ground_truth("quotes", "AAOI", *minute, cfg) == ground_truth("quotes", "AAOI", *minute)  # trades
+    twins = sum(a == b for a, b in zip(dup, dup[1:], strict=False))
+    reused = sum(
+        a["sequence_number"] == b["sequence_number"] and a != b for a, b in zip(dup, dup[1:], strict=False)
+    )
+    assert 0.015 * len(plain) < twins < 0.05 * len(plain), (twins, len(plain))
+    assert 0.03 * len(plain) < reused < 0.08 * len(plain), (reused, len(plain))
+    assert len(dup) == len(plain) + twins
+    # the plain tape underneath: same trades, only the reused numbers differ
+    once = [r for i, r in enumerate(dup) if i == 0 or r != dup[i - 1]]
+    strip = [{k: v for k, v in r.items() if k != "sequence_number"} for r in once]
+    assert strip == [{k: v for k, v in r.items() if k != "sequence_number"} for r in plain]
+    fresh.config.duplicate_sequence_rate = cfg.duplicate_sequence_rate
+    fresh.config.identical_trade_rate = cfg.identical_trade_rate
+    for order, limit in (("asc", 50_000), ("asc", 37), ("desc", 41)):
+        pages = _pages(fresh, "trades", "AAOI", {"order": order, "timestamp.gte": lo, "timestamp.lt": hi,
+                                                  "limit": limit})
+        rows = [r for p in pages for r in p]
+        assert (rows if order == "asc" else rows[::-1]) == dup, (order, limit)
 
 
 def test_cursor_ignores_other_params(sim: Simulator) -> None:
