@@ -1,9 +1,11 @@
 """Fetch ticks from the Polygon/Massive v3 API: the HTTP client and the per-symbol fetch engine.
 
 Every HTTP request (first tries, pages and retries alike) first takes a grant from the shared
-request budget. Resets, timeouts and 5xx are retried by urllib3 ``Retry`` (a subclass that takes
-a grant before each retry and counts the cause); 429s, truncated and invalid bodies are retried
-here, because they need the AIMD budget or a re-read of the body. 401/403 stop at once.
+request budget. Resets, timeouts (a server that never answers ends at the read timeout) and 5xx
+(a proxy's HTML error pages included, which are never parsed) are retried by urllib3 ``Retry`` (a
+subclass that takes a grant before each retry and counts the cause); 429s, truncated and invalid
+bodies and bodies that stall mid-way are retried here, because they need the AIMD budget or a
+re-read of the body. 401/403 stop at once.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import logging
 import math
 import random
+import re
 import sys
 import threading
 import time
@@ -166,14 +169,27 @@ def _stats() -> FetchStats | None:
 # ----------------------------------------------------------------------------------------------
 # HTTP
 # ----------------------------------------------------------------------------------------------
+def _is_html(headers: Mapping[str, str], body: bytes = b"") -> bool:
+    """A proxy's or CDN's error page (nginx, Cloudflare...), not an answer of the API (JSON)."""
+    return "html" in (headers.get("Content-Type") or "").lower() or body.lstrip()[:1] == b"<"
+
+
 def _cause(error: Exception | None, response: object | None) -> str:
+    """Why a request is retried or failed, as counted in the figures: ``429``, ``5xx``,
+    ``5xx_html`` (a 5xx whose body is an HTML page: a proxy in front of the API), another status,
+    ``connect`` (refused), ``connect_timeout``, ``read_timeout`` (no answer within the read
+    timeout: a hung server, or one that stalls mid-body), ``reset``."""
     if response is not None and getattr(response, "status", None):
         status = int(response.status)  # type: ignore[attr-defined]
-        return "5xx" if status >= 500 else str(status)
-    if isinstance(error, (ConnectTimeoutError, ReadTimeoutError)):
-        return "timeout"
-    if isinstance(error, NewConnectionError):
+        if status >= 500:
+            return "5xx_html" if _is_html(response.headers) else "5xx"  # type: ignore[attr-defined]
+        return str(status)
+    if isinstance(error, NewConnectionError):  # a subclass of ConnectTimeoutError in urllib3 2
         return "connect"
+    if isinstance(error, ConnectTimeoutError):
+        return "connect_timeout"
+    if isinstance(error, ReadTimeoutError):
+        return "read_timeout"
     if isinstance(error, ProtocolError):
         return "reset"
     return type(error).__name__ if error else "other"
@@ -194,10 +210,12 @@ class BudgetedRetry(Retry):
         return status_code != 429 and super().is_retry(method, status_code, has_retry_after)
 
     def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):  # type: ignore[no-untyped-def]  # noqa: E501
+        # counted once it is a retry: the last attempt's failure (MaxRetryError) is the caller's error
+        retry = super().increment(method, url, response, error, _pool, _stacktrace)
         stats = _stats()
         if stats is not None:
             stats.count("retries", _cause(error, response))
-        return super().increment(method, url, response, error, _pool, _stacktrace)
+        return retry
 
     def sleep(self, response=None) -> None:  # type: ignore[no-untyped-def]
         super().sleep(response)
@@ -261,6 +279,11 @@ NBBO_SCHEMA: dict[str, pl.DataType] = {
 
 class PageDecodeError(ValueError):
     """A 200 body that is not a complete, valid v3 page (truncated or garbled); retried."""
+
+
+class _BodyTimeout(Exception):
+    """A body that stopped arriving for longer than the read timeout (the server stalled
+    mid-body); retried by ``get_page`` like a truncated body."""
 
 
 # polars parses a page in pieces of about this many bytes, cut between rows (see parse_page).
@@ -434,6 +457,7 @@ class PolygonClient:
         self._key = api_key
         self.budget = budget
         self.timeout = (connect_timeout, read_timeout)
+        self.max_retries = max_retries
         self._bodies = _ByteBudget(body_bytes_in_flight)
         self.source: str | None = None  # "simulator" or "polygon", known after the first answer
         retry = BudgetedRetry(
@@ -486,6 +510,7 @@ class PolygonClient:
         _current.stats = stats
         _current.endpoint = kind
         backoff = 0.5
+        last = "429"  # why the latest attempt is retried
         try:
             for _attempt in range(MAX_ATTEMPTS):
                 stats.add(budget_wait_s=self.budget.acquire())
@@ -499,29 +524,26 @@ class PolygonClient:
                     except (
                         requests.exceptions.ChunkedEncodingError,
                         requests.exceptions.ContentDecodingError,
-                    ):
-                        stats.count("retries", "truncated")
+                        _BodyTimeout,
+                    ) as e:
+                        last = "read_timeout" if isinstance(e, _BodyTimeout) else "truncated"
+                        stats.count("retries", last)
                         time.sleep(min(backoff, 2.0) * random.uniform(0.5, 1.0))
                         continue
-                    except requests.exceptions.Timeout as e:
-                        stats.count("errors", "timeout")
-                        raise PolygonError(
-                            f"{kind} request timed out after retries: {self._scrub(str(e))}"
-                        ) from None
-                    except requests.exceptions.ConnectionError as e:
-                        stats.count("errors", "reset")
-                        raise PolygonError(
-                            f"{kind} request failed after retries (connection): {self._scrub(str(e))}"
-                        ) from None
-                    if self.source is None:
-                        self.source = "simulator" if resp.headers.get(SIMULATOR_HEADER) else "polygon"
+                    except (requests.exceptions.Timeout, requests.exceptions.ConnectionError) as e:
+                        cause, message = self._failure(kind, e)
+                        stats.count("errors", cause)
+                        raise PolygonError(message) from None
                     status = resp.status_code
+                    if self.source is None and status == 200:  # not a proxy's error page
+                        self.source = "simulator" if resp.headers.get(SIMULATOR_HEADER) else "polygon"
                     if status == 200:
                         stats.add(bytes=len(body))
                         try:
                             frame, next_url = parse_page(kind, body, nbbo_only)
                         except PageDecodeError:
-                            stats.count("retries", "truncated")
+                            last = "truncated"
+                            stats.count("retries", last)
                             continue
                         finally:
                             del body
@@ -532,6 +554,7 @@ class PolygonClient:
                     self._bodies.give(held)  # not kept while a 429 backs off
                     held = 0
                     if status == 429:
+                        last = "429"
                         stats.add(throttled=1)
                         self.budget.on_throttled()
                         retry_after = resp.headers.get("Retry-After")
@@ -542,6 +565,9 @@ class PolygonClient:
                         backoff = min(backoff * 2, 8.0)
                         time.sleep(min(delay, 30.0))
                         continue
+                    if status >= 500 and _is_html(resp.headers, body):
+                        stats.count("errors", "5xx_html")
+                        raise PolygonError(self._html_message(kind, resp, body))
                     message = self._message(resp)
                     if status in (401, 403):
                         stats.count("errors", str(status))
@@ -551,11 +577,38 @@ class PolygonClient:
                 finally:
                     self._bodies.give(held)
             stats.count("errors", "gave_up")
+            what = {"429": "HTTP 429", "truncated": "truncated or invalid bodies",
+                    "read_timeout": f"bodies that stalled longer than the {self.timeout[1]:g} s read timeout"}
             raise PolygonError(
-                f"{kind} request still failing after {MAX_ATTEMPTS} attempts (429/truncated bodies)"
+                f"{kind} request still failing after {MAX_ATTEMPTS} attempts (the last: {what[last]})"
             )
         finally:
             _current.stats = None
+
+    def _failure(self, kind: str, e: requests.exceptions.RequestException) -> tuple[str, str]:
+        """The cause and a clear message of a request that failed after urllib3's retries."""
+        reason = getattr(e.args[0], "reason", e.args[0]) if e.args else None
+        tries = f"{self.max_retries + 1} attempts"
+        if isinstance(reason, ReadTimeoutError) or isinstance(e, requests.exceptions.ReadTimeout):
+            return "read_timeout", (
+                f"{kind} request got no answer within the {self.timeout[1]:g} s read timeout, {tries} "
+                "(the server, or a proxy in front of it, accepted the request and never answered)"
+            )
+        if isinstance(e, requests.exceptions.ConnectTimeout):
+            return "connect_timeout", f"{kind} request did not connect within {self.timeout[0]:g} s, {tries}"
+        cause = _cause(reason if isinstance(reason, Exception) else None, None)
+        cause = "reset" if cause not in ("connect", "reset") else cause
+        return cause, f"{kind} request failed after {tries} (connection): {self._scrub(str(e))}"
+
+    def _html_message(self, kind: str, resp: requests.Response, body: bytes) -> str:
+        """An HTML 5xx page is never parsed as data: name the status and say what came back."""
+        title = re.search(rb"<title>\s*(.*?)\s*</title>", body[:4096], re.IGNORECASE | re.DOTALL)
+        shown = f" titled {self._scrub(title.group(1)[:80].decode('utf-8', 'replace'))!r}" if title else ""
+        return (
+            f"{kind} request answered HTTP {resp.status_code} ({resp.reason}) with an HTML page{shown}, "
+            f"not the API's JSON: a proxy or CDN in front of the API failed. Still failing after "
+            f"{self.max_retries + 1} attempts; retry later."
+        )
 
     def _message(self, resp: requests.Response) -> str:
         try:
@@ -650,8 +703,8 @@ def _read_body(resp: requests.Response) -> bytes:
         raise requests.exceptions.ChunkedEncodingError(e) from None
     except DecodeError as e:
         raise requests.exceptions.ContentDecodingError(e) from None
-    except ReadTimeoutError as e:
-        raise requests.exceptions.ConnectionError(e) from None
+    except ReadTimeoutError:  # the body stopped arriving: retried by get_page
+        raise _BodyTimeout from None
     except SSLError as e:
         raise requests.exceptions.SSLError(e) from None
     resp._content = body  # so .text / .json() still work on it

@@ -5,7 +5,8 @@ without the network. The server speaks the real ``/v3/trades/{ticker}`` and ``/v
 wire format (field names and types copied from the upstream client's fixtures), real pagination
 (opaque ``next_url`` cursors, empty windows omit ``results``), real auth and entitlement errors, and
 it can inject the faults a production client must survive: latency, 429 rate limiting, 5xx,
-connection resets and truncated bodies.
+connection resets, truncated bodies, and what proxies in front of an API produce: HTML 502/504
+pages, requests never answered and bodies that stall mid-way.
 
 Tick data is a pure function of (kind, ticker, UTC minute): every minute is generated from its own
 seeded RNG, so any query, any page size, any server instance and :func:`ground_truth` agree byte

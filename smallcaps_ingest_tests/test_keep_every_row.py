@@ -105,7 +105,8 @@ def test_events_on_eight_days_merged_across_days_are_exact(
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*")}
+    files = [p for p in root.rglob("*") if p.is_file()]
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def test_genuine_duplicates_and_identical_trades_are_all_kept_and_sequence_unique_warns(

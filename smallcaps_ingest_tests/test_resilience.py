@@ -285,7 +285,9 @@ def faulty_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     tmp = tmp_path_factory.mktemp("faults")
     events = tmp / "events.parquet"
     write_events_subset(events, FAULT_SYMBOLS)
-    cfg = SimConfig(error_5xx_rate=0.05, reset_rate=0.02, truncate_rate=0.02, page_cap=2000, seed=SEED)
+    cfg = SimConfig(
+        error_5xx_rate=0.05, reset_rate=0.02, truncate_rate=0.02, html_5xx_rate=0.03, page_cap=2000, seed=SEED
+    )
     with Simulator(cfg) as sim:
         env = _env(tmp, sim, POLYGON_MAX_RPS="200", SMALLCAPS_EVENTS=str(events))
         outputs = [_manifest(env)]
@@ -321,6 +323,10 @@ def test_faults_are_retried_and_the_result_is_exact(faulty_run: dict) -> None:
     assert by_type["5xx"] == faults["5xx"], (by_type, faults)
     assert by_type["truncated"] == faults["truncated"], (by_type, faults)
     assert by_type["reset"] >= faults["reset"], (by_type, faults)
+    # a proxy's HTML 5xx page is a cause of its own, in the metadata and in `status`
+    assert by_type["5xx_html"] == by_cause["5xx_html"] == faults["html_5xx"] > 0, (by_type, faults)
+    status = json.loads(smallcaps_ingest(env, "status", "--json").stdout)
+    assert status["errors"]["by_type"]["5xx_html"] == faults["html_5xx"], status["errors"]
     for sym, (_, meta) in mats.items():
         assert meta["events_complete"] == meta["events_total"] > 0, (sym, meta)
 
