@@ -90,7 +90,7 @@ def _duplicate_figures(trades: pl.DataFrame) -> dict[str, object]:
         .sort("event_id", "sequence_number")
     )
     examples = [
-        f"{e} sequence_number {q} x{n}" + (f" ({n - d} identical copies)" if d < n else "")
+        f"{e} sequence_number {q}: {n} rows, {d} distinct"
         for e, q, n, d in repeated.head(EXAMPLES).iter_rows()
     ]
     return {

@@ -91,3 +91,57 @@ def test_swapped_bid_and_ask_fail_even_on_a_short_window(tmp_path: Path) -> None
     w = _event(tmp_path, 0, [(s, True) for s in range(1, 21)])
     got = _bid_le_ask(tmp_path, [w])
     assert not got.passed and got.metadata["share"] == 0.0 and got.metadata["crossed"] == 20
+
+
+def _trades(event: int, rows: list[tuple[int, int, float]]) -> pl.DataFrame:
+    """A trades file of (second, sequence_number, price) rows; the other fields constant."""
+    start = T0 + event * 3600 * NS
+    return pl.DataFrame(
+        {
+            "sip_timestamp": [start + s * NS for s, _, _ in rows],
+            "participant_timestamp": [start + s * NS for s, _, _ in rows],
+            "price": [p for _, _, p in rows],
+            "size": [100.0] * len(rows),
+            "exchange": [4] * len(rows),
+            "tape": [1] * len(rows),
+            "conditions": [[12]] * len(rows),
+            "sequence_number": [q for _, q, _ in rows],
+            "id": [str(q) for _, q, _ in rows],
+            "trf_timestamp": [None] * len(rows),
+            "trf_id": [None] * len(rows),
+            "correction": [None] * len(rows),
+        }
+    ).with_columns(
+        pl.from_epoch(c, "ns").dt.replace_time_zone("UTC") if t == shape.TS else pl.col(c).cast(t)
+        for c, t in shape.TRADES_SCHEMA.items()
+    )
+
+
+def test_sequence_unique_reports_genuine_duplicates_and_changes_nothing(tmp_path: Path) -> None:
+    """Number 2 on two different trades, number 3 on two trades identical in every field, and
+    number 5 three times (two identical): a WARN with the counts and examples; files untouched."""
+    windows = []
+    for event, rows in (
+        (0, [(1, 1, 10.0), (2, 2, 10.0), (3, 2, 10.1), (4, 3, 10.2), (4, 3, 10.2), (5, 4, 10.0)]),
+        (1, [(1, 5, 9.0), (1, 5, 9.0), (2, 5, 9.5), (3, 6, 9.5)]),
+        (2, [(1, 1, 8.0), (2, 2, 8.0)]),  # the same numbers as event 0, in another event: fine
+    ):
+        w = Window(f"XYZ_TEST_{event}", T0 + event * 3600 * NS, T0 + event * 3600 * NS + 10 * NS)
+        no_quotes = pl.DataFrame(schema=shape.QUOTES_SCHEMA)
+        store.write_event(tmp_path, "XYZ", w.event_id, _trades(event, rows), no_quotes)
+        windows.append(w)
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*.parquet"))}
+    out = {r.name: r for r in check.evaluate_symbol(tmp_path, "XYZ", windows, 1.0)}
+    seq = out["sequence_unique"]
+    assert not seq.passed and seq.severity == "WARN"
+    assert seq.metadata == {
+        "failing": 2,
+        "checked": 3,
+        "examples": "XYZ_TEST_0, XYZ_TEST_1",
+        "duplicate_rows": 4,  # 1 + 1 in event 0, 2 in event 1
+        "identical_rows": 2,  # event 0's number 3, one of event 1's number 5
+        "duplicate_examples": "XYZ_TEST_0 sequence_number 2: 2 rows, 2 distinct; "
+        "XYZ_TEST_0 sequence_number 3: 2 rows, 1 distinct; XYZ_TEST_1 sequence_number 5: 3 rows, 2 distinct",
+    }
+    assert [n for n, r in out.items() if not r.passed] == ["sequence_unique"]
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*.parquet"))} == before

@@ -150,6 +150,6 @@ def test_genuine_duplicates_and_identical_trades_are_all_kept_and_sequence_uniqu
         q for q, n in files["AAOI_A"].group_by("sequence_number").len().sort("sequence_number").iter_rows()
         if n > 1
     )
-    assert examples.startswith(f"AAOI_A sequence_number {first} x2") and examples.count(";") == 4
+    assert examples.startswith(f"AAOI_A sequence_number {first}: ") and examples.count(";") == 4
     assert all(r.passed for name, r in results.items() if name != "sequence_unique"), results
     assert _digest(data) == before  # the check read the files and changed nothing
