@@ -1231,8 +1231,8 @@ class Simulator:
         declared: int | None = None
         body = b""
         rid = os.urandom(16).hex()
-        if arr.reset:
-            status = 0
+        if arr.reset or arr.hang:
+            status = 0  # no answer at all
         elif arr.limited:
             status = 429
             extra = [f"Retry-After: {arr.retry_after}"] if cfg.rate_limit_retry_after else None
@@ -1245,7 +1245,7 @@ class Simulator:
         if status == 200 and arr.u_5xx < cfg.error_5xx_rate:
             status = (500, 502, 503)[min(2, int(arr.u_code * 3))]
             body = self._err(rid, error=_ERR_5XX)
-        html = status not in (0, 429) and arr.html and not arr.hang
+        html = status not in (0, 429) and arr.html
         if html:  # a proxy in front of the API answers for it, whatever the API would have said
             status = 502 if arr.u_proxy < 0.5 else 504
             body = _PROXY_PAGE.format(code=status, phrase=HTTPStatus(status).phrase).encode()
@@ -1258,7 +1258,7 @@ class Simulator:
             except Exception:  # a simulator bug must surface as a 500, not as a hung connection
                 traceback.print_exc(file=sys.stderr)
                 status, body = 500, self._err(rid, error=_ERR_5XX)
-        stall = status == 200 and arr.stall and not arr.hang and len(body) > 1
+        stall = status == 200 and arr.stall and len(body) > 1
         if status == 200 and not stall and arr.u_trunc < cfg.truncate_rate and len(body) > 1:
             truncated = True
             cut = 1 + int(arr.u_cut * (len(body) - 1))
@@ -1270,9 +1270,7 @@ class Simulator:
             declared = len(body)
             body = body[: 1 + int(arr.u_proxy * (len(body) - 1))]
         head = b""
-        if arr.hang:
-            status, body = 0, b""
-        elif status:
+        if status:
             head, body = self._frame(status, body, extra, declared, h.close_connection, html)
         # Record before sending: a client that has its response must already see it in the log.
         rec = RequestRecord(
