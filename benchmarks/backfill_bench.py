@@ -9,7 +9,7 @@
 What runs, all on loopback, in a fresh temporary directory:
 
 1. An events file of ``--symbols`` synthetic symbols (hash tickers of ``manifests.universe``), one
-   RTH event each on a weekday of 2024; the manifest's window is tiny (``--window-s``, default
+   RTH event each on a trading day of 2024; the manifest's window is tiny (``--window-s``, default
    45 s: 15 s before, 30 s after), so every event is one trades and one quotes request.
 2. The simulator in its own process (``_common.SimHost``, ``--latency-ms`` +- ``--jitter-ms``),
    its tick data for every window generated before any clock starts.
@@ -88,7 +88,7 @@ MAT, CHK, LOG = "ASSET_MATERIALIZATION", "ASSET_CHECK_EVALUATION", "LOGS"
 # Input
 # ----------------------------------------------------------------------------------------------
 def make_events(n: int, seed: int = 5) -> pl.DataFrame:
-    """One RTH event (10:00-15:30 ET, whole seconds) per symbol, each on a random weekday of 2024."""
+    """One RTH event (10:00-15:30 ET, whole seconds) per symbol, each on a random trading day of 2024."""
     rng = random.Random(seed)
     rows = []
     for sym in sorted(universe(n, seed=seed)):

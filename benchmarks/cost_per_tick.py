@@ -46,7 +46,7 @@ import polars as pl
 import pyarrow as pa
 import requests
 from _common import API_KEY, SimHost, load_average, run_ours, table
-from manifests import Event, _instant, describe, make, weekdays
+from manifests import Event, _instant, describe, make, trading_days
 
 from smallcaps_ingest import fetch, shape, store
 from smallcaps_ingest.fetch import parse_page
@@ -58,8 +58,8 @@ TARGET_RSS_MB = 300
 
 
 def dense_events(n: int) -> list[Event]:
-    """``n`` HVY events on distinct weekdays, at RTH times spread over the day."""
-    days = weekdays()
+    """``n`` HVY events on distinct trading days, at RTH times spread over the day."""
+    days = trading_days()
     times = (10 * 60 + 5, 11 * 60 + 20, 12 * 60 + 40, 13 * 60 + 50, 14 * 60 + 30, 9 * 60 + 45)
     out = []
     for i in range(n):

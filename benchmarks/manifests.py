@@ -1,7 +1,7 @@
 """Deterministic event manifests for the benchmarks.
 
-Every event gets a window of [-3 min, +7 min] around its instant, on a weekday of 2024 (the
-simulator has no holiday calendar: every weekday is a session). Three shapes:
+Every event gets a window of [-3 min, +7 min] around its instant, on a trading day of 2024 (a
+weekday that is no NYSE holiday: the simulator serves no ticks on holidays). Three shapes:
 
 * ``isolated``  one event per symbol-day, so no two windows can share a request;
 * ``clustered`` about half of the events come in clusters of 2-3 on one symbol-day, 1-4 min
@@ -18,7 +18,7 @@ simulator has no holiday calendar: every weekday is a session). Three shapes:
 
 Each shape also comes ``_multiday``: the same symbol-days, but laid out as the users' manifest is
 (572,850 events over 1,621 symbols and 5 years: 0.28 events per symbol per trading day) instead
-of one symbol-day per symbol. Each symbol in turn covers ``SPAN_WEEKDAYS`` consecutive weekdays,
+of one symbol-day per symbol. Each symbol in turn covers ``SPAN_WEEKDAYS`` consecutive trading days,
 and each of them is one of its event days with probability 0.28 / (the shape's mean events per
 symbol-day), so a sparse name's events fall days apart and ranges that cross days can serve them.
 
@@ -40,6 +40,7 @@ import _bootstrap  # noqa: F401
 
 from smallcaps_ingest.plan import Window, et_day
 from smallcaps_ingest.simulator import LIQUIDITY, liquidity
+from smallcaps_ingest.trading_calendar import is_trading_day
 
 ET = ZoneInfo("America/New_York")
 NS = 1_000_000_000
@@ -49,7 +50,7 @@ SHAPES = ("clustered", "clustered_in_play", "in_play", "isolated")
 KINDS = SHAPES + tuple(f"{k}_multiday" for k in SHAPES)
 #: The users' manifest: events per symbol per trading day (572,850 / 1,621 symbols / 1,260 days).
 EVENTS_PER_SYMBOL_DAY = 572_850 / 1_621 / 1_260
-#: Weekdays each symbol covers in a ``_multiday`` manifest (about three months).
+#: Trading days each symbol covers in a ``_multiday`` manifest (about three months).
 SPAN_WEEKDAYS = 60
 #: Mean events per symbol-day of each shape (clusters: 30 % of episodes hold 2.5 events on average).
 _PER_DAY = {"isolated": 1.0, "clustered": 1.45, "in_play": 4.5, "clustered_in_play": 4.5 * 1.45}
@@ -69,17 +70,17 @@ class Event:
         return Window(self.event_id, self.start_ns, self.end_ns)
 
 
-def weekdays(year: int = 2024) -> list[date]:
+def trading_days(year: int = 2024) -> list[date]:
     d = date(year, 1, 1)
     out = []
     while d.year == year:
-        if d.weekday() < 5:
+        if is_trading_day(d):
             out.append(d)
         d += timedelta(days=1)
     return out
 
 
-_DAYS = weekdays()
+_DAYS = trading_days()
 
 
 def universe(n: int = 400, seed: int = 7) -> list[str]:
@@ -126,8 +127,8 @@ def _ev(symbol: str, i: int, t_ns: int) -> Event:
 
 
 def _symbol_days(symbols: list[str], seed: int) -> Iterable[tuple[str, date]]:
-    """Distinct (symbol, day) pairs: symbols round-robin, each on a different weekday each lap."""
-    n_days = len(_DAYS)  # 262 = 2 * 131; a step of 13 is coprime, so laps never repeat a day
+    """Distinct (symbol, day) pairs: symbols round-robin, each on a different trading day each lap."""
+    n_days = len(_DAYS)  # 252 = 4 * 7 * 9; a step of 13 is coprime, so laps never repeat a day
     offsets = {s: random.Random(f"{seed}|{s}").randrange(n_days) for s in symbols}
     lap = 0
     while lap < n_days:

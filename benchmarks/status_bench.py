@@ -61,7 +61,7 @@ def event_ids(n: int, per_symbol: int) -> pl.DataFrame:
     )
     return df.with_columns(
         event_id=pl.format(
-            "{}_VOLUME-SPIKE_{}_{}",
+            "{}_volume_spike_{}_{}",
             pl.col("symbol"),
             pl.col("timestamp").dt.strftime("%Y%m%d_%H%M%S"),
             (pl.col("i") * 2654435761 % (1 << 32)).cast(pl.String).str.zfill(10).str.slice(2, 8),

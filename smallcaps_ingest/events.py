@@ -23,6 +23,7 @@ __all__ = [
     "RESERVED_COLUMNS",
     "SYMBOL_RE",
     "EventsValidationError",
+    "check_event_types",
     "read_events",
     "validate_events",
 ]
@@ -33,9 +34,10 @@ class EventsValidationError(ValueError):
 
 
 SYMBOL_RE = re.compile(r"^[A-Z][A-Z0-9.-]{0,9}$")
-# Letters, digits and a few separators only: event types end up (normalised) in event ids and paths.
-EVENT_TYPE_RE = re.compile(r"^[A-Za-z0-9_ .:-]+$")
+# Event types go into event ids (and so directory names) exactly as written, as the users' old system
+# wrote them (``AAL_vwap_break_20230907_151600_1a2b3c4d``): letters, digits and '_' only, path-safe.
 EVENT_TYPE_MAX_LEN = 40
+EVENT_TYPE_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_]{{0,{EVENT_TYPE_MAX_LEN - 1}}}$")
 REQUIRED_COLUMNS: tuple[str, ...] = ("symbol", "event_type", "timestamp")
 # Columns the manifest adds; an events file carrying them would collide with the manifest output.
 RESERVED_COLUMNS: tuple[str, ...] = ("event_id", "ts_start", "ts_end", "session")
@@ -89,7 +91,7 @@ def validate_events(df: pl.DataFrame, source: str = "events") -> pl.DataFrame:
     _check_nulls(df, source)
     _check_timestamp_range(df, source)
     _check_symbols(df, source)
-    _check_event_types(df, source)
+    check_event_types(df, source)
     return df.with_columns(
         pl.col("timestamp").dt.convert_time_zone("UTC").dt.cast_time_unit("ns").alias("timestamp")
     )
@@ -243,25 +245,24 @@ def _check_symbols(df: pl.DataFrame, source: str) -> None:
 
 
 def _event_type_problem(value: str) -> str:
-    if value.strip() == "":
+    """Human reason why ``value`` is not an acceptable event type (only called for bad values)."""
+    if value == "":
         return "it is empty"
     if len(value) > EVENT_TYPE_MAX_LEN:
         return f"it is too long ({len(value)} characters, at most {EVENT_TYPE_MAX_LEN})"
-    bad = sorted({ch for ch in value if not EVENT_TYPE_RE.match(ch)})
-    return f"it contains characters outside [A-Za-z0-9_ .:-]: {bad}"
+    bad = sorted({ch for ch in value if not (ch.isascii() and (ch.isalnum() or ch == "_"))})
+    if bad:
+        return f"it contains characters outside [A-Za-z0-9_]: {bad}"
+    return "it must start with a letter or digit"
 
 
-def _check_event_types(df: pl.DataFrame, source: str) -> None:
-    et = pl.col("event_type")
-    bad_mask = (
-        ~et.str.contains(EVENT_TYPE_RE.pattern)
-        | (et.str.strip_chars() == "")
-        | (et.str.len_chars() > EVENT_TYPE_MAX_LEN)
-    )
-    found = _first_bad(df, bad_mask, "event_type")
+def check_event_types(df: pl.DataFrame, source: str) -> None:
+    """Every ``event_type`` matches ``EVENT_TYPE_RE`` (it is written into event ids as given)."""
+    found = _first_bad(df, ~pl.col("event_type").str.contains(EVENT_TYPE_RE.pattern), "event_type")
     if found is not None:
         row, value, count = found
         raise EventsValidationError(
             f"{source}: column 'event_type', row {row}: invalid event_type {value!r}: "
-            f"{_event_type_problem(str(value))}{_others(count)}"
+            f"{_event_type_problem(str(value))} (event types must match {EVENT_TYPE_RE.pattern})"
+            f"{_others(count)}"
         )

@@ -9,12 +9,14 @@ Pure polars; no Dagster, no I/O.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import polars as pl
+
+from smallcaps_ingest.events import EVENT_TYPE_RE, check_event_types
+from smallcaps_ingest.trading_calendar import HOLIDAYS, is_trading_day
 
 __all__ = [
     "MANIFEST_COLUMNS",
@@ -40,8 +42,6 @@ SESSIONS: tuple[str, ...] = ("PM", "RTH", "AH", "OFF")
 _NY = ZoneInfo(NY_TZ)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _UTC_NS = pl.Datetime("ns", "UTC")
-_NOT_ID_SAFE = r"[^A-Z0-9]+"
-_NOT_ID_SAFE_RE = re.compile(_NOT_ID_SAFE)
 # Session bounds in minutes after New York midnight: PM [04:00, 09:30), RTH [09:30, 16:00), AH [16:00, 20:00).
 _PM_START, _RTH_START, _AH_START, _AH_END = 4 * 60, 9 * 60 + 30, 16 * 60, 20 * 60
 
@@ -55,11 +55,6 @@ class ManifestStats:
     per_session: dict[str, int]
     duplicates_dropped: int
     filtered_out: int
-
-
-def _event_type_token(event_type: str) -> str:
-    """Upper-case event_type with every run outside [A-Z0-9] replaced by '-' (path-safe)."""
-    return _NOT_ID_SAFE_RE.sub("-", event_type.upper())
 
 
 def _hash8(key: str) -> str:
@@ -78,11 +73,16 @@ def _require_aware(ts: datetime, what: str) -> None:
 
 
 def make_event_id(symbol: str, event_type: str, ts: datetime | int) -> str:
-    """Event id of one event; equals ``build_manifest``'s vectorised result.
+    """Event id of one event, ``{symbol}_{event_type}_{YYYYMMDD_HHMMSS}_{HASH8}`` with the event type
+    as given (the users' old system's ids); equals ``build_manifest``'s vectorised result, which
+    joins the same four parts.
 
     ``ts`` is an aware datetime, or an int of UTC epoch nanoseconds for sub-microsecond timestamps
-    (Python datetimes stop at microseconds).
+    (Python datetimes stop at microseconds). An event type outside ``EVENT_TYPE_RE`` (not path-safe)
+    raises ``ValueError``.
     """
+    if not EVENT_TYPE_RE.fullmatch(event_type):
+        raise ValueError(f"make_event_id: event_type {event_type!r} does not match {EVENT_TYPE_RE.pattern}")
     if isinstance(ts, datetime):
         _require_aware(ts, "make_event_id")
         ns = _epoch_ns(ts)
@@ -90,13 +90,16 @@ def make_event_id(symbol: str, event_type: str, ts: datetime | int) -> str:
         ns = int(ts)
     secs, _ = divmod(ns, 1_000_000_000)
     stamp = (_EPOCH + timedelta(seconds=secs)).strftime("%Y%m%d_%H%M%S")
-    return f"{symbol}_{_event_type_token(event_type)}_{stamp}_{_hash8(f'{symbol}|{event_type}|{ns}')}"
+    return f"{symbol}_{event_type}_{stamp}_{_hash8(f'{symbol}|{event_type}|{ns}')}"
 
 
 def session_of(ts: datetime) -> str:
-    """Trading session of an aware datetime by New York clock time: PM, RTH, AH or OFF."""
+    """Trading session of an aware datetime by New York clock time: PM, RTH, AH or OFF (always OFF
+    on a day that holds no session: weekends and NYSE holidays, ``trading_calendar``)."""
     _require_aware(ts, "session_of")
     local = ts.astimezone(_NY)
+    if not is_trading_day(local.date()):
+        return "OFF"
     minute = local.hour * 60 + local.minute
     if _PM_START <= minute < _RTH_START:
         return "PM"
@@ -110,8 +113,12 @@ def session_of(ts: datetime) -> str:
 def _session_expr(ts: pl.Expr) -> pl.Expr:
     local = ts.dt.convert_time_zone(NY_TZ)
     minute = local.dt.hour().cast(pl.Int32) * 60 + local.dt.minute().cast(pl.Int32)
+    holidays = pl.Series(sorted(HOLIDAYS), dtype=pl.Date).implode()
+    closed = (local.dt.weekday() > 5) | local.dt.date().is_in(holidays)  # polars: Monday 1 .. Sunday 7
     return (
-        pl.when((minute >= _PM_START) & (minute < _RTH_START))
+        pl.when(closed)
+        .then(pl.lit("OFF"))
+        .when((minute >= _PM_START) & (minute < _RTH_START))
         .then(pl.lit("PM"))
         .when((minute >= _RTH_START) & (minute < _AH_START))
         .then(pl.lit("RTH"))
@@ -132,7 +139,7 @@ def _event_id_expr() -> pl.Expr:
     return pl.concat_str(
         [
             symbol,
-            event_type.str.to_uppercase().str.replace_all(_NOT_ID_SAFE, "-"),
+            event_type,
             ts.dt.strftime("%Y%m%d_%H%M%S"),
             key.map_batches(_hash8_series, return_dtype=pl.String),
         ],
@@ -159,6 +166,7 @@ def _normalise_input(events: pl.DataFrame) -> pl.DataFrame:
         raise ValueError(f"timestamp must be a Datetime with a time zone, got {dtype} (use read_events)")
     if dtype != _UTC_NS:
         events = events.with_columns(pl.col("timestamp").dt.convert_time_zone("UTC").dt.cast_time_unit("ns"))
+    check_event_types(events, "events frame")  # ids hold the type as given: it must be path-safe
     return events
 
 

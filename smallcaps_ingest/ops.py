@@ -105,6 +105,7 @@ def reconcile_partitions(context: dg.OpExecutionContext, config: ReconcileConfig
             "materialized_incomplete": len(res["materialized_incomplete"]),
             "complete_not_materialized": len(res["complete_not_materialized"]),
             "materialized_not_in_manifest": len(res["materialized_not_in_manifest"]),
+            "foreign_events": res["foreign_events_total"],  # never deleted, listed in the log
             "fixed": bool(config.fix),
             "recorded_materializations": len(fixed.get("recorded_materializations", [])),
             "fix_method": fixed.get("method") or "",

@@ -40,6 +40,8 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from smallcaps_ingest.trading_calendar import is_trading_day
+
 ET = ZoneInfo("America/New_York")
 NS = 1_000_000_000
 PAGE_ROWS = 50_000
@@ -106,7 +108,8 @@ def et_day(ns: int) -> str:
 
 @functools.lru_cache(maxsize=8192)
 def _day_sessions(day: date) -> tuple[tuple[int, str], ...]:
-    """One ET calendar day as (end ns, segment) pairs from its midnight; a weekend day is one OFF.
+    """One ET calendar day as (end ns, segment) pairs from its midnight; a day without a session
+    (weekend, NYSE holiday: ``trading_calendar``) is one OFF, so a range across it costs nothing.
 
     Edges are wall-clock times resolved through the zone, so DST days (23 or 25 hours) are right."""
     midnight = datetime(day.year, day.month, day.day, tzinfo=ET)
@@ -114,7 +117,7 @@ def _day_sessions(day: date) -> tuple[tuple[int, str], ...]:
     def edge(minutes: int) -> int:
         return int((midnight + timedelta(minutes=minutes)).astimezone(UTC).timestamp()) * NS
 
-    if day.weekday() >= 5:  # no US equity session on Saturday or Sunday
+    if not is_trading_day(day):
         return ((edge(24 * 60), "OFF"),)
     return tuple((edge(hour * 60 + minute), name) for hour, minute, name in SESSION_BOUNDS)
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import polars as pl
 
+from smallcaps_ingest.trading_calendar import is_trading_day
+
 __all__ = [
     "SAMPLE_EVENTS_PATH",
     "SAMPLE_EVENT_COUNTS",
@@ -50,21 +52,9 @@ SAMPLE_EVENT_COUNTS: dict[str, int] = {
 SAMPLE_SYMBOLS: tuple[str, ...] = tuple(SAMPLE_EVENT_COUNTS)
 _N_DUPLICATES = 3
 
-# NYSE full-day holidays in 2024-01..2024-06 (no events on those weekdays).
-_HOLIDAYS = frozenset(
-    {
-        date(2024, 1, 1),
-        date(2024, 1, 15),
-        date(2024, 2, 19),
-        date(2024, 3, 29),
-        date(2024, 5, 27),
-        date(2024, 6, 19),
-    }
-)
+# The trading days of 2024-01..2024-06 (no events on weekends or NYSE holidays).
 _TRADING_DAYS: tuple[date, ...] = tuple(
-    d
-    for d in (date(2024, 1, 1) + timedelta(days=i) for i in range(182))
-    if d.weekday() < 5 and d not in _HOLIDAYS and d.month <= 6
+    d for d in (date(2024, 1, 1) + timedelta(days=i) for i in range(182)) if is_trading_day(d)
 )
 
 # New York clock ranges (seconds after midnight, [lo, hi)) used to draw event times per session.

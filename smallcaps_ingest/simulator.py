@@ -53,6 +53,8 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
+from smallcaps_ingest.trading_calendar import is_trading_day
+
 __all__ = [
     "LIQUIDITY",
     "RequestRecord",
@@ -133,16 +135,17 @@ _FIRST_ACTIVE_MIN = 240  # 04:00 ET
 _END_ACTIVE_MIN = 1200  # 20:00 ET
 
 
-_DAY_CACHE: dict[int, tuple[int, int]] = {}
+_DAY_CACHE: dict[int, tuple[int, bool]] = {}
 
 
-def _day(ordinal: int) -> tuple[int, int]:
-    """(ET midnight in UTC ns, weekday) for a proleptic ordinal; memoised because it is hot."""
+def _day(ordinal: int) -> tuple[int, bool]:
+    """(ET midnight in UTC ns, whether the day holds a session) for a proleptic ordinal; no session on
+    weekends and NYSE holidays (``trading_calendar``). Memoised because it is hot."""
     hit = _DAY_CACHE.get(ordinal)
     if hit is None:
         d = date.fromordinal(ordinal)
         midnight = int(datetime(d.year, d.month, d.day, tzinfo=ET).timestamp()) * NS
-        hit = (midnight, d.weekday())
+        hit = (midnight, is_trading_day(d))
         if len(_DAY_CACHE) < 200_000:
             _DAY_CACHE[ordinal] = hit
     return hit
@@ -156,8 +159,10 @@ def _et_ordinal(ns: int) -> int:
 def _iter_minutes(lo: int, hi: int, desc: bool) -> Iterator[tuple[int, int, int]]:
     """Yield (minute_start_ns, minute_of_ET_day, ET day ordinal) for session minutes overlapping [lo, hi).
 
-    Walks day by day and skips weekends and overnight hours arithmetically, so a multi-day or
-    unbounded query never generates (or even visits) minutes that cannot hold ticks.
+    Walks day by day and skips closed days (weekends, NYSE holidays) and overnight hours
+    arithmetically, so a multi-day or unbounded query never generates (or even visits) minutes that
+    cannot hold ticks. Active days are weekdays, never the 23- or 25-hour DST change Sundays, so a
+    minute's offset from ET midnight is its ET clock time.
     """
     if lo >= hi:
         return
@@ -165,10 +170,10 @@ def _iter_minutes(lo: int, hi: int, desc: bool) -> Iterator[tuple[int, int, int]
     if not desc:
         d = _et_ordinal(lo)
         while True:
-            midnight, wd = _day(d)
+            midnight, is_open = _day(d)
             if midnight >= hi:
                 return
-            if wd < 5:
+            if is_open:
                 first = max(midnight + _FIRST_ACTIVE_MIN * MINUTE_NS, lo_floor)
                 stop = min(midnight + _END_ACTIVE_MIN * MINUTE_NS, hi)
                 for m in range(first, stop, MINUTE_NS):
@@ -177,8 +182,8 @@ def _iter_minutes(lo: int, hi: int, desc: bool) -> Iterator[tuple[int, int, int]
     else:
         d = _et_ordinal(hi - 1)
         while True:
-            midnight, wd = _day(d)
-            if wd < 5:
+            midnight, is_open = _day(d)
+            if is_open:
                 top = min(midnight + _END_ACTIVE_MIN * MINUTE_NS, hi) - 1
                 top -= top % MINUTE_NS
                 bottom = max(midnight + _FIRST_ACTIVE_MIN * MINUTE_NS, lo_floor)

@@ -1552,8 +1552,11 @@ def reconcile(data_dir: str, instance: Any, *, fix: bool = False) -> dict[str, A
       Dagster 1.13 raise NotImplementedError) records a runless AssetObservation per partition with
       ``needs_rematerialization=True`` so the UI shows it on the partition;
     * complete on disk but not materialized: ``fix`` records a runless AssetMaterialization with
-      ``reconciled=True`` (registering the partition first if the instance does not know it).
-    Nothing on disk is touched.
+      ``reconciled=True`` (registering the partition first if the instance does not know it);
+    * *foreign* event directories: ones holding data files under a symbol directory that are no
+      manifest event of that symbol (named by an earlier version of the event ids, by an events file
+      since changed, or under a symbol no longer in the manifest). Reported, never deleted.
+    Nothing on disk is touched, with ``fix`` or without.
     """
     import dagster as dg
 
@@ -1584,6 +1587,7 @@ def reconcile(data_dir: str, instance: Any, *, fix: bool = False) -> dict[str, A
         elif sym not in materialized and c.done == c.events:
             unmaterialized.append(row)
     not_in_manifest = sorted(set(materialized) - set(manifest))
+    foreign = foreign_events(manifest, scan)
     running = runs_touching(instance, NOT_FINISHED)
     res: dict[str, Any] = {
         "data_dir": data_dir,
@@ -1592,6 +1596,8 @@ def reconcile(data_dir: str, instance: Any, *, fix: bool = False) -> dict[str, A
         "materialized_incomplete": incomplete,
         "complete_not_materialized": unmaterialized,
         "materialized_not_in_manifest": not_in_manifest,
+        "foreign_events": foreign,
+        "foreign_events_total": sum(f["count"] for f in foreign),
         "runs_in_progress": len(running),
         "commands": [materialize_command(r["symbol"], data_dir) for r in incomplete],
         "fixed": None,
@@ -1659,13 +1665,37 @@ def reconcile(data_dir: str, instance: Any, *, fix: bool = False) -> dict[str, A
     return res
 
 
+def foreign_events(
+    manifest: Mapping[str, frozenset[str]], scan: TreeScan, examples: int = 3
+) -> list[dict[str, Any]]:
+    """Per symbol on disk, its event directories holding data that are no manifest event of it:
+    count, complete, partial and the first ``examples`` names (sorted). Symbols without any: left out."""
+    out: list[dict[str, Any]] = []
+    for sym, disk in sorted(scan.symbols.items()):
+        want = manifest.get(sym, frozenset())
+        complete, partial = disk.complete - want, disk.partial - want
+        if complete or partial:
+            out.append(
+                {
+                    "symbol": sym,
+                    "count": len(complete) + len(partial),
+                    "complete": len(complete),
+                    "partial": len(partial),
+                    "in_manifest": sym in manifest,
+                    "examples": sorted(complete | partial)[:examples],
+                }
+            )
+    return out
+
+
 def render_reconcile(res: Mapping[str, Any]) -> str:
     lines = [
         f"reconcile {res['data_dir']}: {res['symbols']} manifest symbols, "
         f"{res['materialized_partitions']} materialized partitions"
     ]
     inc, unm = res["materialized_incomplete"], res["complete_not_materialized"]
-    if not inc and not unm and not res["materialized_not_in_manifest"]:
+    foreign = res["foreign_events"]
+    if not inc and not unm and not res["materialized_not_in_manifest"] and not foreign:
         lines.append("disk and instance agree.")
     if inc:
         lines.append(f"{len(inc)} materialized but incomplete on disk:")
@@ -1689,6 +1719,20 @@ def render_reconcile(res: Mapping[str, Any]) -> str:
             f"{len(res['materialized_not_in_manifest'])} materialized partition(s) not in the manifest: "
             + ", ".join(res["materialized_not_in_manifest"][:20])
         )
+    if foreign:
+        lines.append(
+            f"foreign event directories: {res['foreign_events_total']} under {len(foreign)} symbol(s), no "
+            "manifest event (e.g. named by an earlier version's event ids); left in place, never deleted:"
+        )
+        lines += [
+            f"  {f['symbol']}: {f['count']} ({f['complete']} complete, {f['partial']} partial"
+            + ("" if f["in_manifest"] else ", symbol not in the manifest")
+            + "), e.g. "
+            + ", ".join(f["examples"])
+            for f in foreign[:20]
+        ]
+        if len(foreign) > 20:
+            lines.append(f"  ... and {len(foreign) - 20} more symbol(s) (--json lists them all)")
     if res["runs_in_progress"]:
         lines.append(
             f"note: {res['runs_in_progress']} run(s) in progress; their partitions may still be filling"

@@ -213,20 +213,34 @@ def test_good_symbols(good: str) -> None:
     ("bad", "reason"),
     [
         ("", "empty"),
-        ("   ", "empty"),
-        ("news/wire", "characters outside [A-Za-z0-9_ .:-]: ['/']"),
-        ("gap up!", "['!']"),
+        ("   ", "characters outside [A-Za-z0-9_]: [' ']"),
+        ("news/wire", "characters outside [A-Za-z0-9_]: ['/']"),
+        ("../etc", "characters outside [A-Za-z0-9_]: ['.', '/']"),
+        ("gap up!", "[' ', '!']"),
+        ("VWAP-BREAK", "['-']"),
+        ("Halt: resume", "[' ', ':']"),
+        ("news.PR", "['.']"),
+        ("news\n", "['\\n']"),
+        ("café", "['é']"),
+        ("_news", "must start with a letter or digit"),
         ("x" * 41, "too long (41 characters, at most 40)"),
     ],
 )
 def test_bad_event_types(tmp_path: Path, bad: str, reason: str) -> None:
     df = _events(event_types=["news", bad, "gap_up"])
-    _raises(_write(tmp_path, df), "'event_type', row 1", repr(bad), reason)
+    msg = _raises(_write(tmp_path, df), "'event_type', row 1", repr(bad), reason)
+    assert "^[A-Za-z0-9][A-Za-z0-9_]{0,39}$" in msg
+
+
+@pytest.mark.parametrize("good", ["vwap_break", "flush", "news", "V2", "9am_gap", "Halt_Resume", "x" * 40])
+def test_good_event_types(good: str) -> None:
+    assert validate_events(_events(event_types=["news", good, "gap_up"]))["event_type"][1] == good
 
 
 def test_first_problem_wins_in_column_order() -> None:
     """Symbols are checked before event types, whatever the row order."""
     _raises(_events(["AAOI", "BBIG", "bad"], ["news", "bad/type", "news"]), "'symbol', row 2")
+    _raises(_events(["AAOI", "BBIG", "CLOV"], ["news", "bad/type", "bad type"]), "'event_type', row 1")
 
 
 # --- good input ------------------------------------------------------------------------------
@@ -234,7 +248,7 @@ def test_first_problem_wins_in_column_order() -> None:
 
 def test_good_file_round_trips_and_keeps_extras(tmp_path: Path) -> None:
     df = _events(
-        event_types=["volume_spike", "Halt: resume", "news.PR"],
+        event_types=["volume_spike", "Halt_resume", "news_PR"],
         score=[1.5, None, 3.0],
         note=["a", "b", "c"],
     )

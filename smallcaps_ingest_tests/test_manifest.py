@@ -53,35 +53,47 @@ def _ny(*args: int) -> datetime:
 def test_event_id_hand_computed() -> None:
     # 2024-03-11 09:30:00.123456 EDT == 13:30:00.123456 UTC == 1710163800.123456 s since the epoch.
     ts = _ny(2024, 3, 11, 9, 30, 0, 123456)
-    expected_hash = hashlib.sha256(b"BRK.B|Halt: resume|1710163800123456000").hexdigest()[:8]
-    expected = f"BRK.B_HALT-RESUME_20240311_133000_{expected_hash}"
-    assert make_event_id("BRK.B", "Halt: resume", ts) == expected
-    manifest, _ = build_manifest(_events([("BRK.B", "Halt: resume", ts)]))
+    expected_hash = hashlib.sha256(b"BRK.B|halt_resume|1710163800123456000").hexdigest()[:8]
+    expected = f"BRK.B_halt_resume_20240311_133000_{expected_hash}"
+    assert make_event_id("BRK.B", "halt_resume", ts) == expected
+    manifest, _ = build_manifest(_events([("BRK.B", "halt_resume", ts)]))
     assert manifest["event_id"].to_list() == [expected]
 
 
 @pytest.mark.parametrize(
-    ("event_type", "token"),
+    ("symbol", "event_type", "ts", "shape"),
     [
-        ("volume_spike", "VOLUME-SPIKE"),
-        ("news.PR: wire", "NEWS-PR-WIRE"),
-        ("gap_up", "GAP-UP"),
-        ("halt__resume ", "HALT-RESUME-"),
-        ("V2", "V2"),
+        # the users' old system's ids (their hashes are illustrative, so only the shape is compared)
+        ("AAL", "vwap_break", _ny(2023, 9, 7, 11, 16), "AAL_vwap_break_20230907_151600_1a2b3c4d"),
+        ("TSLA", "flush", _ny(2023, 4, 20, 15, 58), "TSLA_flush_20230420_195800_9f8e7d6c"),
+        ("AAOI", "Gap_Up2", _ny(2024, 1, 10, 10, 0), "AAOI_Gap_Up2_20240110_150000_00000000"),
     ],
 )
-def test_event_type_token_is_path_safe(event_type: str, token: str) -> None:
-    ts = _ny(2024, 1, 10, 10, 0, 0)
-    eid = make_event_id("AAOI", event_type, ts)
-    assert eid.split("_")[1] == token
-    assert eid == build_manifest(_events([("AAOI", event_type, ts)]))[0]["event_id"][0]
+def test_event_id_keeps_the_type_as_written(symbol: str, event_type: str, ts: datetime, shape: str) -> None:
+    eid = make_event_id(symbol, event_type, ts)
+    ns = int(ts.timestamp()) * 10**9
+    assert eid[:-8] == shape[:-8]
+    assert eid[-8:] == hashlib.sha256(f"{symbol}|{event_type}|{ns}".encode()).hexdigest()[:8]
+    assert eid == build_manifest(_events([(symbol, event_type, ts)]))[0]["event_id"][0]
 
 
-def test_event_id_uses_original_event_type_in_hash() -> None:
+@pytest.mark.parametrize("bad", ["vwap-break", "Halt: resume", "../x", "_news", ""])
+def test_event_id_refuses_a_type_that_is_not_path_safe(bad: str) -> None:
     ts = _ny(2024, 1, 10, 10, 0, 0)
-    a, b = make_event_id("AAOI", "gap up", ts), make_event_id("AAOI", "gap-up", ts)
-    assert a.rsplit("_", 1)[0] == b.rsplit("_", 1)[0]
-    assert a != b
+    with pytest.raises(ValueError, match="does not match"):
+        make_event_id("AAOI", bad, ts)
+    raw = pl.DataFrame(
+        {"symbol": ["AAOI", "AAOI"], "event_type": ["news", bad], "timestamp": [ts, ts]},
+        schema_overrides={"timestamp": pl.Datetime("us", "America/New_York")},
+    )
+    with pytest.raises(ValueError, match=r"'event_type', row 1"):  # unvalidated input, too
+        build_manifest(raw)
+
+
+def test_event_id_case_of_the_type_matters() -> None:
+    ts = _ny(2024, 1, 10, 10, 0, 0)
+    a, b = make_event_id("AAOI", "gap_up", ts), make_event_id("AAOI", "GAP_UP", ts)
+    assert a.startswith("AAOI_gap_up_") and b.startswith("AAOI_GAP_UP_") and a[-8:] != b[-8:]
 
 
 def test_event_id_int_nanoseconds_and_naive_rejected() -> None:
@@ -97,7 +109,7 @@ def test_event_id_keeps_nanoseconds() -> None:
     df = pl.DataFrame({"symbol": ["AAOI"], "event_type": ["news"], "timestamp": pl.Series([ns]).cast(UTC_NS)})
     manifest, _ = build_manifest(df)
     expected_hash = hashlib.sha256(f"AAOI|news|{ns}".encode()).hexdigest()[:8]
-    assert manifest["event_id"][0] == f"AAOI_NEWS_20240311_133000_{expected_hash}"
+    assert manifest["event_id"][0] == f"AAOI_news_20240311_133000_{expected_hash}"
     assert make_event_id("AAOI", "news", ns) == manifest["event_id"][0]
     assert manifest["ts_start"].cast(pl.Int64)[0] == ns - 180 * 10**9
 
@@ -109,7 +121,8 @@ def test_make_event_id_equals_vectorised_on_sample() -> None:
     ]
     assert scalar == manifest["event_id"].to_list()
     assert manifest["event_id"].n_unique() == manifest.height
-    assert all(re.fullmatch(r"[A-Z0-9.-]+_[A-Z0-9-]+_\d{8}_\d{6}_[0-9a-f]{8}", e) for e in scalar)
+    assert all(re.fullmatch(r"[A-Z0-9.-]+_[a-z_]+_\d{8}_\d{6}_[0-9a-f]{8}", e) for e in scalar)
+    assert {e.split("_", 1)[1].rsplit("_", 3)[0] for e in scalar} == set(manifest["event_type"])
     assert not any(".." in e or "/" in e for e in scalar)
 
 

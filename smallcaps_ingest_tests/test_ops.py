@@ -273,6 +273,8 @@ def test_cleanup_and_reconcile_job(tree: Tree) -> None:
         assert outs["cleanup_tmp_orphans"]["removed"].value == 3
         assert outs["reconcile_partitions"]["complete_not_materialized"].value == 1
         assert outs["reconcile_partitions"]["recorded_materializations"].value == 1
+        assert outs["reconcile_partitions"]["foreign_events"].value == 2  # BBB's and DDD's extra ids
+        assert all(store.event_dir(tree.data_dir, s, e).is_dir() for s, e in tree.extra_ids.items())
         assert not any(p.exists() for p in tree.orphans)
         assert instance.get_materialized_partitions(EW) == {"AAA"}
 

@@ -26,6 +26,7 @@ from smallcaps_ingest.plan import (
     plan_symbol,
     session_segments,
 )
+from smallcaps_ingest.trading_calendar import is_trading_day
 from smallcaps_ingest_tests.conftest import REPO, ns
 
 S = 1_000_000_000
@@ -186,7 +187,7 @@ def _segments_through_the_zone(start_ns: int, end_ns: int) -> list[tuple[str, fl
         local = datetime.fromtimestamp(cur / NS, UTC).astimezone(ET)
         midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
         session, boundary, prev = "OFF", None, 0
-        if local.weekday() >= 5:
+        if not is_trading_day(local.date()):  # weekends and NYSE holidays hold no session
             nxt = min(end_ns, int((midnight + timedelta(days=1)).astimezone(UTC).timestamp()) * NS)
             out.append(("OFF", (nxt - cur) / NS))
             cur = nxt
