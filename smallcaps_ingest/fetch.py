@@ -41,7 +41,7 @@ from urllib3.exceptions import (
 from urllib3.util.retry import Retry
 
 from smallcaps_ingest import shape, store
-from smallcaps_ingest.budget import RequestBudget, mark_sent
+from smallcaps_ingest.budget import RequestBudget, StopRequested, mark_sent, pause, stoppable
 from smallcaps_ingest.plan import (
     DensityStore,
     RequestRange,
@@ -200,7 +200,9 @@ class BudgetedRetry(Retry):
         return super().increment(method, url, response, error, _pool, _stacktrace)
 
     def sleep(self, response=None) -> None:  # type: ignore[no-untyped-def]
-        super().sleep(response)
+        # urllib3's own sleep, made stoppable: Retry-After if the server sent one, else the backoff
+        retry_after = self.get_retry_after(response) if self.respect_retry_after_header and response else None
+        pause(retry_after or self.get_backoff_time())
         if self.budget is not None:
             waited = self.budget.acquire()
             stats = _stats()
@@ -790,6 +792,11 @@ class FetchEngine:
     ``overfetch_rows`` (None: :func:`plan.overfetch_allowance` of the budget's rate) lets a range
     fetch that many rows beyond what its windows need, which is what merges a sparse name's
     events across days.
+
+    :meth:`stop` (from any thread) ends a run promptly: no further request, page or retry is
+    sent, queued ranges are cancelled, jobs whose ranges were all fetched are still written (each
+    event's two files atomically, or not at all), and every symbol not finished by then ends
+    with a :class:`StopRequested` error. A stopped engine stays stopped.
     """
 
     def __init__(
@@ -815,6 +822,35 @@ class FetchEngine:
         tune_malloc()
         self._source_checked = False
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Stop the run (see the class docstring); returns at once, ``run`` returns soon after."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _fetch_range(self, symbol: str, rng: RequestRange, stats: FetchStats) -> tuple[pl.DataFrame, int]:
+        """One range, every page of it; each page and retry first checks the stop signal."""
+        with stoppable(self._stop):
+            return self.client.fetch_windows(
+                rng.kind,
+                symbol,
+                rng.start_ns,
+                rng.end_ns,
+                stats,
+                self.hz > 0,
+                [(w.start_ns, w.end_ns) for w in rng.events],
+            )
+
+    @staticmethod
+    def _stopped_error(symbol: str) -> StopRequested:
+        return StopRequested(
+            f"{symbol}: stopped before it finished (SIGTERM or run termination); its complete events "
+            "are on disk and a resume skips them"
+        )
 
     def _check_source(self) -> None:
         with self._lock:
@@ -899,7 +935,7 @@ class FetchEngine:
 
         def range_done(job: _Job, idx: int, fut: Future[tuple[pl.DataFrame, int]]) -> None:
             nonlocal in_flight, held_bytes
-            error = fut.exception()
+            error = self._stopped_error(job.symbol) if fut.cancelled() else fut.exception()
             with cond:
                 in_flight -= 1
                 if error is None and job.remaining > 0:
@@ -940,6 +976,9 @@ class FetchEngine:
             pending = feed()
             exhausted = False
             while True:
+                if self.stopping and not exhausted:
+                    exhausted = True  # nothing more is handed out; queued ranges are cancelled
+                    pool.shutdown(wait=False, cancel_futures=True)
                 with cond:
                     while finished:
                         results.append(outcomes[finished.pop(0)])
@@ -982,23 +1021,14 @@ class FetchEngine:
                 for idx, rng in enumerate(job.ranges):
                     with cond:
                         in_flight += 1
-                    fut = pool.submit(
-                        self.client.fetch_windows,
-                        rng.kind,
-                        job.symbol,
-                        rng.start_ns,
-                        rng.end_ns,
-                        outcome.stats,
-                        self.hz > 0,
-                        [(w.start_ns, w.end_ns) for w in rng.events],
-                    )
+                    fut = pool.submit(self._fetch_range, job.symbol, rng, outcome.stats)
                     fut.add_done_callback(lambda f, j=job, i=idx: range_done(j, i, f))
 
-        # symbols cut short by a fatal error
+        # symbols cut short by a fatal error or a stop
         for outcome in outcomes.values():
             if outcome not in results:
-                if outcome.error is None and fatal:
-                    outcome.error = fatal[0]
+                if outcome.error is None:
+                    outcome.error = fatal[0] if fatal else self._stopped_error(outcome.symbol)
                 outcome.finished = outcome.finished or time.monotonic()
                 results.append(outcome)
                 if on_symbol_done:
