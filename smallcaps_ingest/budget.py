@@ -202,15 +202,20 @@ def stoppable(stop: threading.Event) -> Iterator[None]:
         _STOP.event = previous
 
 
+def current_stop() -> threading.Event | None:
+    """This thread's stop signal, if it runs inside :func:`stoppable`."""
+    return getattr(_STOP, "event", None)
+
+
 def raise_if_stopped() -> None:
-    stop = getattr(_STOP, "event", None)
+    stop = current_stop()
     if stop is not None and stop.is_set():
         raise StopRequested("stopping: no further request is sent")
 
 
 def pause(seconds: float) -> None:
     """Sleep ``seconds``, or until this thread's stop signal is set (then StopRequested)."""
-    stop = getattr(_STOP, "event", None)
+    stop = current_stop()
     if stop is None:
         time.sleep(seconds)
         return

@@ -8,14 +8,17 @@ here, because they need the AIMD budget or a re-read of the body. 401/403 stop a
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
 import math
 import random
+import socket
 import sys
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,7 +44,7 @@ from urllib3.exceptions import (
 from urllib3.util.retry import Retry
 
 from smallcaps_ingest import shape, store
-from smallcaps_ingest.budget import RequestBudget, StopRequested, mark_sent, pause, stoppable
+from smallcaps_ingest.budget import RequestBudget, StopRequested, current_stop, mark_sent, pause, stoppable
 from smallcaps_ingest.plan import (
     DensityStore,
     RequestRange,
@@ -211,18 +214,49 @@ class BudgetedRetry(Retry):
                 stats.count("requests", getattr(_current, "endpoint", "other"))
 
 
+# Connections that sent a request from a stoppable thread, with that thread's stop signal: a
+# stop shuts their sockets (see abort_requests). A connection stays listed while it idles in the
+# pool (shutting an idle socket on a stop is harmless) until its next request replaces the entry.
+_SENT_BY: weakref.WeakKeyDictionary[HTTPConnection, threading.Event] = weakref.WeakKeyDictionary()
+_SENT_BY_LOCK = threading.Lock()
+
+
 class _ReportsSend:
     """Stamps this thread's budget grant once the request bytes are written (see budget.mark_sent).
 
     This is the latest point before the server can see the request and the earliest after which
     it may: stamping here rather than before the send keeps grant-to-wire delays out of the window.
+    It also lists the connection under the thread's stop signal, if it has one.
     """
 
     def request(self, *args, **kw):  # type: ignore[no-untyped-def]
+        stop = current_stop()
+        with _SENT_BY_LOCK:
+            if stop is None:
+                _SENT_BY.pop(self, None)  # type: ignore[call-overload]
+            else:
+                _SENT_BY[self] = stop  # type: ignore[index]
         try:
             return super().request(*args, **kw)  # type: ignore[misc]
         finally:
             mark_sent()
+
+
+def abort_requests(stop: threading.Event) -> int:
+    """Shut the sockets of the requests sent under ``stop``: a response being waited for or read
+    ends at once with a connection error (retried, so the retry's stop check ends the range)
+    instead of holding the worker, and with it the process's exit, for a slow page or a server
+    that never answers (up to the read timeout). Returns the sockets shut."""
+    with _SENT_BY_LOCK:
+        conns = [c for c, s in _SENT_BY.items() if s is stop]
+    shut = 0
+    for conn in conns:
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+                shut += 1
+    return shut
 
 
 class _SentHTTPConnection(_ReportsSend, HTTPConnection):
@@ -825,8 +859,12 @@ class FetchEngine:
         self._stop = threading.Event()
 
     def stop(self) -> None:
-        """Stop the run (see the class docstring); returns at once, ``run`` returns soon after."""
+        """Stop the run (see the class docstring); returns at once, ``run`` returns soon after.
+
+        Requests in flight are cut (their sockets shut): a range's data is written only once all
+        its pages arrived, so waiting for one more page buys nothing but delay."""
         self._stop.set()
+        abort_requests(self._stop)
 
     @property
     def stopping(self) -> bool:
