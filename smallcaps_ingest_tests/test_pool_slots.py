@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import dagster as dg
@@ -49,13 +50,14 @@ def _instance_yaml(home: Path) -> int:
 
 
 def _launch(env: dict[str, str], symbol: str) -> str:
-    run_id = f"pool-slots-{symbol.lower()}-{int(time.time() * 1000)}"
-    subprocess.run(
+    run_id = str(uuid.uuid4())
+    done = subprocess.run(
         [str(BIN / "dagster"), "job", "launch", "-w", "workspace.yaml", "-j", "ingest_event_windows",
          "--tags", json.dumps({"dagster/partition": symbol}), "--config-json", IN_PROCESS,
          "--run-id", run_id],
-        cwd=REPO, env=env, check=True, capture_output=True, timeout=120,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return run_id
 
 
