@@ -3,6 +3,8 @@
 import hashlib
 import queue
 import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import date
 
 import dagster as dg
@@ -12,7 +14,7 @@ from smallcaps_ingest import check
 from smallcaps_ingest.events import read_events
 from smallcaps_ingest.fetch import FetchEngine, SymbolOutcome, windows_from_frame
 from smallcaps_ingest.manifest import build_manifest
-from smallcaps_ingest.plan import DensityStore
+from smallcaps_ingest.plan import DensityStore, Window
 from smallcaps_ingest.resources import IngestSettings, PolygonResource
 
 symbols_partitions = dg.DynamicPartitionsDefinition(name="symbols")
@@ -192,6 +194,63 @@ def _check_evaluations(settings: IngestSettings, symbol: str, manifest_df: pl.Da
     yield from check.evaluate_symbol(settings.data_dir, symbol, windows, settings.quotes_hz)
 
 
+# After an interrupt, how long the step waits for the engine's requests in flight (their pages are
+# not followed) and for the writes of what was fetched, before it lets the interrupt go on.
+STOP_WAIT_SECONDS = 8.0
+
+
+class EngineThread:
+    """A ``FetchEngine`` run on its own thread, its outcomes handed to the step's thread.
+
+    Dagster delivers SIGTERM, SIGINT and a run termination to a step as ``KeyboardInterrupt`` or
+    ``DagsterExecutionInterruptedError`` on the step's main thread only (the executor relays the
+    signal to step processes), here while it waits for the next outcome; the engine's threads
+    would carry on fetching every remaining page. So whenever ``outcomes`` is left before the run
+    ended, and when the step's resources are torn down (an interrupt may land while Dagster handles
+    a yielded event, and then the asset is never resumed), the engine is stopped and given
+    ``STOP_WAIT_SECONDS`` to finish its requests in flight and its writes.
+    """
+
+    def __init__(self, engine: FetchEngine, work: Mapping[str, Sequence[Window]]):
+        self.engine = engine
+        self._work = work
+        self._done: queue.Queue[SymbolOutcome | None] = queue.Queue()
+        self._crashed: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, name="fetch-engine", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.engine.run(self._work, on_symbol_done=self._done.put)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the step's thread
+            self._crashed.append(e)
+        finally:
+            self._done.put(None)
+
+    def outcomes(self) -> Iterator[SymbolOutcome]:
+        """Each symbol's outcome as it finishes; re-raises what crashed the engine."""
+        self._thread.start()
+        ended = False
+        try:
+            while (o := self._done.get()) is not None:
+                yield o
+            ended = True
+        finally:
+            if not ended:
+                self.stop()
+        if self._crashed:
+            raise self._crashed[0]
+
+    def stop(self) -> None:
+        """Stop the engine and wait (bounded) for it; a repeated interrupt does not cut the wait."""
+        self.engine.stop()
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
+        while self._thread.is_alive() and (left := deadline - time.monotonic()) > 0:
+            try:
+                self._thread.join(timeout=left)
+            except (KeyboardInterrupt, dg.DagsterExecutionInterruptedError):
+                continue  # the multiprocess executor relays the same stop to its step process
+
+
 @dg.asset(
     partitions_def=symbols_partitions,
     ins={"manifest": dg.AssetIn()},
@@ -232,21 +291,11 @@ def event_windows(
         overfetch_rows=settings.overfetch_rows,
         density=DensityStore(f"{settings.data_dir}/_state/density.json"),
     )
-    done: queue.Queue[SymbolOutcome | None] = queue.Queue()
-    crashed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            engine.run(work, on_symbol_done=done.put)
-        except BaseException as e:  # noqa: BLE001 - re-raised on the step's thread
-            crashed.append(e)
-        finally:
-            done.put(None)
-
-    threading.Thread(target=run, name="fetch-engine", daemon=True).start()
+    runner = EngineThread(engine, work)
+    polygon.on_teardown(runner.stop)
     failed: list[SymbolOutcome] = []
     outcomes: list[SymbolOutcome] = []
-    while (o := done.get()) is not None:
+    for o in runner.outcomes():
         outcomes.append(o)
         if o.error is not None:
             failed.append(o)
@@ -278,8 +327,6 @@ def event_windows(
                 description=r.description,
                 metadata=r.metadata,
             )
-    if crashed:
-        raise crashed[0]
     if failed:
         raise dg.Failure(
             description=f"{len(failed)} of {len(symbols)} symbols failed: "

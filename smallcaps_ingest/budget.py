@@ -18,6 +18,8 @@ import random
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # A grant counts against the window from the moment it is granted until one window after its
@@ -146,13 +148,17 @@ class RequestBudget:
             return max(0.0005, times[-1] + window - now)
 
     def acquire(self) -> float:
-        """Block until a request may be sent; returns the seconds spent waiting."""
+        """Block until a request may be sent; returns the seconds spent waiting.
+
+        Raises :class:`StopRequested`, before taking a grant, once this thread's stop signal
+        (:func:`stoppable`) is set, also while waiting: a stopping run sends no further request."""
         waited = 0.0
         while True:
+            raise_if_stopped()
             wait = self.try_acquire()
             if wait == 0.0:
                 return waited
-            time.sleep(wait)
+            pause(wait)
             waited += wait
 
     def _stamp(self, rowid: int, t: float) -> None:
@@ -173,6 +179,48 @@ class RequestBudget:
 
 
 _PENDING = threading.local()  # this thread's grant whose request has not been sent yet
+_STOP = threading.local()  # this thread's stop signal (see stoppable)
+
+
+class StopRequested(RuntimeError):
+    """The run is stopping (SIGTERM, a run termination): no further request may be sent."""
+
+
+@contextmanager
+def stoppable(stop: threading.Event) -> Iterator[None]:
+    """Within the block, this thread's budget waits and backoffs end with :class:`StopRequested`
+    as soon as ``stop`` is set, and no grant is taken once it is.
+
+    A thread-local signal rather than state on the budget: the budget is shared by every caller
+    in the process, the stop belongs to one engine's workers (``FetchEngine`` enters this around
+    each range it fetches, so every page and retry of the range checks it)."""
+    previous = getattr(_STOP, "event", None)
+    _STOP.event = stop
+    try:
+        yield
+    finally:
+        _STOP.event = previous
+
+
+def current_stop() -> threading.Event | None:
+    """This thread's stop signal, if it runs inside :func:`stoppable`."""
+    return getattr(_STOP, "event", None)
+
+
+def raise_if_stopped() -> None:
+    stop = current_stop()
+    if stop is not None and stop.is_set():
+        raise StopRequested("stopping: no further request is sent")
+
+
+def pause(seconds: float) -> None:
+    """Sleep ``seconds``, or until this thread's stop signal is set (then StopRequested)."""
+    stop = current_stop()
+    if stop is None:
+        time.sleep(seconds)
+        return
+    if stop.wait(seconds):
+        raise StopRequested("stopping: no further request is sent")
 
 
 def mark_sent() -> None:

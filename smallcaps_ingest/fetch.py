@@ -10,15 +10,18 @@ re-read of the body. 401/403 stop at once.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
 import math
 import random
 import re
+import socket
 import sys
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,7 +47,7 @@ from urllib3.exceptions import (
 from urllib3.util.retry import Retry
 
 from smallcaps_ingest import shape, store
-from smallcaps_ingest.budget import RequestBudget, mark_sent
+from smallcaps_ingest.budget import RequestBudget, StopRequested, current_stop, mark_sent, pause, stoppable
 from smallcaps_ingest.plan import (
     DensityStore,
     RequestRange,
@@ -218,7 +221,9 @@ class BudgetedRetry(Retry):
         return retry
 
     def sleep(self, response=None) -> None:  # type: ignore[no-untyped-def]
-        super().sleep(response)
+        # urllib3's own sleep, made stoppable: Retry-After if the server sent one, else the backoff
+        retry_after = self.get_retry_after(response) if self.respect_retry_after_header and response else None
+        pause(retry_after or self.get_backoff_time())
         if self.budget is not None:
             waited = self.budget.acquire()
             stats = _stats()
@@ -227,18 +232,49 @@ class BudgetedRetry(Retry):
                 stats.count("requests", getattr(_current, "endpoint", "other"))
 
 
+# Connections that sent a request from a stoppable thread, with that thread's stop signal: a
+# stop shuts their sockets (see abort_requests). A connection stays listed while it idles in the
+# pool (shutting an idle socket on a stop is harmless) until its next request replaces the entry.
+_SENT_BY: weakref.WeakKeyDictionary[HTTPConnection, threading.Event] = weakref.WeakKeyDictionary()
+_SENT_BY_LOCK = threading.Lock()
+
+
 class _ReportsSend:
     """Stamps this thread's budget grant once the request bytes are written (see budget.mark_sent).
 
     This is the latest point before the server can see the request and the earliest after which
     it may: stamping here rather than before the send keeps grant-to-wire delays out of the window.
+    It also lists the connection under the thread's stop signal, if it has one.
     """
 
     def request(self, *args, **kw):  # type: ignore[no-untyped-def]
+        stop = current_stop()
+        with _SENT_BY_LOCK:
+            if stop is None:
+                _SENT_BY.pop(self, None)  # type: ignore[call-overload]
+            else:
+                _SENT_BY[self] = stop  # type: ignore[index]
         try:
             return super().request(*args, **kw)  # type: ignore[misc]
         finally:
             mark_sent()
+
+
+def abort_requests(stop: threading.Event) -> int:
+    """Shut the sockets of the requests sent under ``stop``: a response being waited for or read
+    ends at once with a connection error (retried, so the retry's stop check ends the range)
+    instead of holding the worker, and with it the process's exit, for a slow page or a server
+    that never answers (up to the read timeout). Returns the sockets shut."""
+    with _SENT_BY_LOCK:
+        conns = [c for c, s in _SENT_BY.items() if s is stop]
+    shut = 0
+    for conn in conns:
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+                shut += 1
+    return shut
 
 
 class _SentHTTPConnection(_ReportsSend, HTTPConnection):
@@ -528,7 +564,7 @@ class PolygonClient:
                     ) as e:
                         last = "read_timeout" if isinstance(e, _BodyTimeout) else "truncated"
                         stats.count("retries", last)
-                        time.sleep(min(backoff, 2.0) * random.uniform(0.5, 1.0))
+                        pause(min(backoff, 2.0) * random.uniform(0.5, 1.0))
                         continue
                     except (requests.exceptions.Timeout, requests.exceptions.ConnectionError) as e:
                         cause, message = self._failure(kind, e)
@@ -563,7 +599,7 @@ class PolygonClient:
                         except ValueError:
                             delay = backoff
                         backoff = min(backoff * 2, 8.0)
-                        time.sleep(min(delay, 30.0))
+                        pause(min(delay, 30.0))
                         continue
                     if status >= 500 and _is_html(resp.headers, body):
                         stats.count("errors", "5xx_html")
@@ -841,6 +877,11 @@ class FetchEngine:
     ``overfetch_rows`` (None: :func:`plan.overfetch_allowance` of the budget's rate) lets a range
     fetch that many rows beyond what its windows need, which is what merges a sparse name's
     events across days.
+
+    :meth:`stop` (from any thread) ends a run promptly: no further request, page or retry is
+    sent, queued ranges are cancelled, jobs whose ranges were all fetched are still written (each
+    event's two files atomically, or not at all), and every symbol not finished by then ends
+    with a :class:`StopRequested` error. A stopped engine stays stopped.
     """
 
     def __init__(
@@ -866,6 +907,39 @@ class FetchEngine:
         tune_malloc()
         self._source_checked = False
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Stop the run (see the class docstring); returns at once, ``run`` returns soon after.
+
+        Requests in flight are cut (their sockets shut): a range's data is written only once all
+        its pages arrived, so waiting for one more page buys nothing but delay."""
+        self._stop.set()
+        abort_requests(self._stop)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _fetch_range(self, symbol: str, rng: RequestRange, stats: FetchStats) -> tuple[pl.DataFrame, int]:
+        """One range, every page of it; each page and retry first checks the stop signal."""
+        with stoppable(self._stop):
+            return self.client.fetch_windows(
+                rng.kind,
+                symbol,
+                rng.start_ns,
+                rng.end_ns,
+                stats,
+                self.hz > 0,
+                [(w.start_ns, w.end_ns) for w in rng.events],
+            )
+
+    @staticmethod
+    def _stopped_error(symbol: str) -> StopRequested:
+        return StopRequested(
+            f"{symbol}: stopped before it finished (SIGTERM or run termination); its complete events "
+            "are on disk and a resume skips them"
+        )
 
     def _check_source(self) -> None:
         with self._lock:
@@ -950,7 +1024,7 @@ class FetchEngine:
 
         def range_done(job: _Job, idx: int, fut: Future[tuple[pl.DataFrame, int]]) -> None:
             nonlocal in_flight, held_bytes
-            error = fut.exception()
+            error = self._stopped_error(job.symbol) if fut.cancelled() else fut.exception()
             with cond:
                 in_flight -= 1
                 if error is None and job.remaining > 0:
@@ -991,6 +1065,9 @@ class FetchEngine:
             pending = feed()
             exhausted = False
             while True:
+                if self.stopping and not exhausted:
+                    exhausted = True  # nothing more is handed out; queued ranges are cancelled
+                    pool.shutdown(wait=False, cancel_futures=True)
                 with cond:
                     while finished:
                         results.append(outcomes[finished.pop(0)])
@@ -1033,23 +1110,14 @@ class FetchEngine:
                 for idx, rng in enumerate(job.ranges):
                     with cond:
                         in_flight += 1
-                    fut = pool.submit(
-                        self.client.fetch_windows,
-                        rng.kind,
-                        job.symbol,
-                        rng.start_ns,
-                        rng.end_ns,
-                        outcome.stats,
-                        self.hz > 0,
-                        [(w.start_ns, w.end_ns) for w in rng.events],
-                    )
+                    fut = pool.submit(self._fetch_range, job.symbol, rng, outcome.stats)
                     fut.add_done_callback(lambda f, j=job, i=idx: range_done(j, i, f))
 
-        # symbols cut short by a fatal error
+        # symbols cut short by a fatal error or a stop
         for outcome in outcomes.values():
             if outcome not in results:
-                if outcome.error is None and fatal:
-                    outcome.error = fatal[0]
+                if outcome.error is None:
+                    outcome.error = fatal[0] if fatal else self._stopped_error(outcome.symbol)
                 outcome.finished = outcome.finished or time.monotonic()
                 results.append(outcome)
                 if on_symbol_done:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -71,6 +72,7 @@ class PolygonResource(dg.ConfigurableResource):
 
     _client: PolygonClient | None = PrivateAttr(default=None)
     _simulator: object | None = PrivateAttr(default=None)
+    _on_teardown: list[Callable[[], None]] = PrivateAttr(default_factory=list)
 
     @property
     def is_simulator(self) -> bool:
@@ -107,7 +109,14 @@ class PolygonResource(dg.ConfigurableResource):
             )
         return self._client
 
+    def on_teardown(self, stop: Callable[[], None]) -> None:
+        """Call ``stop`` when the step's resources are torn down, before the client is closed: the
+        step may have ended (an interrupt) without its asset's code running again."""
+        self._on_teardown.append(stop)
+
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        while self._on_teardown:
+            self._on_teardown.pop()()
         if self._client is not None:
             self._client.close()
             self._client.budget.close()
