@@ -121,7 +121,8 @@ def measure(candidate: str, server_limit: float, seconds: float) -> dict:
     key = f"bench-{uuid.uuid4().hex[:8]}"
     with Simulator(SimConfig(latency_ms=50, latency_jitter_ms=20, rate_limit_rps=server_limit)) as sim:
         procs = [
-            subprocess.Popen([sys.executable, __file__, "--host", candidate, key, sim.base_url, t, str(seconds)])
+            subprocess.Popen([sys.executable, __file__, "--host", candidate, key, sim.base_url, t,
+                              str(seconds)])
             for t in TICKERS
         ]
         for p in procs:
@@ -156,7 +157,8 @@ def main() -> None:
     ap.add_argument("--candidates", nargs="+", default=["ours", "limits", "pyrate"])
     ap.add_argument("--scenarios", nargs="+", default=["equal", "below"])
     a = ap.parse_args()
-    print(f"{'candidate':10} {'server':>6} {'budget':>6} {'requests':>8} {'429s':>6} {'peak/1s':>7} {'util':>6}")
+    head = ("candidate", "server", "budget", "requests", "429s", "peak/1s", "util")
+    print(f"{head[0]:10} " + " ".join(f"{h:>7}" for h in head[1:]))
     for scenario in a.scenarios:
         limit = BUDGET if scenario == "equal" else BUDGET / 2
         for c in a.candidates:
