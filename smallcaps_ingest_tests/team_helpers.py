@@ -118,7 +118,9 @@ def daemon(env: Mapping[str, str], log: Path) -> Iterator[subprocess.Popen]:  # 
 
 def launch_range(env: Mapping[str, str], first: str, last: str) -> subprocess.CompletedProcess[str]:
     """Submit one run of event_windows over FIRST...LAST to the instance's run queue."""
-    tags = json.dumps({"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last})
+    tags = json.dumps(
+        {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}
+    )
     return subprocess.run(
         [str(BIN / "dagster"), "job", "launch", "-w", str(REPO / "workspace.yaml"),
          "-j", "ingest_event_windows", "--tags", tags],
