@@ -116,16 +116,25 @@ def daemon(env: Mapping[str, str], log: Path) -> Iterator[subprocess.Popen]:  # 
         kill_group(proc)
 
 
-def launch_range(env: Mapping[str, str], first: str, last: str) -> subprocess.CompletedProcess[str]:
-    """Submit one run of event_windows over FIRST...LAST to the instance's run queue."""
+def launch_range_proc(env: Mapping[str, str], first: str, last: str) -> subprocess.Popen:  # type: ignore[type-arg]
+    """Submit one run of event_windows over FIRST...LAST to the instance's run queue (a process:
+    `dagster job launch` loads the code first, which takes seconds)."""
     tags = json.dumps(
         {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}
     )
-    return subprocess.run(
+    return subprocess.Popen(
         [str(BIN / "dagster"), "job", "launch", "-w", str(REPO / "workspace.yaml"),
          "-j", "ingest_event_windows", "--tags", tags],
-        cwd=REPO, env=dict(env), capture_output=True, text=True, timeout=120, check=True,
+        cwd=REPO, env=dict(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+
+
+def wait_daemon_ready(log: Path, timeout: float) -> None:
+    """Until the daemon has started its daemons (its first log line about them)."""
+    deadline = time.monotonic() + timeout
+    while "Instance is configured with the following daemons" not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.5)
 
 
 def wait_runs_finished(env: Mapping[str, str], count: int, timeout: float) -> list[dg.DagsterRun]:

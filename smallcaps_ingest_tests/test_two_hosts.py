@@ -19,6 +19,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -66,7 +67,8 @@ def two_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             env = cli_env(own, POLYGON_BASE_URL=sim.base_url, POLYGON_API_KEY=TEST_KEY,
                           POLYGON_MAX_RPS=str(RPS), POLYGON_BUDGET_URL=budget_url,
                           SMALLCAPS_EVENTS=str(own / "events.parquet"), SMALLCAPS_DATA_DIR=str(tmp / "data"),
-                          **team_home(own / "dagster_home", url))
+                          **team_home(own / "home", url))
+            assert "postgres:" in (Path(env["DAGSTER_HOME"]) / "dagster.yaml").read_text()
             envs[h] = env
         init_instance(envs["a"])  # the one-time set-up (README): tables and the polygon_api pool
         materialize(envs["a"], "--select", "manifest", "--config-json", IN_PROCESS)
