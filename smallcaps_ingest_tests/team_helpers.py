@@ -137,6 +137,18 @@ def wait_daemon_ready(log: Path, timeout: float) -> None:
         time.sleep(0.5)
 
 
+def wait_runs_launched(env: Mapping[str, str], count: int, timeout: float) -> None:
+    """Until `count` runs of ingest_event_windows have left the queue (STARTING or later)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with team_instance(env) as instance:
+            runs = [r for r in instance.get_runs() if r.job_name == "ingest_event_windows"]  # type: ignore[attr-defined]
+        if len(runs) >= count and all(r.status.value not in ("QUEUED", "NOT_STARTED") for r in runs):
+            return
+        assert time.monotonic() < deadline, [(r.run_id[:8], r.status.value) for r in runs]
+        time.sleep(0.5)
+
+
 def wait_runs_finished(env: Mapping[str, str], count: int, timeout: float) -> list[dg.DagsterRun]:
     """Every run of the instance, once `count` runs exist and all are finished."""
     deadline = time.monotonic() + timeout

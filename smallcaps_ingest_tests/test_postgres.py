@@ -39,6 +39,7 @@ from smallcaps_ingest_tests.team_helpers import (
     team_instance,
     wait_daemon_ready,
     wait_runs_finished,
+    wait_runs_launched,
 )
 
 SYMBOLS = ["AAOI", "BBIG", "BRK.B", "CLOV", "DGLY", "FCEL", "GNUS", "IDEX"]
@@ -52,9 +53,9 @@ def four_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     tmp = tmp_path_factory.mktemp("pg")
     events = tmp / "events.parquet"
     write_events_subset(events, SYMBOLS)
-    # page_cap 1000 at 40 req/s: ~35 s of fetching, so the four runs overlap despite each one's
+    # page_cap 500 at 40 req/s: ~70 s of fetching, so the four runs overlap despite each one's
     # ~20 s of process start-up on this shared 2-core machine
-    with pg_database() as url, Simulator(SimConfig(latency_ms=10, page_cap=1000)) as sim:
+    with pg_database() as url, Simulator(SimConfig(latency_ms=10, page_cap=500)) as sim:
         env = cli_env(tmp, POLYGON_BASE_URL=sim.base_url, POLYGON_API_KEY=TEST_KEY, POLYGON_MAX_RPS="40",
                       SMALLCAPS_EVENTS=str(events), **team_home(tmp / "home", url, pool_limit=4))
         init_instance(env, pool_limit=4)
@@ -64,6 +65,9 @@ def four_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             wait_daemon_ready(tmp / "daemon.log", timeout=120)
             t0 = time.monotonic()
             procs = [launch_range_proc(env, first, last) for first, last in QUEUED_RANGES]
+            # the daemon's queue ticks slowly at first on a loaded machine: start the CLI runs once
+            # it has taken both queued runs, so that all four fetch at the same time
+            wait_runs_launched(env, len(QUEUED_RANGES), timeout=240)
             for i, (first, last) in enumerate(CLI_RANGES):
                 logs.append(tmp / f"cli{i}.log")
                 with open(logs[-1], "wb") as out:
