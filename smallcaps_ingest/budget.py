@@ -41,30 +41,96 @@ DECREASE_FACTOR = 0.8
 DECREASE_EVERY = 0.5  # seconds: one cut per burst of 429s from requests already in flight
 INCREASE_PER_SECOND = 0.02  # fraction of the configured budget regained each second
 MIN_RATE = 0.05
+MAX_RETRY_AFTER = 30.0  # seconds: a longer Retry-After is capped (the request is retried after 30 s)
 CONNECT_TIMEOUT = 30.0  # seconds a process waits for the budget file's lock
 
 
-def default_budget_path() -> Path:
-    """Where the shared budget lives: under DAGSTER_HOME, so every run on the host shares it."""
-    explicit = os.environ.get("POLYGON_BUDGET_PATH")
-    if explicit:
-        return Path(explicit)
-    home = os.environ.get("DAGSTER_HOME")
-    if home:
-        return Path(home) / "polygon_budget.sqlite"
-    data = os.environ.get("SMALLCAPS_DATA_DIR", "./data")
-    return Path(data) / "_state" / "polygon_budget.sqlite"
+class BudgetUnavailable(RuntimeError):
+    """The shared budget could not be reached for longer than allowed: no request was sent."""
 
 
-class RequestBudget:
-    """Blocking limiter: ``acquire()`` returns once a request may be sent."""
+def open_budget(url: str, max_rps: float, bucket: str = "polygon", unavailable_timeout: float = 120.0):  # type: ignore[no-untyped-def]
+    """The budget behind ``url`` (``POLYGON_BUDGET_URL``): one interface, two backends.
 
-    def __init__(self, max_rps: float, path: str | os.PathLike[str] | None = None, bucket: str = "polygon"):
+    ``sqlite://PATH`` (``sqlite:///abs/budget.sqlite``): a file shared by the processes of one host.
+    ``redis://host:port/db`` (or ``rediss://``, ``unix://``): a Redis server shared by many hosts;
+    a ``key_prefix=`` query parameter names its keys (default ``smallcaps:``).
+    """
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "sqlite":
+        path = url[len("sqlite://"):] if url.lower().startswith("sqlite://") else ""
+        if not path:
+            raise ValueError(f"POLYGON_BUDGET_URL={url!r}: expected sqlite:///path/to/budget.sqlite")
+        return RequestBudget(max_rps, path, bucket=bucket)
+    if scheme in ("redis", "rediss", "unix"):
+        from smallcaps_ingest.budget_redis import RedisBudget
+
+        return RedisBudget(max_rps, url, bucket=bucket, unavailable_timeout=unavailable_timeout)
+    raise ValueError(
+        f"POLYGON_BUDGET_URL={url!r}: the scheme must be sqlite:// (one host) or redis:// (many hosts)"
+    )
+
+
+class BudgetBase:
+    """What both backends share: the blocking ``acquire`` loop, the window's shape, the send hook.
+
+    A backend implements ``try_acquire`` (a grant now and 0.0, or the seconds to wait; it calls
+    ``_pending`` with the grant's id), ``_stamp`` (the grant went on the wire now),
+    ``on_throttled``, ``effective_rps`` and ``close``.
+    """
+
+    max_rps: float
+
+    @staticmethod
+    def _shape(rate: float) -> tuple[int, float]:
+        """(requests allowed, window seconds) for a rate: N per second, or 1 per 1/rate seconds."""
+        if rate >= 1.0:
+            return math.floor(rate), 1.0 + WINDOW_MARGIN
+        return 1, (1.0 / rate) * (1.0 + WINDOW_MARGIN)
+
+    def try_acquire(self) -> float:
+        raise NotImplementedError
+
+    def on_throttled(self, retry_after: float | None = None) -> float:
+        raise NotImplementedError
+
+    def _stamp(self, grant: object) -> None:
+        raise NotImplementedError
+
+    def _pending(self, grant: object) -> None:
+        """Remember this thread's grant until its request is sent (see :func:`mark_sent`)."""
+        _PENDING.grant = (self, grant)
+
+    def acquire(self) -> float:
+        """Block until a request may be sent; returns the seconds spent waiting.
+
+        Raises :class:`StopRequested`, before taking a grant, once this thread's stop signal
+        (:func:`stoppable`) is set, also while waiting: a stopping run sends no further request."""
+        waited = 0.0
+        while True:
+            raise_if_stopped()
+            wait = self.try_acquire()
+            if wait == 0.0:
+                return waited
+            pause(wait)
+            waited += wait
+
+    def mark_sent(self) -> None:
+        """Stamp this thread's pending grant, if it is one of this budget's, as sent now."""
+        grant = getattr(_PENDING, "grant", None)
+        if grant is not None and grant[0] is self:
+            mark_sent()
+
+
+class RequestBudget(BudgetBase):
+    """The SQLite backend (one host): ``acquire()`` returns once a request may be sent."""
+
+    def __init__(self, max_rps: float, path: str | os.PathLike[str], bucket: str = "polygon"):
         if not max_rps or max_rps <= 0:
             raise ValueError(f"POLYGON_MAX_RPS must be > 0, got {max_rps!r}")
         self.max_rps = float(max_rps)
         self.bucket = bucket
-        self.path = Path(path) if path is not None else default_budget_path()
+        self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # one SQLite connection per budget, used under this lock
         self._conn: sqlite3.Connection | None = None
@@ -75,6 +141,7 @@ class RequestBudget:
                 "CREATE TABLE IF NOT EXISTS aimd (bucket TEXT PRIMARY KEY, rate REAL NOT NULL,"
                 " updated REAL NOT NULL, last_decrease REAL NOT NULL)"
             )
+            conn.execute("CREATE TABLE IF NOT EXISTS pause (bucket TEXT PRIMARY KEY, until REAL NOT NULL)")
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -99,10 +166,17 @@ class RequestBudget:
         with self._lock, self._connect() as conn:
             return self._rate(conn, time.time())
 
-    def on_throttled(self) -> float:
-        """A 429 arrived: cut the shared rate (once per DECREASE_EVERY, however many were in flight)."""
+    def on_throttled(self, retry_after: float | None = None) -> float:
+        """A 429 arrived: cut the shared rate (once per DECREASE_EVERY, however many were in flight);
+        with its ``Retry-After`` (seconds), no process of the host gets a grant before then."""
         with self._lock, self._connect() as conn:
             now = time.time()
+            if retry_after is not None and retry_after > 0:
+                conn.execute(
+                    "INSERT INTO pause (bucket, until) VALUES (?, ?) ON CONFLICT (bucket)"
+                    " DO UPDATE SET until = max(until, excluded.until)",
+                    (self.bucket, now + min(retry_after, MAX_RETRY_AFTER)),
+                )
             row = conn.execute("SELECT last_decrease FROM aimd WHERE bucket=?", (self.bucket,)).fetchone()
             rate = self._rate(conn, now)
             if row is not None and now - row[0] < DECREASE_EVERY:
@@ -115,17 +189,13 @@ class RequestBudget:
             return rate
 
     # -- grants -----------------------------------------------------------------------------
-    @staticmethod
-    def _shape(rate: float) -> tuple[int, float]:
-        """(requests allowed, window seconds) for a rate: N per second, or 1 per 1/rate seconds."""
-        if rate >= 1.0:
-            return math.floor(rate), 1.0 + WINDOW_MARGIN
-        return 1, (1.0 / rate) * (1.0 + WINDOW_MARGIN)
-
     def try_acquire(self) -> float:
         """Take a grant now and return 0.0, or return how long to wait before trying again."""
         with self._lock, self._connect() as conn:
             now = time.time()
+            paused = conn.execute("SELECT until FROM pause WHERE bucket=?", (self.bucket,)).fetchone()
+            if paused is not None and paused[0] > now:  # a 429's Retry-After: nobody sends before it
+                return paused[0] - now
             allowed, window = self._shape(self._rate(conn, now))
             conn.execute("DELETE FROM grants WHERE bucket=? AND t <= ?", (self.bucket, now - 60.0))
             times = [
@@ -140,36 +210,16 @@ class RequestBudget:
                 cur = conn.execute(
                     "INSERT INTO grants (bucket, t) VALUES (?, ?)", (self.bucket, now + PENDING_LEASE)
                 )
-                _PENDING.grant = (self, cur.lastrowid)
+                self._pending(cur.lastrowid)
                 return 0.0
             if times[-1] > now:  # the window is full of requests still being sent: poll briefly
                 return 0.002
             # The oldest of the last `allowed` grants must leave the window first.
             return max(0.0005, times[-1] + window - now)
 
-    def acquire(self) -> float:
-        """Block until a request may be sent; returns the seconds spent waiting.
-
-        Raises :class:`StopRequested`, before taking a grant, once this thread's stop signal
-        (:func:`stoppable`) is set, also while waiting: a stopping run sends no further request."""
-        waited = 0.0
-        while True:
-            raise_if_stopped()
-            wait = self.try_acquire()
-            if wait == 0.0:
-                return waited
-            pause(wait)
-            waited += wait
-
-    def _stamp(self, rowid: int, t: float) -> None:
+    def _stamp(self, grant: object) -> None:
         with self._lock, self._connect() as conn:
-            conn.execute("UPDATE grants SET t = ? WHERE rowid = ?", (t, rowid))
-
-    def mark_sent(self) -> None:
-        """Stamp this thread's pending grant, if it is one of this budget's, as sent now."""
-        grant = getattr(_PENDING, "grant", None)
-        if grant is not None and grant[0] is self:
-            mark_sent()
+            conn.execute("UPDATE grants SET t = ? WHERE rowid = ?", (time.time(), grant))
 
     def close(self) -> None:
         with self._lock:
@@ -237,8 +287,8 @@ def mark_sent() -> None:
     if grant is None:
         return
     _PENDING.grant = None
-    budget, rowid = grant
-    budget._stamp(rowid, time.time())
+    budget, grant_id = grant
+    budget._stamp(grant_id)
 
 
 def _switch_to_wal(conn: sqlite3.Connection) -> None:

@@ -3,7 +3,8 @@
 Environment: SMALLCAPS_EVENTS, SMALLCAPS_DATA_DIR (./data), POLYGON_API_KEY, POLYGON_BASE_URL
 (``simulator`` = the bundled simulator), POLYGON_MAX_RPS (90), POLYGON_WORKERS (auto: 12,
 more above 60 req/s), SMALLCAPS_QUOTES_HZ (1; 0 = raw quotes), SMALLCAPS_MAX_OVERFETCH (4),
-SMALLCAPS_OVERFETCH_ROWS (auto: from POLYGON_MAX_RPS).
+SMALLCAPS_OVERFETCH_ROWS (auto: from POLYGON_MAX_RPS), POLYGON_BUDGET_URL (sqlite:// under
+DAGSTER_HOME; redis://host:port/db for many hosts), POLYGON_BUDGET_TIMEOUT (120 s).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from smallcaps_ingest.resources import (
     AtomicPolarsParquetIOManager,
     IngestSettings,
     PolygonResource,
+    budget_url_from_env,
     env_number,
 )
 from smallcaps_ingest.sample import SAMPLE_EVENTS_PATH
@@ -47,6 +49,8 @@ polygon = PolygonResource(
         if os.environ.get("POLYGON_WORKERS", "auto").strip().lower() in ("", "auto")
         else int(env_number("POLYGON_WORKERS", 12, int, minimum=1))
     ),
+    budget_url=budget_url_from_env(),
+    budget_timeout=env_number("POLYGON_BUDGET_TIMEOUT", 120.0, float, minimum=0),
 )
 
 ingest_job = dg.define_asset_job(

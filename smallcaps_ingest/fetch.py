@@ -47,7 +47,7 @@ from urllib3.exceptions import (
 from urllib3.util.retry import Retry
 
 from smallcaps_ingest import shape, store
-from smallcaps_ingest.budget import RequestBudget, StopRequested, current_stop, mark_sent, pause, stoppable
+from smallcaps_ingest.budget import BudgetBase, StopRequested, current_stop, mark_sent, pause, stoppable
 from smallcaps_ingest.plan import (
     DensityStore,
     RequestRange,
@@ -201,7 +201,7 @@ def _cause(error: Exception | None, response: object | None) -> str:
 class BudgetedRetry(Retry):
     """urllib3 Retry that takes a budget grant before every retry and counts why it retried."""
 
-    budget: RequestBudget | None = None
+    budget: BudgetBase | None = None
 
     def new(self, **kw: object) -> BudgetedRetry:  # type: ignore[override]
         retry = super().new(**kw)  # type: ignore[arg-type]
@@ -296,7 +296,7 @@ class _SentHTTPSPool(HTTPSConnectionPool):
 class BudgetedAdapter(HTTPAdapter):
     """An HTTPAdapter whose connections report to the budget when a request has been sent."""
 
-    def __init__(self, budget: RequestBudget, **kw: object):
+    def __init__(self, budget: BudgetBase, **kw: object):
         self.budget = budget
         super().__init__(**kw)  # type: ignore[arg-type]
 
@@ -478,7 +478,7 @@ class PolygonClient:
         self,
         base_url: str,
         api_key: str,
-        budget: RequestBudget,
+        budget: BudgetBase,
         *,
         workers: int = 12,
         connect_timeout: float = 5.0,
@@ -592,12 +592,13 @@ class PolygonClient:
                     if status == 429:
                         last = "429"
                         stats.add(throttled=1)
-                        self.budget.on_throttled()
                         retry_after = resp.headers.get("Retry-After")
                         try:
                             delay = float(retry_after) if retry_after else backoff * random.uniform(0.5, 1.5)
                         except ValueError:
                             delay = backoff
+                        # the cut and the Retry-After are shared: every process on the budget waits
+                        self.budget.on_throttled(delay if retry_after else None)
                         backoff = min(backoff * 2, 8.0)
                         pause(min(delay, 30.0))
                         continue

@@ -14,7 +14,7 @@ from dagster_polars import PolarsParquetIOManager
 from pydantic import PrivateAttr
 from upath import UPath
 
-from smallcaps_ingest.budget import RequestBudget
+from smallcaps_ingest.budget import open_budget
 from smallcaps_ingest.fetch import OFFICIAL_BASE_URL, PolygonAuthError, PolygonClient
 from smallcaps_ingest.store import atomic_write_parquet
 
@@ -45,6 +45,24 @@ def env_number(
     return value
 
 
+def budget_url_from_env() -> str:
+    """The request budget's URL: the one place its settings are read from the environment.
+
+    ``POLYGON_BUDGET_URL`` (``sqlite:///path`` or ``redis://host:port/db``) wins; else
+    ``POLYGON_BUDGET_PATH`` (kept from before the URL existed) maps onto ``sqlite://`` + its absolute
+    path; else ``$DAGSTER_HOME/polygon_budget.sqlite`` (else under the data directory's ``_state``).
+    """
+    url = os.environ.get("POLYGON_BUDGET_URL", "").strip()
+    if url:
+        return url
+    path = os.environ.get("POLYGON_BUDGET_PATH", "").strip()
+    if not path:
+        home = os.environ.get("DAGSTER_HOME", "").strip()
+        state = Path(home) if home else Path(os.environ.get("SMALLCAPS_DATA_DIR") or "./data") / "_state"
+        path = str(state / "polygon_budget.sqlite")
+    return "sqlite://" + os.path.abspath(path)
+
+
 class AtomicPolarsParquetIOManager(PolarsParquetIOManager):
     """dagster-polars' Parquet IO manager, but a write never leaves a half-written manifest:
     the frame goes to a temporary file beside the target, is fsynced, and replaces it."""
@@ -68,7 +86,11 @@ class PolygonResource(dg.ConfigurableResource):
     workers: int = 12
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
+    # The shared request budget (see budget.open_budget); None: budget_url_from_env() when the
+    # client is first built. budget_path is the older spelling of a sqlite:// URL.
+    budget_url: str | None = None
     budget_path: str | None = None
+    budget_timeout: float = 120.0  # seconds the budget may be unreachable before the run fails
 
     _client: PolygonClient | None = PrivateAttr(default=None)
     _simulator: object | None = PrivateAttr(default=None)
@@ -98,7 +120,10 @@ class PolygonResource(dg.ConfigurableResource):
                 self._simulator = sim
                 base, key = sim.base_url, key or SIMULATOR_KEY
             bucket = urlsplit(base).netloc or base
-            budget = RequestBudget(self.max_rps, self.budget_path, bucket=bucket)
+            url = self.budget_url or (
+                "sqlite://" + os.path.abspath(self.budget_path) if self.budget_path else budget_url_from_env()
+            )
+            budget = open_budget(url, self.max_rps, bucket=bucket, unavailable_timeout=self.budget_timeout)
             self._client = PolygonClient(
                 base,
                 key or "",

@@ -1,0 +1,172 @@
+"""Helpers for the team-scale tests: a database of the test's own on the real PostgreSQL
+(127.0.0.1:5432, user postgres, trust), instances on deploy/dagster.yaml, the daemon, and the
+connection count at the server. A missing server fails the test (connection refused)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import dagster as dg
+import psycopg2
+
+from smallcaps_ingest_tests.conftest import BIN, REPO
+from smallcaps_ingest_tests.resilience_helpers import cli_instance, kill_group
+
+PG = "postgresql+psycopg2://postgres@127.0.0.1:5432"
+LOG_PROBLEMS = ("database is locked", "too many clients", "remaining connection slots", "OperationalError")
+
+
+@contextlib.contextmanager
+def team_instance(env: Mapping[str, str]) -> Iterator[dg.DagsterInstance]:
+    """The instance a host with `env` opens (deploy/dagster.yaml reads DAGSTER_PG_URL)."""
+    old = os.environ.get("DAGSTER_PG_URL")
+    os.environ["DAGSTER_PG_URL"] = env["DAGSTER_PG_URL"]
+    try:
+        with cli_instance(env) as instance:
+            yield instance  # type: ignore[misc]
+    finally:
+        if old is None:
+            os.environ.pop("DAGSTER_PG_URL", None)
+        else:
+            os.environ["DAGSTER_PG_URL"] = old
+
+
+def _admin():  # type: ignore[no-untyped-def]
+    conn = psycopg2.connect("postgresql://postgres@127.0.0.1:5432/postgres", connect_timeout=5)
+    conn.autocommit = True
+    return conn
+
+
+@contextlib.contextmanager
+def pg_database() -> Iterator[str]:
+    """A fresh database (its URL), dropped afterwards with every connection to it."""
+    name = f"smallcaps_test_{uuid.uuid4().hex[:10]}"
+    with contextlib.closing(_admin()) as conn, conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{PG}/{name}"
+    finally:
+        with contextlib.closing(_admin()) as conn, conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def team_home(root: Path, pg_url: str, pool_limit: int | None = None) -> dict[str, str]:
+    """A DAGSTER_HOME of its own holding deploy/dagster.yaml (with the polygon_api pool's limit
+    changed if asked); returns the env entries for it."""
+    root.mkdir(parents=True, exist_ok=True)
+    text = (REPO / "deploy" / "dagster.yaml").read_text()
+    if pool_limit is not None:
+        assert "default_limit: 2" in text
+        text = text.replace("default_limit: 2", f"default_limit: {pool_limit}")
+    (root / "dagster.yaml").write_text(text)
+    return {"DAGSTER_HOME": str(root), "DAGSTER_PG_URL": pg_url}
+
+
+def init_instance(env: Mapping[str, str], pool_limit: int = 2) -> None:
+    """The one-time set-up of a team's instance (README): create its tables and the polygon_api
+    pool's row. Without it, runs starting together race to insert that row, and one fails with
+    UniqueViolation on concurrency_limits_concurrency_key_key (seen on Postgres in test_postgres)."""
+    subprocess.run([str(BIN / "dagster"), "instance", "concurrency", "set", "polygon_api", str(pool_limit)],
+                   cwd=REPO, env=dict(env), capture_output=True, text=True, timeout=120, check=True)
+
+
+class ConnectionPeak:
+    """Samples the number of server connections to one database every 0.1 s while it runs."""
+
+    def __init__(self, db_url: str):
+        self.db = db_url.rsplit("/", 1)[1]
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with contextlib.closing(_admin()) as conn, conn.cursor() as cur:
+            while not self._stop.wait(0.1):
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (self.db,))
+                self.peak = max(self.peak, cur.fetchone()[0])
+
+    def __enter__(self) -> ConnectionPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def daemon(env: Mapping[str, str], log: Path) -> Iterator[subprocess.Popen]:  # type: ignore[type-arg]
+    """``dagster-daemon run`` on the repo's workspace (the run queue, monitoring, retries)."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
+            cwd=REPO, env=dict(env), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        yield proc
+    finally:
+        kill_group(proc)
+
+
+def launch_range_proc(env: Mapping[str, str], first: str, last: str) -> subprocess.Popen:  # type: ignore[type-arg]
+    """Submit one run of event_windows over FIRST...LAST to the instance's run queue (a process:
+    `dagster job launch` loads the code first, which takes seconds)."""
+    tags = json.dumps(
+        {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}
+    )
+    return subprocess.Popen(
+        [str(BIN / "dagster"), "job", "launch", "-w", str(REPO / "workspace.yaml"),
+         "-j", "ingest_event_windows", "--tags", tags],
+        cwd=REPO, env=dict(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def wait_daemon_ready(log: Path, timeout: float) -> None:
+    """Until the daemon has started its daemons (its first log line about them)."""
+    deadline = time.monotonic() + timeout
+    while "Instance is configured with the following daemons" not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.5)
+
+
+def wait_runs_launched(env: Mapping[str, str], count: int, timeout: float) -> None:
+    """Until `count` runs of ingest_event_windows have left the queue (STARTING or later)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with team_instance(env) as instance:
+            runs = [r for r in instance.get_runs() if r.job_name == "ingest_event_windows"]  # type: ignore[attr-defined]
+        if len(runs) >= count and all(r.status.value not in ("QUEUED", "NOT_STARTED") for r in runs):
+            return
+        assert time.monotonic() < deadline, [(r.run_id[:8], r.status.value) for r in runs]
+        time.sleep(0.5)
+
+
+def wait_runs_finished(env: Mapping[str, str], count: int, timeout: float) -> list[dg.DagsterRun]:
+    """Every run of the instance, once `count` runs exist and all are finished."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with team_instance(env) as instance:
+            runs = list(instance.get_runs())  # type: ignore[attr-defined]
+        if len(runs) >= count and all(r.is_finished for r in runs):
+            return runs
+        assert time.monotonic() < deadline, [(r.run_id[:8], r.status.value, r.tags) for r in runs]
+        time.sleep(1.0)
+
+
+def materializations_per_partition(env: Mapping[str, str], symbols: list[str]) -> dict[str, int]:
+    """How many materializations of event_windows the instance holds for each symbol."""
+    with team_instance(env) as instance:
+        return {
+            s: len(instance.fetch_materializations(  # type: ignore[attr-defined]
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey("event_windows"), asset_partitions=[s]), limit=10
+            ).records)
+            for s in symbols
+        }
