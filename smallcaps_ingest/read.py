@@ -165,42 +165,44 @@ def plan_windows(
     root = _root(data_dir)
     events = select_events(root, symbols=symbols, event_types=event_types, start=start, end=end,
                            sessions=sessions)
-    missing: list[str] = []
-    pieces: list[Piece] = []
-    keep: list[bool] = []
-    for (symbol,), group in events.group_by("symbol", maintain_order=True):
-        ids = group["event_id"].to_list()
-        paths: list[str] = []
-        prints: list[tuple[int, ...] | None] = []
-        for eid in ids:
-            d = str(store.event_dir(root, str(symbol), eid))
-            t, q = _stat(f"{d}/{store.FILES[0]}"), _stat(f"{d}/{store.FILES[1]}")
-            prints.append(t + q if t and q else None)
-            paths.append(f"{d}/{kind}.parquet")
-        complete = [p is not None for p in prints]
-        keep += complete
-        missing += [e for e, ok in zip(ids, complete, strict=True) if not ok]
-        if not any(complete):
-            continue
-        done = group.filter(pl.Series(complete))
-        side = compact.read_sidecar(root, str(symbol)) if use_compacted else None
-        fresh = side is not None and kind in side.files and all(
-            side.events.get(e) == p for e, p in zip(ids, prints, strict=True) if p is not None
-        )
-        if fresh:
-            piece = Piece(True, [side.path(root, kind)], done)  # type: ignore[union-attr]
-        else:
-            files = [p for p, ok in zip(paths, complete, strict=True) if ok]
-            piece = Piece(False, files, done.with_columns(pl.Series(_PATH, files)))
-        if pieces and pieces[-1].compacted == piece.compacted:  # one scan per run of same-mode symbols
-            last = pieces.pop()
-            piece = Piece(piece.compacted, last.files + piece.files,
-                          pl.concat([last.events, piece.events], how="vertical"))
-        pieces.append(piece)
+    ids, syms = events["event_id"].to_list(), events["symbol"].to_list()
+    paths: list[str] = []
+    prints: list[tuple[int, ...] | None] = []
+    for symbol, eid in zip(syms, ids, strict=True):
+        d = str(store.event_dir(root, symbol, eid))
+        t, q = _stat(f"{d}/{store.FILES[0]}"), _stat(f"{d}/{store.FILES[1]}")
+        prints.append(t + q if t and q else None)
+        paths.append(f"{d}/{kind}.parquet")
+    complete = [p is not None for p in prints]
+    missing = [e for e, ok in zip(ids, complete, strict=True) if not ok]
     if missing and on_missing == "raise":
         raise IncompleteEventsError(missing)
-    selected = events.filter(pl.Series(keep, dtype=pl.Boolean)) if events.height else events
-    return ReadPlan(kind, selected, missing, pieces)
+    # per symbol: compacted when its sidecar is fresh for every selected complete event
+    sidecars: dict[str, compact.Sidecar] = {}
+    stale: set[str] = set()
+    for symbol, eid, fp in zip(syms, ids, prints, strict=True):
+        if fp is None or symbol in stale:
+            continue
+        if symbol not in sidecars:
+            side = compact.read_sidecar(root, symbol) if use_compacted else None
+            if side is None or kind not in side.files:
+                stale.add(symbol)
+                continue
+            sidecars[symbol] = side
+        if sidecars[symbol].events.get(eid) != fp:
+            stale.add(symbol)
+    fresh = [s for s in sidecars if s not in stale]
+    selected = events.with_columns(pl.Series(_PATH, paths)).filter(pl.Series(complete, dtype=pl.Boolean))
+    mode = selected["symbol"].is_in(fresh)
+    runs = selected.with_columns(mode.alias("__c"), mode.rle_id().alias("__run"))
+    pieces: list[Piece] = []
+    for _, run in runs.group_by("__run", maintain_order=True):  # consecutive symbols read the same way
+        if run["__c"][0]:
+            files = [sidecars[s].path(root, kind) for s in run["symbol"].unique(maintain_order=True)]
+            pieces.append(Piece(True, files, run.select(EVENT_COLUMNS)))
+        else:
+            pieces.append(Piece(False, run[_PATH].to_list(), run.select(*EVENT_COLUMNS, _PATH)))
+    return ReadPlan(kind, selected.select(EVENT_COLUMNS), missing, pieces)
 
 
 def _file_columns(plan: ReadPlan) -> dict[str, pl.DataType]:
