@@ -168,8 +168,13 @@ def plan_windows(
     ids, syms = events["event_id"].to_list(), events["symbol"].to_list()
     paths: list[str] = []
     prints: list[tuple[int, ...] | None] = []
+    sdirs: dict[str, str] = {}
     for symbol, eid in zip(syms, ids, strict=True):
-        d = str(store.event_dir(root, symbol, eid))
+        if symbol not in sdirs:
+            sdirs[symbol] = str(store.symbol_dir(root, symbol))
+        if "/" in eid or eid.startswith("."):  # what store.event_dir refuses, without a Path per event
+            store.event_dir(root, symbol, eid)
+        d = f"{sdirs[symbol]}/event={eid}"
         t, q = _stat(f"{d}/{store.FILES[0]}"), _stat(f"{d}/{store.FILES[1]}")
         prints.append(t + q if t and q else None)
         paths.append(f"{d}/{kind}.parquet")
