@@ -8,6 +8,8 @@ and ``t_rel`` from integer nanoseconds.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -276,3 +278,9 @@ def test_duckdb_views_return_the_same_rows(tree) -> None:  # type: ignore[no-unt
     aaoi = con.sql("SELECT count(*) FROM trades WHERE symbol = 'AAOI' AND t_rel_ns < 0").fetchall()[0][0]
     assert aaoi == read.load_windows(data, "trades", symbols="AAOI").filter(
         pl.col("t_rel") < pl.duration(nanoseconds=0)).collect().height > 0
+
+
+def test_the_reader_imports_neither_dagster_nor_duckdb() -> None:
+    code = "import sys, smallcaps_ingest.read; print(sorted({'dagster', 'duckdb'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
