@@ -242,11 +242,13 @@ def frame(plan: ReadPlan, columns: Sequence[str] | None = None) -> pl.LazyFrame:
     parts: list[pl.LazyFrame] = []
     for p in plan.pieces:
         if p.compacted:
+            ns = p.events["timestamp"].dt.epoch("ns")  # integer bounds: a Python datetime stops at us
+            lo, hi = (pl.lit(v).cast(p.events.schema["timestamp"]) for v in (ns.min(), ns.max()))
             lf = pl.scan_parquet(p.files).filter(
                 # coarse bounds first: one type's rows are contiguous, so row groups are skipped on
                 # their statistics; the id test then keeps exactly the selected, fresh events
                 pl.col("event_type").is_in(p.events["event_type"].unique().to_list()),
-                pl.col("timestamp").is_between(p.events["timestamp"].min(), p.events["timestamp"].max()),
+                pl.col("timestamp").is_between(lo, hi),
                 pl.col("event_id").is_in(p.events["event_id"].to_list()),
             )
         else:
