@@ -31,6 +31,8 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
@@ -90,29 +92,50 @@ def manifest(n: int, per_symbol: int, types: int) -> pl.DataFrame:
     ).select("event_id", "symbol", "event_type", "timestamp", "ts_start", "ts_end", "session")
 
 
-def generate(data: Path, n: int, per_symbol: int, types: int) -> dict[str, float]:
-    t = time.perf_counter()
+def _write_share(data: Path, n: int, per_symbol: int, types: int, share: int, shares: int) -> int:
+    """Write every ``shares``-th symbol's events starting at ``share``; events already complete
+    (an interrupted generation) are left alone. Returns the bytes written."""
     tpl = templates()
-    man = manifest(n, per_symbol, types)
-    data.mkdir(parents=True, exist_ok=True)
-    man.write_parquet(data / "manifest.parquet")
+    man = manifest(n, per_symbol, types).with_row_index("k")
     size = 0
-    ev_ns = man.select("symbol", "event_id", pl.col("timestamp").dt.epoch("ns"))
-    for k, (sym, eid, ts) in enumerate(ev_ns.iter_rows()):
+    ev_ns = man.select("k", "symbol", "event_id", pl.col("timestamp").dt.epoch("ns"))
+    for k, sym, eid, ts in ev_ns.iter_rows():
+        if (k // per_symbol) % shares != share:
+            continue
+        if (store.event_dir(data, sym, eid) / store.FILES[1]).exists():
+            continue
         trades, quotes = tpl[(k * 13) % len(tpl)]
         size += store.write_event(
             data, sym, eid,
             trades.with_columns((pl.col(c) + ts).cast(shape.TS) for c in TS_COLUMNS["trades"]),
             quotes.with_columns((pl.col(c) + ts).cast(shape.TS) for c in TS_COLUMNS["quotes"]),
         )
-        if k % 10_000 == 9_999:
-            print(f"  {k + 1:,} events written, {time.perf_counter() - t:.0f}s", flush=True)
-    gen_s = time.perf_counter() - t
+    return size
+
+
+def _compact_share(data: Path, share: int, shares: int) -> None:
+    man = pl.read_parquet(data / "manifest.parquet")
+    for i, sym in enumerate(man["symbol"].unique(maintain_order=True)):
+        if i % shares == share:
+            compact.compact_symbol(data, sym, man)
+
+
+def generate(data: Path, n: int, per_symbol: int, types: int, workers: int) -> dict[str, float]:
+    """The tree (``workers`` processes, each its share of the symbols), then its compaction."""
     t = time.perf_counter()
-    for sym in man["symbol"].unique(maintain_order=True):
-        compact.compact_symbol(data, sym, man)
+    man = manifest(n, per_symbol, types)
+    data.mkdir(parents=True, exist_ok=True)
+    man.write_parquet(data / "manifest.parquet")
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:  # polars + fork hangs
+        size = sum(pool.map(_write_share, *zip(*[(data, n, per_symbol, types, i, workers)
+                                                 for i in range(workers)], strict=True)))
+    gen_s = time.perf_counter() - t
+    print(f"  {n:,} events written in {gen_s:.0f}s", flush=True)
+    t = time.perf_counter()
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:  # polars + fork hangs
+        list(pool.map(_compact_share, [data] * workers, range(workers), [workers] * workers))
     return {"generate_s": round(gen_s, 1), "compact_s": round(time.perf_counter() - t, 1),
-            "per_event_bytes": size, "symbols": man["symbol"].n_unique()}
+            "bytes_written_now": size, "symbols": man["symbol"].n_unique(), "workers": workers}
 
 
 def glob_polars(data: Path, kind: str, where: pl.Expr, man: pl.DataFrame) -> pl.DataFrame:
@@ -160,6 +183,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--reuse", action="store_true")
     ap.add_argument("--generate-only", action="store_true", help="build (and keep) the tree, time nothing")
+    ap.add_argument("--resume", action="store_true", help="finish an interrupted generation in --dir")
+    ap.add_argument("--workers", type=int, default=2, help="processes that write and compact the tree")
     args = ap.parse_args()
     base = args.dir or ROOT / "benchmarks" / "out" / f"read_{args.events}"
     data, info_file = base / "data", base / "info.json"
@@ -167,9 +192,10 @@ def main() -> None:
     if args.reuse and info_file.is_file():
         info = json.loads(info_file.read_text())
     else:
-        shutil.rmtree(base, ignore_errors=True)
+        if not args.resume:
+            shutil.rmtree(base, ignore_errors=True)
         print(f"generating {args.events:,} events under {base}", flush=True)
-        info = generate(data, args.events, args.per_symbol, args.types)
+        info = generate(data, args.events, args.per_symbol, args.types, args.workers)
         info_file.write_text(json.dumps(info))
     print(f"tree: {info}")
     if args.generate_only:
