@@ -12,7 +12,8 @@ once. Layout::
 Rows carry the event columns (``read.EVENT_COLUMNS``) then the per-event file's own columns, in
 ``read.ORDER`` (event type, event time, event id) and, inside an event, the file's own order.
 Sorting by event type first keeps one type's rows together, so a filter on ``event_type`` (or on
-the event ``timestamp`` within a type) skips most row groups by their min/max statistics.
+the event ``timestamp`` within a type) can skip row groups by their min/max statistics
+(polars 1.44 was measured not to on the strings: benchmarks/README.md, read_bench.py).
 
 Freshness without Dagster: the sidecar records, for every event it holds, the (inode, size,
 mtime) of both per-event files as they were when read (``os.fstat`` of the open file, so a file
