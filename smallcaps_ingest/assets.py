@@ -365,3 +365,32 @@ def event_windows_checks(
             description=r.description,
             metadata=r.metadata,
         )
+
+
+@dg.asset(
+    partitions_def=symbols_partitions,
+    ins={"manifest": dg.AssetIn()},
+    deps=[event_windows],
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    group_name="read",
+    description=(
+        "Each symbol's complete events in one trades and one quotes file under compacted/symbol=SYM/, "
+        "for fast reading (smallcaps_ingest.read.load_windows uses them while they are fresh)."
+    ),
+)
+def compacted_windows(
+    context: dg.AssetExecutionContext, manifest: pl.DataFrame, settings: IngestSettings
+) -> dg.MaterializeResult:
+    from smallcaps_ingest.compact import compact_symbol
+
+    done = [compact_symbol(settings.data_dir, s, manifest) for s in context.partition_keys]
+    for r in done:
+        context.log.info(f"{r.symbol}: {r.events} events compacted ({r.incomplete} incomplete left out)")
+    return dg.MaterializeResult(metadata={
+        "events": sum(r.events for r in done),
+        "incomplete_events": sum(r.incomplete for r in done),
+        "trades_rows": sum(r.rows.get("trades", 0) for r in done),
+        "quotes_rows": sum(r.rows.get("quotes", 0) for r in done),
+        "bytes": sum(r.bytes for r in done),
+        "seconds": round(sum(r.seconds for r in done), 3),
+    })

@@ -13,7 +13,13 @@ import os
 
 import dagster as dg
 
-from smallcaps_ingest.assets import event_windows, event_windows_checks, manifest, symbol_events
+from smallcaps_ingest.assets import (
+    compacted_windows,
+    event_windows,
+    event_windows_checks,
+    manifest,
+    symbol_events,
+)
 from smallcaps_ingest.fetch import OFFICIAL_BASE_URL, default_workers
 from smallcaps_ingest.ops import cleanup_and_reconcile, ingestion_report
 from smallcaps_ingest.resources import (
@@ -65,7 +71,7 @@ checks_job = dg.define_asset_job(
 )
 
 defs = dg.Definitions(
-    assets=[manifest, symbol_events, event_windows, ingestion_report],
+    assets=[manifest, symbol_events, event_windows, ingestion_report, compacted_windows],
     asset_checks=[event_windows_checks],
     jobs=[ingest_job, checks_job, cleanup_and_reconcile],
     resources={

@@ -65,7 +65,9 @@ def _delta_columns(schema: pa.Schema) -> dict[str, str]:
             if pa.types.is_int64(f.type) or pa.types.is_timestamp(f.type)}
 
 
-def encode_parquet(df: pl.DataFrame) -> pa.Buffer:
+def encode_parquet(
+    df: pl.DataFrame, *, row_group_size: int | None = None, dictionary: bool | list[str] = False
+) -> pa.Buffer:
     """The file's bytes: zstd (level 1), delta-encoded 64-bit columns, min/max statistics.
 
     pyarrow without dictionary pages, not polars' writer: an event's files are small (hundreds
@@ -75,20 +77,23 @@ def encode_parquet(df: pl.DataFrame) -> pa.Buffer:
 
     No ``ARROW:schema`` footer entry: Parquet's own logical types already carry every column's
     type (UTC nanosecond timestamps, unsigned counts, lists), and polars, pyarrow and DuckDB read
-    the same frame back without it; it was ~1 KB of base64 in a ~12 KB small-cap file (8 %)."""
+    the same frame back without it; it was ~1 KB of base64 in a ~12 KB small-cap file (8 %).
+
+    ``row_group_size`` and ``dictionary`` (columns to dictionary-encode) are for the large
+    compacted files (``compact.py``): small row groups let a filter skip most of a file, and the
+    event columns repeat on every row of an event."""
     table = df.to_arrow()
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", compression_level=1, use_dictionary=False,
-                   column_encoding=_delta_columns(table.schema), store_schema=False)
+    delta = {k: v for k, v in _delta_columns(table.schema).items()
+             if dictionary is not True and k not in (dictionary or ())}
+    pq.write_table(table, sink, compression="zstd", compression_level=1, use_dictionary=dictionary,
+                   column_encoding=delta, store_schema=False, row_group_size=row_group_size)
     return sink.getvalue()
 
 
-def atomic_write_parquet(df: pl.DataFrame, dest: Path, sync_dir: bool = True) -> int:
-    """Write `df` to `dest` atomically; returns the bytes written.
-
-    The file is encoded in memory first, so a frame that cannot be written leaves no file at all,
-    and the temporary file gets one write and one fsync before the rename."""
-    data = encode_parquet(df)
+def atomic_write_bytes(data: bytes | pa.Buffer, dest: Path, sync_dir: bool = True) -> int:
+    """Write ``data`` to ``dest`` atomically (temporary file in the same directory, one write,
+    fsync, ``os.replace``, then the directory fsynced); returns the bytes written."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name}{TMP_MARK}.{os.getpid()}.{time.monotonic_ns()}")
     try:
@@ -102,7 +107,16 @@ def atomic_write_parquet(df: pl.DataFrame, dest: Path, sync_dir: bool = True) ->
         raise
     if sync_dir:
         fsync_dir(dest.parent)
-    return data.size
+    return len(memoryview(data))  # type: ignore[arg-type]
+
+
+def atomic_write_parquet(df: pl.DataFrame, dest: Path, sync_dir: bool = True, **encoding: object) -> int:
+    """Write `df` to `dest` atomically; returns the bytes written.
+
+    The file is encoded in memory first, so a frame that cannot be written leaves no file at all,
+    and the temporary file gets one write and one fsync before the rename. ``encoding`` goes to
+    ``encode_parquet``."""
+    return atomic_write_bytes(encode_parquet(df, **encoding), dest, sync_dir)  # type: ignore[arg-type]
 
 
 def write_event(

@@ -73,7 +73,10 @@ def test_definitions_graph() -> None:
 
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {"manifest", "symbol_events", "event_windows", "ingestion_report"}
+    assert keys == {"manifest", "symbol_events", "event_windows", "ingestion_report", "compacted_windows"}
+    compacted = graph.get(dg.AssetKey("compacted_windows"))
+    assert dg.AssetKey("event_windows") in compacted.parent_keys
+    assert compacted.partitions_def == graph.get(dg.AssetKey("event_windows")).partitions_def
     report = graph.get(dg.AssetKey("ingestion_report"))
     assert dg.AssetKey("event_windows") in report.parent_keys
     windows = graph.get(dg.AssetKey("event_windows"))

@@ -1,0 +1,350 @@
+"""Read the tree as a research dataset: event windows aligned to event time, from explicit file lists.
+
+``load_windows`` selects events from ``manifest.parquet`` (symbols, event types, time range,
+sessions) before any data file is opened, checks which selected events are complete on disk
+(both files present), and returns one lazy frame over exactly those events' files: never a glob,
+so nothing outside the filter is listed or opened. Each row carries the event columns
+(``event_id``, ``symbol``, ``event_type``, ``session``, ``timestamp``) and ``t_rel``, the row's
+time minus the event time (Duration ns; ``sip_timestamp`` for trades and raw quotes, ``ts`` for
+sampled quotes), then the file's own columns (or the ``columns`` asked for).
+
+A symbol whose compacted files (``compact.py``) are fresh for every selected event is read from
+those two files instead of its per-event files; the frame is the same either way (same rows,
+order and types). Rows come in ``ORDER`` (symbol, event type, event time, event id) and, inside
+an event, in the file's own order.
+
+``duckdb_connect`` registers the same selection as DuckDB views ``events``, ``trades`` and
+``quotes`` (also built from explicit file lists).
+
+Paths: a local directory today. The filesystem is touched in three places only (``_stat``, the
+sidecar read in ``compact.read_sidecar``, and the file lists handed to polars/DuckDB), so an
+fsspec/UPath layer for S3 can slot in there; S3 URLs are refused for now. No Dagster here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Literal
+
+import polars as pl
+
+from smallcaps_ingest import compact, shape, store
+from smallcaps_ingest.compact import EVENT_COLUMNS, ORDER
+from smallcaps_ingest.manifest import SESSIONS
+
+if TYPE_CHECKING:
+    import duckdb
+
+__all__ = ["EVENT_COLUMNS", "ORDER", "IncompleteEventsError", "ReadPlan", "duckdb_connect",
+           "load_windows", "plan_windows"]
+
+KINDS = ("trades", "quotes")
+MANIFEST_FILE = "manifest.parquet"
+_PATH = "__path"
+_EXAMPLES = 20
+
+
+class IncompleteEventsError(ValueError):
+    """Selected events that are not complete on disk (``on_missing="raise"``)."""
+
+    def __init__(self, event_ids: Sequence[str]) -> None:
+        self.event_ids = list(event_ids)
+        shown = ", ".join(self.event_ids[:_EXAMPLES])
+        more = f" (and {len(self.event_ids) - _EXAMPLES} more)" if len(self.event_ids) > _EXAMPLES else ""
+        super().__init__(
+            f"{len(self.event_ids)} selected event(s) are not complete on disk (trades.parquet and "
+            f"quotes.parquet both present): {shown}{more}; materialize event_windows for their symbols, "
+            f"or pass on_missing='skip'"
+        )
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Consecutive symbols read the same way: from compacted files, or from per-event files."""
+
+    compacted: bool
+    files: list[str]
+    events: pl.DataFrame  # EVENT_COLUMNS (+ __path, one row per file, for per-event pieces), in ORDER
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """What ``load_windows`` reads: the selected complete events, the incomplete ones, the files."""
+
+    kind: str
+    events: pl.DataFrame  # selected complete events, EVENT_COLUMNS, in ORDER
+    missing: list[str]  # selected event ids not complete on disk
+    pieces: list[Piece]
+
+    @property
+    def files(self) -> list[str]:
+        """Every data file the plan opens (and no other)."""
+        return [f for p in self.pieces for f in p.files]
+
+
+def _root(data_dir: str | os.PathLike[str]) -> str:
+    text = os.fspath(data_dir)
+    if "://" in text:
+        raise NotImplementedError(f"{text!r}: only local paths are supported yet (S3 is a separate issue)")
+    return text
+
+
+def _names(value: str | Iterable[str] | None, what: str) -> list[str] | None:
+    if value is None:
+        return None
+    names = [value] if isinstance(value, str) else list(value)
+    bad = [v for v in names if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{what} must be strings, got {bad[:3]!r}")
+    return names
+
+
+def _aware(value: datetime | None, what: str) -> datetime | None:
+    if value is not None and (not isinstance(value, datetime) or value.utcoffset() is None):
+        raise ValueError(f"{what}={value!r} must be a datetime with a time zone")
+    return value
+
+
+def select_events(
+    data_dir: str | os.PathLike[str],
+    *,
+    symbols: str | Iterable[str] | None = None,
+    event_types: str | Iterable[str] | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    sessions: str | Iterable[str] | None = None,
+) -> pl.DataFrame:
+    """The manifest's events that pass the filters (``start <= timestamp < end``), in ``ORDER``."""
+    path = os.path.join(_root(data_dir), MANIFEST_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no manifest; materialize the `manifest` asset first")
+    sess = _names(sessions, "sessions")
+    if sess is not None and (unknown := sorted(set(sess) - set(SESSIONS))):
+        raise ValueError(f"unknown session(s) {unknown}; sessions are {list(SESSIONS)}")
+    lf = pl.scan_parquet(path).select(EVENT_COLUMNS)
+    by = {"symbol": _names(symbols, "symbols"), "event_type": _names(event_types, "event_types"),
+          "session": sess}
+    for col, vals in by.items():
+        if vals is not None:
+            lf = lf.filter(pl.col(col).is_in(vals))
+    if (lo := _aware(start, "start")) is not None:
+        lf = lf.filter(pl.col("timestamp") >= lo)
+    if (hi := _aware(end, "end")) is not None:
+        lf = lf.filter(pl.col("timestamp") < hi)
+    return lf.sort(ORDER).collect()
+
+
+def _stat(path: str) -> tuple[int, int, int] | None:
+    try:
+        return compact.stat_key(os.stat(path))
+    except FileNotFoundError:
+        return None
+
+
+def plan_windows(
+    data_dir: str | os.PathLike[str],
+    kind: Literal["trades", "quotes"],
+    *,
+    symbols: str | Iterable[str] | None = None,
+    event_types: str | Iterable[str] | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    sessions: str | Iterable[str] | None = None,
+    on_missing: Literal["skip", "raise"] = "skip",
+    use_compacted: bool = True,
+) -> ReadPlan:
+    """Select events, find the complete ones (two ``stat`` calls per event, no file opened) and
+    choose, per symbol, compacted files (fresh for every selected event) or per-event files."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {list(KINDS)}")
+    if on_missing not in ("skip", "raise"):
+        raise ValueError(f"on_missing={on_missing!r}: expected 'skip' or 'raise'")
+    root = _root(data_dir)
+    events = select_events(root, symbols=symbols, event_types=event_types, start=start, end=end,
+                           sessions=sessions)
+    ids, syms = events["event_id"].to_list(), events["symbol"].to_list()
+    paths: list[str] = []
+    prints: list[tuple[int, ...] | None] = []
+    sdirs: dict[str, str] = {}
+    for symbol, eid in zip(syms, ids, strict=True):
+        if symbol not in sdirs:
+            sdirs[symbol] = str(store.symbol_dir(root, symbol))
+        if "/" in eid or eid.startswith("."):  # what store.event_dir refuses, without a Path per event
+            store.event_dir(root, symbol, eid)
+        d = f"{sdirs[symbol]}/event={eid}"
+        t, q = _stat(f"{d}/{store.FILES[0]}"), _stat(f"{d}/{store.FILES[1]}")
+        prints.append(t + q if t and q else None)
+        paths.append(f"{d}/{kind}.parquet")
+    complete = [p is not None for p in prints]
+    missing = [e for e, ok in zip(ids, complete, strict=True) if not ok]
+    if missing and on_missing == "raise":
+        raise IncompleteEventsError(missing)
+    # per symbol: compacted when its sidecar is fresh for every selected complete event
+    sidecars: dict[str, compact.Sidecar] = {}
+    stale: set[str] = set()
+    for symbol, eid, fp in zip(syms, ids, prints, strict=True):
+        if fp is None or symbol in stale:
+            continue
+        if symbol not in sidecars:
+            side = compact.read_sidecar(root, symbol) if use_compacted else None
+            if side is None or kind not in side.files:
+                stale.add(symbol)
+                continue
+            sidecars[symbol] = side
+        if sidecars[symbol].events.get(eid) != fp:
+            stale.add(symbol)
+    fresh = [s for s in sidecars if s not in stale]
+    selected = events.with_columns(pl.Series(_PATH, paths)).filter(pl.Series(complete, dtype=pl.Boolean))
+    mode = selected["symbol"].is_in(fresh)
+    runs = selected.with_columns(mode.alias("__c"), mode.rle_id().alias("__run"))
+    pieces: list[Piece] = []
+    for _, run in runs.group_by("__run", maintain_order=True):  # consecutive symbols read the same way
+        if run["__c"][0]:
+            files = [sidecars[s].path(root, kind) for s in run["symbol"].unique(maintain_order=True)]
+            pieces.append(Piece(True, files, run.select(EVENT_COLUMNS)))
+        else:
+            pieces.append(Piece(False, run[_PATH].to_list(), run.select(*EVENT_COLUMNS, _PATH)))
+    return ReadPlan(kind, selected.select(EVENT_COLUMNS), missing, pieces)
+
+
+def _file_columns(plan: ReadPlan) -> dict[str, pl.DataType]:
+    if not plan.pieces:
+        return dict(shape.TRADES_SCHEMA if plan.kind == "trades" else shape.QUOTES_SCHEMA)
+    schema = pl.read_parquet_schema(plan.pieces[0].files[0])
+    return {k: v for k, v in schema.items() if k not in EVENT_COLUMNS}
+
+
+def _time_column(schema: dict[str, pl.DataType]) -> str:
+    return "ts" if "ts" in schema else "sip_timestamp"  # sampled quotes: ts; trades, raw quotes: sip
+
+
+def _columns(plan: ReadPlan, columns: Sequence[str] | None) -> tuple[str, list[str]]:
+    schema = _file_columns(plan)
+    if columns is None:
+        return _time_column(schema), list(schema)
+    wanted = [c for c in columns if c not in (*EVENT_COLUMNS, "t_rel")]
+    unknown = [c for c in wanted if c not in schema]
+    if unknown:
+        raise ValueError(
+            f"column(s) {unknown} are not in the {plan.kind} files; their columns: {list(schema)}"
+        )
+    return _time_column(schema), wanted
+
+
+def frame(plan: ReadPlan, columns: Sequence[str] | None = None) -> pl.LazyFrame:
+    """The plan's rows as one lazy frame: event columns, ``t_rel``, then the file's columns."""
+    time_col, cols = _columns(plan, columns)
+    read = list(dict.fromkeys([time_col, *cols]))
+    out = [*EVENT_COLUMNS, (pl.col(time_col) - pl.col("timestamp")).alias("t_rel"), *cols]
+    parts: list[pl.LazyFrame] = []
+    for p in plan.pieces:
+        if p.compacted:
+            ns = p.events["timestamp"].dt.epoch("ns")  # integer bounds: a Python datetime stops at us
+            lo, hi = (pl.lit(v).cast(p.events.schema["timestamp"]) for v in (ns.min(), ns.max()))
+            lf = pl.scan_parquet(p.files).filter(
+                # coarse bounds first: one type's rows are contiguous, so row groups are skipped on
+                # their statistics; the id test then keeps exactly the selected, fresh events
+                pl.col("event_type").is_in(p.events["event_type"].unique().to_list()),
+                pl.col("timestamp").is_between(lo, hi),
+                pl.col("event_id").is_in(p.events["event_id"].to_list()),
+            )
+        else:
+            lf = pl.scan_parquet(p.files, include_file_paths=_PATH).select(_PATH, *read).join(
+                p.events.lazy(), on=_PATH, how="left", maintain_order="left"
+            )
+        parts.append(lf.select(out))
+    if not parts:
+        schema = {**plan.events.schema, **_file_columns(plan)}
+        return pl.DataFrame(schema=schema).lazy().select(out)
+    return pl.concat(parts, how="vertical") if len(parts) > 1 else parts[0]
+
+
+def load_windows(
+    data_dir: str | os.PathLike[str],
+    kind: Literal["trades", "quotes"] = "trades",
+    *,
+    symbols: str | Iterable[str] | None = None,
+    event_types: str | Iterable[str] | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    sessions: str | Iterable[str] | None = None,
+    columns: Sequence[str] | None = None,
+    on_missing: Literal["skip", "raise"] = "skip",
+    use_compacted: bool = True,
+) -> pl.LazyFrame:
+    """The selected events' trades or quotes as one lazy frame aligned to event time.
+
+    Filters: ``symbols``, ``event_types``, ``sessions`` (a name or names), ``start <= timestamp <
+    end`` (aware datetimes, on the event time). Only complete events are read; incomplete ones
+    are skipped, or named by ``IncompleteEventsError`` with ``on_missing="raise"``. Compacted
+    files are used where fresh unless ``use_compacted=False``."""
+    plan = plan_windows(data_dir, kind, symbols=symbols, event_types=event_types, start=start, end=end,
+                        sessions=sessions, on_missing=on_missing, use_compacted=use_compacted)
+    return frame(plan, columns)
+
+
+def _sql_list(items: Iterable[str]) -> str:
+    return "[" + ", ".join("'" + s.replace("'", "''") + "'" for s in items) + "]"
+
+
+def _sql_in(col: str, values: Iterable[str]) -> str:
+    return f'"{col}" IN (' + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + ")"
+
+
+def _view_sql(con: duckdb.DuckDBPyConnection, plan: ReadPlan) -> str:
+    time_col, cols = _columns(plan, None)
+    ev = ", ".join(f'e."{c}"' for c in EVENT_COLUMNS)
+    fc = ", ".join(f'f."{c}"' for c in cols)
+    t_rel = f'epoch_ns(f."{time_col}") - epoch_ns(e."timestamp") AS t_rel_ns'
+    selects: list[str] = []
+    for i, p in enumerate(plan.pieces):
+        name = f"_smallcaps_{plan.kind}_{i}"
+        con.register(name, p.events.to_arrow())
+        if p.compacted:
+            types = p.events["event_type"].unique().to_list()
+            selects.append(
+                f"SELECT {ev}, {t_rel}, {fc} FROM read_parquet({_sql_list(p.files)}) f "
+                f"JOIN {name} e ON f.event_id = e.event_id WHERE f.{_sql_in('event_type', types)}"
+            )
+        else:
+            selects.append(
+                f"SELECT {ev}, {t_rel}, {fc} FROM read_parquet({_sql_list(p.files)}, filename = true) f "
+                f'JOIN {name} e ON f.filename = e."{_PATH}"'
+            )
+    if not selects:
+        return f"SELECT {', '.join(EVENT_COLUMNS)}, NULL::BIGINT AS t_rel_ns FROM events WHERE false"
+    return "\nUNION ALL\n".join(selects)
+
+
+def duckdb_connect(
+    data_dir: str | os.PathLike[str],
+    con: duckdb.DuckDBPyConnection | None = None,
+    *,
+    symbols: str | Iterable[str] | None = None,
+    event_types: str | Iterable[str] | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    sessions: str | Iterable[str] | None = None,
+    on_missing: Literal["skip", "raise"] = "skip",
+    use_compacted: bool = True,
+) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection (``con`` or a new in-memory one) with views ``events`` (the selected
+    complete events), ``trades`` and ``quotes`` (event columns, ``t_rel_ns`` BIGINT: the row's time
+    minus the event time in nanoseconds, then the file's columns), built from the same plans as
+    ``load_windows``. Rows are in no particular order (SQL); ORDER BY what you need."""
+    try:
+        import duckdb
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError("duckdb_connect needs duckdb: pip install 'smallcaps_ingest[duckdb]'") from None
+    con = con if con is not None else duckdb.connect()
+    filters = dict(symbols=symbols, event_types=event_types, start=start, end=end, sessions=sessions,
+                   on_missing=on_missing, use_compacted=use_compacted)
+    plans = {k: plan_windows(data_dir, k, **filters) for k in KINDS}  # type: ignore[arg-type]
+    con.register("_smallcaps_events", plans["trades"].events.to_arrow())
+    con.execute("CREATE OR REPLACE VIEW events AS SELECT * FROM _smallcaps_events")
+    for kind, plan in plans.items():
+        con.execute(f"CREATE OR REPLACE VIEW {kind} AS {_view_sql(con, plan)}")
+    return con
