@@ -1,4 +1,4 @@
-"""``smallcaps-ingest``: status, partition-range, cleanup, reconcile and report, from a shell.
+"""``smallcaps-ingest``: status, plan, partition-range, cleanup, reconcile and report, from a shell.
 
 Imports stay light at the top (stdlib only): ``status`` forks its disk scan first and, on the default
 SQLite instance, never imports Dagster at all (see instance_sqlite.py).
@@ -136,6 +136,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from smallcaps_ingest import preview
+
+    data_dir = _data_dir(args)
+    try:
+        budget = preview.Settings.from_env()
+        settings = preview.Settings.from_env(args.max_rps) if args.max_rps else budget
+        res = preview.preview(data_dir, settings)
+        if settings.max_rps != budget.max_rps:  # the allowance (hence the plan) follows the rate
+            other = preview.preview(data_dir, budget)
+            res["at_budget"] = {k: other[k] for k in ("max_rps", "requests", "seconds")}
+    except preview.PreviewError as e:
+        return _err(str(e))
+    if args.json:
+        _dump(res)
+    else:
+        print(preview.render_text(res))
+        if "at_budget" in res:
+            b = res["at_budget"]
+            print(
+                f"  at POLYGON_MAX_RPS={b['max_rps']:g}: {b['requests']['total']:,} requests, "
+                f"{st.format_duration(b['seconds'])}"
+            )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="smallcaps-ingest",
@@ -201,6 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_reconcile)
+
+    pl_ = sub.add_parser("plan", help="what fetching the manifest costs (requests, time, bytes); no request")
+    data_dir_opt(pl_)
+    pl_.add_argument("--json", action="store_true", help="print a machine-readable dict")
+    pl_.add_argument(
+        "--max-rps",
+        type=float,
+        default=None,
+        help="plan at this request rate (default $POLYGON_MAX_RPS or 90); the budget's figures are shown too",
+    )
+    pl_.set_defaults(func=cmd_plan)
 
     rp = sub.add_parser("report", help="write _reports/ingestion_report.{parquet,png} (no Dagster needed)")
     data_dir_opt(rp)
