@@ -122,8 +122,13 @@ def complete_events(data_dir: str, symbols: set[str]) -> dict[str, set[str]]:
     return out
 
 
-def read_manifest(data_dir: str) -> dict[str, list[tuple[Window, str]]]:
-    """symbol -> [(window, session), ...] from ``manifest.parquet``, in manifest order."""
+def read_manifest(
+    data_dir: str, complete: Mapping[str, set[str]] | None = None
+) -> tuple[dict[str, list[tuple[Window, str]]], int]:
+    """(symbol -> [(window, session), ...] in manifest order, the manifest's event count) from
+    ``manifest.parquet``, without the events ``complete`` (default: the status scanner's view of the
+    tree, :func:`complete_events`) holds: they are left out in polars, before any Python object is
+    made per event."""
     import polars as pl
 
     path = os.path.join(data_dir, "manifest.parquet")
@@ -137,7 +142,16 @@ def read_manifest(data_dir: str) -> dict[str, list[tuple[Window, str]]]:
         df = pl.read_parquet(path, columns=list(need))
     except Exception as e:  # noqa: BLE001 - any unreadable manifest is reported, with its path
         raise PreviewError(f"cannot read the manifest {path} ({need}): {type(e).__name__}: {e}") from None
-    df = df.select(
+    if complete is None:
+        complete = complete_events(data_dir, set(df["symbol"].unique().to_list()))
+    done = pl.DataFrame(
+        {
+            "symbol": [s for s, ids in complete.items() for _ in ids],
+            "event_id": [i for ids in complete.values() for i in ids],
+        },
+        schema={"symbol": pl.String, "event_id": pl.String},
+    )
+    todo = df.join(done, on=["symbol", "event_id"], how="anti", maintain_order="left").select(
         "event_id",
         "symbol",
         pl.col("ts_start").dt.cast_time_unit("ns").dt.epoch("ns"),
@@ -145,10 +159,9 @@ def read_manifest(data_dir: str) -> dict[str, list[tuple[Window, str]]]:
         "session",
     )
     out: dict[str, list[tuple[Window, str]]] = {}
-    cols = [df[c].to_list() for c in need]
-    for eid, sym, a, b, session in zip(*cols, strict=True):
+    for eid, sym, a, b, session in zip(*(todo[c].to_list() for c in need), strict=True):
         out.setdefault(sym, []).append((Window(eid, a, b), session))
-    return out
+    return out, df.height
 
 
 def _quote_rows(seconds: float, raw: float, hz: float) -> float:
@@ -182,10 +195,10 @@ def estimate(
         session_of = {w.event_id: s for w, s in todo}
         if not density.known(symbol):
             without_density += 1
+        at = {k: cumulative_rows(density.densities(symbol, k)) for k in KINDS}
         for windows, ranges, probe in plan_groups(
             symbol, [w for w, _ in todo], density, settings.max_overfetch, overfetch_rows=allowance
         ):
-            at = {k: cumulative_rows(density.densities(symbol, k)) for k in KINDS}
             for w in windows:
                 tally = sessions.setdefault(session_of[w.event_id], Tally())
                 secs = (w.end_ns - w.start_ns) / NS
@@ -208,6 +221,8 @@ def estimate(
                     sessions[session_of[w.event_id]].requests[r.kind] += share
                 if probe:  # the engine learns the symbol's level from its probe: here, the prior's
                     density.observe(symbol, r.kind, r.start_ns, r.end_ns, round(rows))
+            if probe:
+                at = {k: cumulative_rows(density.densities(symbol, k)) for k in KINDS}
     out = total.as_dict(settings.max_rps)
     out["max_rps"] = settings.max_rps
     order = [s for s in SESSIONS if s in sessions] + sorted(set(sessions) - set(SESSIONS))
@@ -226,10 +241,10 @@ def preview(data_dir: str, settings: Settings, density_path: str | None = None) 
     Settings whose rate differs from the budget's are planned again at the budget too
     (``at_budget``): the over-fetch allowance, hence the plan, depends on the rate."""
     data_dir = os.path.abspath(data_dir)
-    manifest = read_manifest(data_dir)
-    complete = complete_events(data_dir, set(manifest))
+    todo, events = read_manifest(data_dir)
     path = density_path or os.path.join(data_dir, sd.STATE_DIR, "density.json")
-    out = estimate(manifest, complete, DensityStore(path), settings)
+    out = estimate(todo, {}, DensityStore(path), settings)
+    out["events_complete"] = events - out["events_to_fetch"]
     out["data_dir"] = data_dir
     return out
 
