@@ -117,7 +117,7 @@ def timing(n: int) -> None:
         empty = Path(tmp) / "empty"
         empty.mkdir()
         event_ids(n, 150).write_parquet(empty / "manifest.parquet")
-        secs, res = _time_cli(empty)
+        secs, res = _time_cli(empty, runs=1)
         print(f"nothing fetched: {_line(res, secs)}")
         full = Path(tmp) / "full"
         generate(full, n, 150, placeholders=True)
