@@ -14,11 +14,13 @@ $(BIN)/dagster: pyproject.toml
 
 install: $(BIN)/dagster
 
-# The main job end-to-end on the bundled simulator: manifest, then every symbol in one run, then status.
+# The main job end-to-end on the bundled simulator: manifest, then every symbol in one run, the
+# ingestion report, then status.
 demo: install
 	POLYGON_BASE_URL=simulator $(BIN)/dagster asset materialize -m smallcaps_ingest --select manifest
 	POLYGON_BASE_URL=simulator $(BIN)/dagster asset materialize -m smallcaps_ingest --select event_windows \
 		--partition-range "$$($(BIN)/smallcaps-ingest partition-range)"
+	POLYGON_BASE_URL=simulator $(BIN)/dagster asset materialize -m smallcaps_ingest --select ingestion_report
 	$(BIN)/smallcaps-ingest status
 
 test: install

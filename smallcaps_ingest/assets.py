@@ -1,6 +1,7 @@
 """Dagster glue: manifest -> event_windows (partitioned by symbol) and its checks. Kept thin."""
 
 import hashlib
+import os
 import queue
 import threading
 import time
@@ -40,16 +41,23 @@ def _date(value: str | None, name: str) -> date | None:
         raise dg.Failure(f"manifest config {name}={value!r} is not a YYYY-MM-DD date") from None
 
 
-# Each symbol's slice of the manifest, as its own partitioned (external) asset. The manifest
+# Each symbol's slice of the manifest, as its own partitioned observable source asset. The manifest
 # observes it with a data version per symbol (a hash of that symbol's event ids), so when the
-# events of one symbol change, only that event_windows partition turns stale.
-symbol_events = dg.AssetSpec(
-    "symbol_events",
+# events of one symbol change, only that event_windows partition turns stale. Observable (not a
+# bare AssetSpec, which the UI shows as a never-filled materializable asset): the UI shows it as
+# observed, and "Observe" recomputes the versions from the manifest on disk.
+@dg.observable_source_asset(
     partitions_def=symbols_partitions,
     group_name="ingest",
-    description="Per-symbol slice of the manifest; its data version (observed by `manifest`) is a hash "
-    "of the symbol's event ids, so a change to one symbol's events marks only that partition stale.",
+    description="Per-symbol slice of the manifest, only ever observed (never materialized): its data "
+    "version is a hash of the symbol's event ids, so a change to one symbol's events marks only that "
+    "event_windows partition stale. Observed by every `manifest` materialization.",
 )
+def symbol_events(settings: IngestSettings) -> dg.DataVersionsByPartition:
+    path = f"{settings.data_dir}/manifest.parquet"
+    if not os.path.exists(path):
+        raise dg.Failure(f"no manifest at {path}: materialize the manifest asset first")
+    return dg.DataVersionsByPartition(symbol_versions(pl.read_parquet(path, columns=["symbol", "event_id"])))
 
 
 def symbol_versions(df: pl.DataFrame) -> dict[str, str]:

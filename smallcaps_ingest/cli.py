@@ -1,4 +1,4 @@
-"""``smallcaps-ingest``: status, partition-range, cleanup, reconcile and report, from a shell.
+"""``smallcaps-ingest``: status, plan, doctor, partition-range, cleanup, reconcile and report, from a shell.
 
 Imports stay light at the top (stdlib only): ``status`` forks its disk scan first and, on the default
 SQLite instance, never imports Dagster at all (see instance_sqlite.py).
@@ -136,6 +136,50 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from smallcaps_ingest import preview
+
+    data_dir = _data_dir(args)
+    try:
+        budget = preview.Settings.from_env()
+        settings = preview.Settings.from_env(args.max_rps) if args.max_rps else budget
+        res = preview.preview(data_dir, settings)
+        if settings.max_rps != budget.max_rps:  # the allowance (hence the plan) follows the rate
+            other = preview.preview(data_dir, budget)
+            res["at_budget"] = {k: other[k] for k in ("max_rps", "requests", "seconds")}
+    except preview.PreviewError as e:
+        return _err(str(e))
+    if args.json:
+        _dump(res)
+    else:
+        print(preview.render_text(res))
+        if "at_budget" in res:
+            b = res["at_budget"]
+            print(
+                f"  at POLYGON_MAX_RPS={b['max_rps']:g}: {b['requests']['total']:,} requests, "
+                f"{st.format_duration(b['seconds'])}"
+            )
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from smallcaps_ingest import doctor
+
+    def emit(c: Any) -> None:
+        if not args.json:
+            print(doctor.render(c), flush=True)
+
+    max_rps = args.max_rps or st.max_rps_from_env()
+    checks = doctor.run_checks(_data_dir(args), max_rps, ticker=args.ticker, emit=emit)
+    ok = all(c.ok for c in checks)
+    if args.json:
+        _dump({"ok": ok, "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks]})
+    else:
+        failed = [c.name for c in checks if not c.ok]
+        print("all checks passed" if ok else f"{len(failed)} check(s) failed: {', '.join(failed)}")
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="smallcaps-ingest",
@@ -201,6 +245,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_reconcile)
+
+    pl_ = sub.add_parser("plan", help="what fetching the manifest costs (requests, time, bytes); no request")
+    data_dir_opt(pl_)
+    pl_.add_argument("--json", action="store_true", help="print a machine-readable dict")
+    pl_.add_argument(
+        "--max-rps",
+        type=float,
+        default=None,
+        help="plan at this request rate (default $POLYGON_MAX_RPS or 90); the budget's figures are shown too",
+    )
+    pl_.set_defaults(func=cmd_plan)
+
+    dr = sub.add_parser("doctor", help="check key, host, entitlements, instance, budget and data dir")
+    data_dir_opt(dr)
+    dr.add_argument("--json", action="store_true")
+    dr.add_argument("--ticker", default="AAPL", help="a liquid ticker for the two 1-row requests (AAPL)")
+    dr.add_argument("--max-rps", type=float, default=None, help="request budget (default $POLYGON_MAX_RPS)")
+    dr.set_defaults(func=cmd_doctor)
 
     rp = sub.add_parser("report", help="write _reports/ingestion_report.{parquet,png} (no Dagster needed)")
     data_dir_opt(rp)

@@ -52,10 +52,8 @@ from smallcaps_ingest.plan import (
     DensityStore,
     RequestRange,
     Window,
-    components,
     overfetch_allowance,
-    plan_symbol,
-    time_order,
+    plan_groups,
 )
 
 log = logging.getLogger(__name__)
@@ -71,8 +69,6 @@ BODY_BYTES_IN_FLIGHT = 12 * 1024 * 1024
 # New jobs wait while fetched-but-unwritten rows exceed this (with at most 2x workers ranges).
 FRAME_BYTES_HELD = 24 * 1024 * 1024
 _END = object()
-# Windows of a symbol planned together (the plan's cost grows with it; merges reach no further).
-PLAN_HORIZON = 64
 MAX_ATTEMPTS = 12  # our own retries (429, truncated/invalid bodies); urllib3 retries come on top
 
 
@@ -871,7 +867,7 @@ class FetchEngine:
     Work is fed job by job (a group of windows no range shares with another group: see
     ``plan.components``), at most ``2 * workers`` ranges in flight, so memory stays bounded and
     the pool moves on to the next symbol instead of idling at the tail of a small one. A symbol is
-    planned ``PLAN_HORIZON`` windows at a time, when its next job is due, so later jobs are
+    planned ``plan.PLAN_HORIZON`` windows at a time, when its next job is due, so later jobs are
     planned on the densities its earlier ones observed. ``on_symbol_done`` runs on the calling
     thread as each symbol finishes.
 
@@ -1129,32 +1125,17 @@ class FetchEngine:
     def _jobs(
         self, symbol: str, todo: Sequence[Window], outcome: SymbolOutcome
     ) -> Iterator[_Job | threading.Event]:
-        """The symbol's jobs in time order, planned ``PLAN_HORIZON`` windows at a time when due.
-
-        A symbol never observed is probed: its first job alone, then the job's ``done`` event, so
-        the rest is planned once the probe's rows have taught the density store the symbol's level
-        (only then may ranges use the over-fetch allowance). Stops once the symbol has failed.
-        """
-        rest = sorted(todo, key=time_order)  # components() returns groups in this order
-        while rest and outcome.error is None:
-            probe = not self.density.known(symbol)
-            head = rest[:PLAN_HORIZON]
-            ranges = plan_symbol(
-                symbol, head, self.density, self.max_overfetch, overfetch_rows=self.overfetch_rows
-            )
-            groups = components(head, ranges)
-            if probe and len(groups) > 1:
-                del groups[1:]
-            elif len(rest) > len(head) and len(groups) > 1:
-                groups.pop()  # its ranges might still merge with windows beyond the horizon
-            for windows, rngs in groups:
-                if outcome.error is not None:
-                    return
-                job = _Job(symbol, windows, rngs)
-                yield job
-                if probe:
-                    yield job.done
-            rest = rest[sum(len(ws) for ws, _ in groups) :]
+        """The symbol's jobs in time order (``plan.plan_groups``); after a probe, its ``done``
+        event, so the rest is planned on what the probe taught. Stops once the symbol has failed."""
+        for windows, rngs, probe in plan_groups(
+            symbol, todo, self.density, self.max_overfetch, overfetch_rows=self.overfetch_rows
+        ):
+            if outcome.error is not None:
+                return
+            job = _Job(symbol, windows, rngs)
+            yield job
+            if probe:
+                yield job.done
 
     def _write_job(self, job: _Job, outcome: SymbolOutcome) -> None:
         """Split each range back out per event, shape, and write the event's two files."""

@@ -34,7 +34,7 @@ import json
 import math
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -63,6 +63,8 @@ PRIOR_LEVEL_ROWS = 10.0
 PARSE_ROWS_PER_CPU_SECOND = 1_000_000
 # A plan looks at most this many blocks back when extending a range (bounds the programme's cost).
 MAX_RUN_BLOCKS = 64
+# Windows of a symbol planned together (the plan's cost grows with it; merges reach no further).
+PLAN_HORIZON = 64
 # (end hour, end minute, segment) in America/New_York
 SESSION_BOUNDS = (
     (4, 0, "OFF"),
@@ -142,6 +144,57 @@ def session_segments(start_ns: int, end_ns: int) -> list[tuple[str, float]]:
                 break
         day += timedelta(days=1)
     return out
+
+
+_EPOCH_MONDAY = date(1970, 1, 5).toordinal()
+
+
+@functools.lru_cache(maxsize=65536)
+def _hour_day(utc_hour: int) -> tuple[tuple[int, ...], tuple[str, ...], int, bool]:
+    """The ET day holding a UTC hour: its segment edges (ns, midnight first), the segments' names,
+    how many weekdays came before it (from 0001-01-01), and whether it is a weekday. ET midnight
+    falls on a whole UTC hour (offsets are whole hours), so the hour decides the day."""
+    day = datetime.fromtimestamp(utc_hour * 3600, UTC).astimezone(ET).date()
+    midnight = int(datetime(day.year, day.month, day.day, tzinfo=ET).timestamp()) * NS
+    sessions = _day_sessions(day)
+    m = day.toordinal() - _EPOCH_MONDAY  # a Monday: counts stay small, so sums keep their precision
+    return (
+        (midnight, *(e for e, _ in sessions)),
+        tuple(n for _, n in sessions),
+        (m // 7) * 5 + min(m % 7, 5),
+        day.weekday() < 5,
+    )
+
+
+def cumulative_rows(dens: dict[str, float]) -> Callable[[int], float]:
+    """t -> expected rows from a fixed origin to t at densities ``dens`` (by session segment).
+
+    The same sums as :func:`session_segments` (segments end at the same wall-clock edges; OFF and
+    weekend seconds are worth nothing, since OFF's density is 0 by construction), but any span's
+    rows are one subtraction and each edge costs a cached lookup plus a few steps, instead of a
+    walk over every day between two windows days apart (the planner's main cost on multi-day
+    manifests)."""
+    if dens.get("OFF", 0.0):
+        raise ValueError("cumulative_rows assumes no ticks outside the sessions")
+    weekday_rows = 0.0
+    bounds = ((0, "OFF"), *((h * 60 + m, n) for h, m, n in SESSION_BOUNDS))
+    for (a, _), (b, name) in itertools.pairwise(bounds):
+        weekday_rows += dens.get(name, 0.0) * (b - a) * 60
+
+    def at(t_ns: int) -> float:
+        edges, names, weekdays_before, weekday = _hour_day(t_ns // (3600 * NS))
+        rows = weekday_rows * weekdays_before
+        if not weekday:
+            return rows
+        for k, name in enumerate(names):
+            start, end = edges[k], edges[k + 1]
+            if t_ns >= end:
+                rows += dens.get(name, 0.0) * (end - start) / NS
+            else:
+                return rows + dens.get(name, 0.0) * (t_ns - start) / NS
+        return rows
+
+    return at
 
 
 class DensityStore:
@@ -283,12 +336,22 @@ def partition(
     n = len(need)
     best: list[tuple[float, float]] = [(0.0, 0.0)] + [(math.inf, math.inf)] * n
     cut = [0] * (n + 1)
+    before = list(itertools.accumulate(need, initial=0.0))
     for j in range(1, n + 1):
         inside = 0.0
-        for i in range(j - 1, max(-1, j - 1 - max_run), -1):
+        lo = max(0, j - max_run)
+        # The gap rows (span - need) only grow as a run reaches further back, and no run ending at
+        # j can need more than `reach`: once the gap exceeds what the bound could ever allow, no
+        # longer run is valid either, so the look-back stops there (same result, far fewer steps
+        # on multi-day manifests, where each day's gap exceeds the bound within a few blocks).
+        reach = before[j] - before[lo]
+        never = max((max_overfetch - 1) * reach, overfetch_rows) * (1 + 1e-6) + 1e-6 * reach + 1.0
+        for i in range(j - 1, lo - 1, -1):
             inside += need[i]
             rows = span(i, j)
             if j - i > 1 and not within_bound(rows, inside, max_overfetch, overfetch_rows):
+                if rows - inside > never:
+                    break
                 continue
             pages, fetched = best[i][0] + cost(rows), best[i][1] + rows
             # pages first; between (near-)equal page counts, the fewer rows
@@ -323,8 +386,9 @@ def plan_kind(
     dens = density.densities(symbol, kind)
     # expected rows up to every block edge, so any run's rows are one subtraction
     edges = [x for blk in blocks for x in (blk.start_ns, blk.end_ns)]
-    steps = (sum(dens[s] * secs for s, secs in session_segments(a, b)) for a, b in itertools.pairwise(edges))
-    cum = list(itertools.accumulate(steps, initial=0.0))
+    at = cumulative_rows(dens)
+    origin = at(edges[0])
+    cum = [at(x) - origin for x in edges]
     need = [cum[2 * i + 1] - cum[2 * i] for i in range(len(blocks))]
     runs = partition(need, lambda i, j: cum[2 * j - 1] - cum[2 * i], max_overfetch, _pages, overfetch_rows)
     return [
@@ -372,3 +436,35 @@ def components(
     for r in ranges:
         groups[first[r.events[0].event_id]][1].append(r)
     return groups
+
+
+def plan_groups(
+    symbol: str,
+    todo: Sequence[Window],
+    density: DensityStore,
+    max_overfetch: float = 4.0,
+    overfetch_rows: float = 0.0,
+    horizon: int = PLAN_HORIZON,
+) -> Iterator[tuple[list[Window], list[RequestRange], bool]]:
+    """A symbol's groups (windows, ranges, probe?) in time order, planned ``horizon`` windows at a
+    time, lazily: the engine fetches each group before asking for the next, and ``plan`` (the cost
+    preview) walks the same sequence, so both see one planner.
+
+    A symbol never observed is probed: its first group comes alone (``probe`` True), and the rest
+    is planned only when the caller resumes, once the probe's rows have taught ``density`` the
+    symbol's level (only then may ranges use the over-fetch allowance). The last group of a head
+    is held back while windows remain beyond the horizon: its ranges might still merge with them.
+    """
+    rest = sorted(todo, key=time_order)  # components() returns groups in this order
+    while rest:
+        probe = not density.known(symbol)
+        head = rest[:horizon]
+        ranges = plan_symbol(symbol, head, density, max_overfetch, overfetch_rows=overfetch_rows)
+        groups = components(head, ranges)
+        if probe and len(groups) > 1:
+            del groups[1:]
+        elif len(rest) > len(head) and len(groups) > 1:
+            groups.pop()
+        for windows, rngs in groups:
+            yield windows, rngs, probe
+        rest = rest[sum(len(ws) for ws, _ in groups) :]

@@ -248,3 +248,19 @@ def test_components_cut_where_no_range_is_shared() -> None:
         (["a", "b"], [("quotes", "a"), ("quotes", "b"), ("trades", "a")]),
         (["c"], [("quotes", "c"), ("trades", "c")]),
     ]
+
+
+def test_cumulative_rows_equal_the_session_sums() -> None:
+    """cumulative_rows (what plan_kind uses) gives the same expected rows as summing
+    session_segments, across days, weekends and both DST switches."""
+    from smallcaps_ingest.plan import cumulative_rows
+
+    rng = random.Random(5)
+    dens = {"PM": 0.7, "OPEN": 9.0, "RTH": 3.3, "CLOSE": 5.0, "AH": 0.4, "OFF": 0.0}
+    at = cumulative_rows(dens)
+    base = ns("2024-03-01T00:00:00")
+    for _ in range(3000):
+        a = base + rng.randrange(0, 300 * 86_400) * S
+        b = a + rng.choice((rng.randrange(0, 900), rng.randrange(0, 12 * 86_400))) * S
+        want = sum(dens[s] * secs for s, secs in session_segments(a, b))
+        assert at(b) - at(a) == pytest.approx(want, rel=1e-9, abs=1e-6)
