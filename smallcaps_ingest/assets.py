@@ -380,7 +380,7 @@ def event_windows_checks(
     ins={"manifest": dg.AssetIn()},
     deps=[event_windows],
     backfill_policy=dg.BackfillPolicy.single_run(),
-    group_name="read",
+    group_name="ingest",
     description=(
         "Each symbol's complete events in one trades and one quotes file under compacted/symbol=SYM/, "
         "for fast reading (smallcaps_ingest.read.load_windows uses them while they are fresh)."

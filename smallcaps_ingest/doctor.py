@@ -27,10 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo
 
-from smallcaps_ingest.budget import RequestBudget
+from smallcaps_ingest.budget import BudgetBase, open_budget
 from smallcaps_ingest.fetch import (
     OFFICIAL_BASE_URL,
     FetchStats,
@@ -38,6 +38,7 @@ from smallcaps_ingest.fetch import (
     PolygonClient,
     PolygonError,
 )
+from smallcaps_ingest.resources import budget_url_from_env
 from smallcaps_ingest.store import SOURCE_FILE
 
 LIQUID_TICKER = "AAPL"
@@ -131,15 +132,27 @@ def check_instance() -> Check:
         return Check("instance", False, f"instance at {os.environ['DAGSTER_HOME']}: {text}")
 
 
-def check_budget_backend(max_rps: float, bucket: str) -> tuple[RequestBudget | None, Check]:
-    """Open the shared request budget (today a SQLite file; the backend stays behind this one
-    function) and read its rate: (the budget, for the requests' grants, or None; the check)."""
+def check_budget_backend(max_rps: float, bucket: str) -> tuple[BudgetBase | None, Check]:
+    """Open the shared request budget a run would use (``POLYGON_BUDGET_URL``: a SQLite file or
+    Redis) and read its current rate: (the budget, for the requests' grants, or None; the check)."""
+    url = budget_url_from_env()
+    where = _without_password(url)
     try:
-        budget = RequestBudget(max_rps, bucket=bucket)
+        budget = open_budget(url, max_rps, bucket=bucket, unavailable_timeout=5.0)
         rate = budget.effective_rps
     except Exception as e:  # noqa: BLE001 - every failure is the check's answer
-        return None, Check("budget", False, f"request budget backend unusable: {type(e).__name__}: {e}")
-    return budget, Check("budget", True, f"{budget.path}: ok, {rate:g} of {max_rps:g} req/s available")
+        detail = str(e).replace(url, where)
+        why = f"{type(e).__name__}: {detail}"
+        return None, Check("budget", False, f"request budget backend unusable ({where}): {why}")
+    return budget, Check("budget", True, f"{where}: ok, {rate:g} of {max_rps:g} req/s available")
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def check_data_dir(data_dir: str, source: str | None) -> Check:

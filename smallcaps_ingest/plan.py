@@ -27,6 +27,7 @@ fall back to the market-wide prior (which made merged ranges look less over-fetc
 
 from __future__ import annotations
 
+import bisect
 import fcntl
 import functools
 import itertools
@@ -40,7 +41,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from smallcaps_ingest.trading_calendar import is_trading_day
+from smallcaps_ingest.trading_calendar import HOLIDAYS, is_trading_day
 
 ET = ZoneInfo("America/New_York")
 NS = 1_000_000_000
@@ -147,12 +148,13 @@ def session_segments(start_ns: int, end_ns: int) -> list[tuple[str, float]]:
 
 
 _EPOCH_MONDAY = date(1970, 1, 5).toordinal()
+_HOLIDAY_ORDINALS = sorted(d.toordinal() for d in HOLIDAYS)  # all weekdays
 
 
 @functools.lru_cache(maxsize=65536)
 def _hour_day(utc_hour: int) -> tuple[tuple[int, ...], tuple[str, ...], int, bool]:
     """The ET day holding a UTC hour: its segment edges (ns, midnight first), the segments' names,
-    how many weekdays came before it (from 0001-01-01), and whether it is a weekday. ET midnight
+    how many trading days came before it (from 1970-01-05), and whether it is one. ET midnight
     falls on a whole UTC hour (offsets are whole hours), so the hour decides the day."""
     day = datetime.fromtimestamp(utc_hour * 3600, UTC).astimezone(ET).date()
     midnight = int(datetime(day.year, day.month, day.day, tzinfo=ET).timestamp()) * NS
@@ -161,8 +163,8 @@ def _hour_day(utc_hour: int) -> tuple[tuple[int, ...], tuple[str, ...], int, boo
     return (
         (midnight, *(e for e, _ in sessions)),
         tuple(n for _, n in sessions),
-        (m // 7) * 5 + min(m % 7, 5),
-        day.weekday() < 5,
+        (m // 7) * 5 + min(m % 7, 5) - bisect.bisect_left(_HOLIDAY_ORDINALS, day.toordinal()),
+        is_trading_day(day),
     )
 
 
@@ -170,21 +172,21 @@ def cumulative_rows(dens: dict[str, float]) -> Callable[[int], float]:
     """t -> expected rows from a fixed origin to t at densities ``dens`` (by session segment).
 
     The same sums as :func:`session_segments` (segments end at the same wall-clock edges; OFF and
-    weekend seconds are worth nothing, since OFF's density is 0 by construction), but any span's
+    closed days' seconds are worth nothing, since OFF's density is 0 by construction), but any span's
     rows are one subtraction and each edge costs a cached lookup plus a few steps, instead of a
     walk over every day between two windows days apart (the planner's main cost on multi-day
     manifests)."""
     if dens.get("OFF", 0.0):
         raise ValueError("cumulative_rows assumes no ticks outside the sessions")
-    weekday_rows = 0.0
+    day_rows = 0.0  # one trading day's
     bounds = ((0, "OFF"), *((h * 60 + m, n) for h, m, n in SESSION_BOUNDS))
     for (a, _), (b, name) in itertools.pairwise(bounds):
-        weekday_rows += dens.get(name, 0.0) * (b - a) * 60
+        day_rows += dens.get(name, 0.0) * (b - a) * 60
 
     def at(t_ns: int) -> float:
-        edges, names, weekdays_before, weekday = _hour_day(t_ns // (3600 * NS))
-        rows = weekday_rows * weekdays_before
-        if not weekday:
+        edges, names, days_before, trading = _hour_day(t_ns // (3600 * NS))
+        rows = day_rows * days_before
+        if not trading:
             return rows
         for k, name in enumerate(names):
             start, end = edges[k], edges[k + 1]
