@@ -27,10 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from smallcaps_ingest.budget import BudgetBase, open_budget
+from smallcaps_ingest.budget_redis import redacted
 from smallcaps_ingest.fetch import (
     OFFICIAL_BASE_URL,
     FetchStats,
@@ -136,7 +137,7 @@ def check_budget_backend(max_rps: float, bucket: str) -> tuple[BudgetBase | None
     """Open the shared request budget a run would use (``POLYGON_BUDGET_URL``: a SQLite file or
     Redis) and read its current rate: (the budget, for the requests' grants, or None; the check)."""
     url = budget_url_from_env()
-    where = _without_password(url)
+    where = redacted(url)
     try:
         budget = open_budget(url, max_rps, bucket=bucket, unavailable_timeout=5.0)
         rate = budget.effective_rps
@@ -145,14 +146,6 @@ def check_budget_backend(max_rps: float, bucket: str) -> tuple[BudgetBase | None
         why = f"{type(e).__name__}: {detail}"
         return None, Check("budget", False, f"request budget backend unusable ({where}): {why}")
     return budget, Check("budget", True, f"{where}: ok, {rate:g} of {max_rps:g} req/s available")
-
-
-def _without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def check_data_dir(data_dir: str, source: str | None) -> Check:
