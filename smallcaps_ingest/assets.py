@@ -12,6 +12,7 @@ import dagster as dg
 import polars as pl
 
 from smallcaps_ingest import check
+from smallcaps_ingest.automation import EVENT_WINDOWS_CONDITION, MANIFEST_CONDITION, events_file, file_version
 from smallcaps_ingest.events import read_events
 from smallcaps_ingest.fetch import FetchEngine, SymbolOutcome, windows_from_frame
 from smallcaps_ingest.manifest import build_manifest
@@ -68,12 +69,17 @@ def symbol_versions(df: pl.DataFrame) -> dict[str, str]:
 
 @dg.asset(
     io_manager_key="io_manager",
+    deps=[events_file],
+    automation_condition=MANIFEST_CONDITION,
     description="Validated, de-duplicated events with their [-3, +7] min windows; registers symbols.",
     group_name="ingest",
 )
 def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, settings: IngestSettings):  # type: ignore[no-untyped-def]
     from datetime import timedelta
 
+    # Hashed before reading: a change while reading leaves the recorded version behind the file,
+    # so events_file_sensor runs the manifest again (see automation.py).
+    events_version = file_version(settings.events_path)
     events = read_events(settings.events_path)
     df, stats = build_manifest(
         events,
@@ -105,6 +111,7 @@ def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, settings
             **{f"session_{k}": v for k, v in stats.per_session.items()},
             "new_partitions": len(new),
             "source_file": settings.events_path,
+            "events_version": events_version,
         },
     )
 
@@ -267,6 +274,7 @@ class EngineThread:
     backfill_policy=dg.BackfillPolicy.single_run(),
     pool=POOL,
     output_required=False,
+    automation_condition=EVENT_WINDOWS_CONDITION,
     group_name="ingest",
     description=(
         "Trades (raw) and quotes (sampled) for each manifest event, written to "

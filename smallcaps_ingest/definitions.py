@@ -4,7 +4,9 @@ Environment: SMALLCAPS_EVENTS, SMALLCAPS_DATA_DIR (./data), POLYGON_API_KEY, POL
 (``simulator`` = the bundled simulator), POLYGON_MAX_RPS (90), POLYGON_WORKERS (auto: 12,
 more above 60 req/s), SMALLCAPS_QUOTES_HZ (1; 0 = raw quotes), SMALLCAPS_MAX_OVERFETCH (4),
 SMALLCAPS_OVERFETCH_ROWS (auto: from POLYGON_MAX_RPS), POLYGON_BUDGET_URL (sqlite:// under
-DAGSTER_HOME; redis://host:port/db for many hosts), POLYGON_BUDGET_TIMEOUT (120 s).
+DAGSTER_HOME; redis://host:port/db for many hosts), POLYGON_BUDGET_TIMEOUT (120 s),
+SMALLCAPS_AUTOMATION (off; on = the daily flow's sensors start RUNNING, see automation.py),
+SMALLCAPS_AUTOMATION_INTERVAL (60 s).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from smallcaps_ingest.assets import (
     manifest,
     symbol_events,
 )
+from smallcaps_ingest.automation import automation_sensor, events_file, events_file_sensor
 from smallcaps_ingest.fetch import OFFICIAL_BASE_URL, default_workers
 from smallcaps_ingest.ops import cleanup_and_reconcile, ingestion_report
 from smallcaps_ingest.resources import (
@@ -71,9 +74,10 @@ checks_job = dg.define_asset_job(
 )
 
 defs = dg.Definitions(
-    assets=[manifest, symbol_events, event_windows, ingestion_report, compacted_windows],
+    assets=[events_file, manifest, symbol_events, event_windows, ingestion_report, compacted_windows],
     asset_checks=[event_windows_checks],
     jobs=[ingest_job, checks_job, cleanup_and_reconcile],
+    sensors=[automation_sensor, events_file_sensor],
     resources={
         "polygon": polygon,
         "settings": settings,

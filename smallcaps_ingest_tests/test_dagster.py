@@ -73,7 +73,18 @@ def test_definitions_graph() -> None:
 
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == {"manifest", "symbol_events", "event_windows", "ingestion_report", "compacted_windows"}
+    assert keys == {
+        "events_file", "manifest", "symbol_events", "event_windows", "ingestion_report", "compacted_windows"
+    }
+    assert {p.to_user_string() for p in graph.get(dg.AssetKey("manifest")).parent_keys} == {"events_file"}
+    assert graph.get(dg.AssetKey("events_file")).is_observable
+    assert graph.get(dg.AssetKey("manifest")).automation_condition is not None
+    assert graph.get(dg.AssetKey("event_windows")).automation_condition is not None
+    # off by default: the automation and observation sensors never start on their own
+    assert {s.name: s.default_status for s in defs.sensors} == {
+        "smallcaps_automation": dg.DefaultSensorStatus.STOPPED,
+        "events_file_sensor": dg.DefaultSensorStatus.STOPPED,
+    }
     compacted = graph.get(dg.AssetKey("compacted_windows"))
     assert dg.AssetKey("event_windows") in compacted.parent_keys
     assert compacted.partitions_def == graph.get(dg.AssetKey("event_windows")).partitions_def

@@ -181,7 +181,7 @@ def page(ui_server: UiServer) -> Iterator[Page]:
             executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, timeout=ui_server.budget.ms()
         )
         try:
-            context = browser.new_context(viewport={"width": 1400, "height": 900})
+            context = browser.new_context(viewport={"width": 1700, "height": 1000})
             pg = context.new_page()
             pg.set_default_timeout(ui_server.budget.ms())
             yield pg
@@ -204,7 +204,7 @@ def _screenshot_on_failure(page: Page, path: Path) -> Iterator[None]:
 
 def _screenshot(page: Page, path: Path, budget: Budget) -> Path:
     ensure_no_modal(page, timeout_ms=budget.ms(10))
-    page.screenshot(path=str(path), timeout=budget.ms())  # the 1400x900 viewport: small enough for the README
+    page.screenshot(path=str(path), timeout=budget.ms())  # 1700x1000: small enough for the README
     print(f"[ui] screenshot: {path} ({path.stat().st_size // 1024} KB)")
     return path
 
