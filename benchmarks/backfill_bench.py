@@ -68,11 +68,11 @@ import polars as pl
 from _common import API_KEY, SimHost, load_average, run_engine, table
 from manifests import _DAYS, ET, Event, universe
 
-from smallcaps_ingest import check
-from smallcaps_ingest.events import read_events
-from smallcaps_ingest.fetch import windows_from_frame
-from smallcaps_ingest.manifest import build_manifest
-from smallcaps_ingest.plan import DensityStore, Window
+from smallcaps_ingest.core import check
+from smallcaps_ingest.core.events import read_events
+from smallcaps_ingest.core.fetch import windows_from_frame
+from smallcaps_ingest.core.manifest import build_manifest
+from smallcaps_ingest.core.plan import DensityStore, Window
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -336,7 +336,7 @@ def time_queries(instance: Any, symbols: Sequence[str], sample: int = 200) -> di
     """The instance reads event_windows makes per partition, alone, on the finished instance (ms each)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # dagster's beta/preview warnings on importing the definitions
-        from smallcaps_ingest.assets import (
+        from smallcaps_ingest.pipeline.assets import (
             EVENT_WINDOWS_CODE_VERSION,
             _latest_materialization,
             _provenance_tags,

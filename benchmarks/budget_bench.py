@@ -3,7 +3,7 @@
     python benchmarks/budget_bench.py                  # every candidate, both scenarios, 12 s each
     python benchmarks/budget_bench.py --seconds 20 --candidates ours limits
 
-Candidates: ``ours`` (smallcaps_ingest.budget_redis: Lua on Redis TIME, grant counts until the
+Candidates: ``ours`` (smallcaps_ingest.core.polygon.budget_redis: Lua on Redis TIME, grant counts until the
 request is sent, shared AIMD and Retry-After), ``limits`` (MovingWindowRateLimiter on
 RedisStorage; wait = the window's reset time) and ``pyrate`` (pyrate-limiter's RedisBucket with a
 blocking Limiter). Each host runs a PolygonClient with 8 threads sending one-page requests
@@ -24,7 +24,7 @@ import uuid
 import _bootstrap  # noqa: F401
 import redis
 
-from smallcaps_ingest.budget import BudgetBase
+from smallcaps_ingest.core.polygon.budget import BudgetBase
 from smallcaps_ingest.simulator import SimConfig, Simulator
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -85,7 +85,7 @@ class PyrateBudget(BudgetBase):
 
 def make_budget(candidate: str, key: str) -> BudgetBase:
     if candidate == "ours":
-        from smallcaps_ingest.budget_redis import RedisBudget
+        from smallcaps_ingest.core.polygon.budget_redis import RedisBudget
 
         return RedisBudget(BUDGET, f"{REDIS}?key_prefix={key}:", bucket="sim", cold_start=0)
     if candidate == "limits":
@@ -97,7 +97,7 @@ def host(candidate: str, key: str, base: str, ticker: str, seconds: float) -> No
     """One host: 8 threads of one-page requests until `seconds` have passed."""
     import threading
 
-    from smallcaps_ingest.fetch import FetchStats, PolygonClient
+    from smallcaps_ingest.core.fetch import FetchStats, PolygonClient
 
     client = PolygonClient(base, "k", make_budget(candidate, key), workers=8)
     stop = time.monotonic() + seconds

@@ -48,8 +48,8 @@ import requests
 from _common import API_KEY, SimHost, load_average, run_ours, table
 from manifests import Event, _instant, describe, make, trading_days
 
-from smallcaps_ingest import fetch, shape, store
-from smallcaps_ingest.fetch import parse_page
+from smallcaps_ingest.core import fetch, shape, store
+from smallcaps_ingest.core.fetch import parse_page
 
 SYMBOL = "HVY"
 NS = 1_000_000_000

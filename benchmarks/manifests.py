@@ -38,9 +38,9 @@ from zoneinfo import ZoneInfo
 
 import _bootstrap  # noqa: F401
 
-from smallcaps_ingest.plan import Window, et_day
+from smallcaps_ingest.core.plan import Window, et_day
+from smallcaps_ingest.core.trading_calendar import is_trading_day
 from smallcaps_ingest.simulator import LIQUIDITY, liquidity
-from smallcaps_ingest.trading_calendar import is_trading_day
 
 ET = ZoneInfo("America/New_York")
 NS = 1_000_000_000

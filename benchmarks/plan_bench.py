@@ -36,8 +36,8 @@ import _bootstrap  # noqa: F401
 from _common import run_ours, table
 from manifests import Event, describe, make
 
-from smallcaps_ingest import preview
-from smallcaps_ingest.plan import DensityStore, et_day, overfetch_allowance
+from smallcaps_ingest.core.plan import DensityStore, et_day, overfetch_allowance
+from smallcaps_ingest.ops import preview
 from smallcaps_ingest.simulator import SimConfig, Simulator
 
 CLI = Path(sys.executable).with_name("smallcaps-ingest")

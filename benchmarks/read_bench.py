@@ -40,7 +40,8 @@ import duckdb
 import polars as pl
 from _common import load_average, table
 
-from smallcaps_ingest import compact, read, shape, store
+from smallcaps_ingest import read
+from smallcaps_ingest.core import compact, shape, store
 from smallcaps_ingest.simulator import ground_truth
 
 ROOT = Path(__file__).resolve().parents[1]

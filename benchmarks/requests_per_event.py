@@ -48,7 +48,7 @@ from _common import Truth, load_average, run_ours, table
 from manifests import Event, describe, make, to_work
 
 from smallcaps_ingest import simulator as simmod
-from smallcaps_ingest.plan import (
+from smallcaps_ingest.core.plan import (
     KINDS,
     PAGE_ROWS,
     DensityStore,

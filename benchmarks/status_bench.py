@@ -43,7 +43,7 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 import polars as pl
 
-from smallcaps_ingest import shape, store
+from smallcaps_ingest.core import shape, store
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).with_name("smallcaps-ingest")

@@ -52,9 +52,9 @@ import requests
 from _common import API_KEY, SimHost, load_average, run_ours, served_rate, table, verify_outputs
 from manifests import KINDS, Event, describe, make, to_work
 
-from smallcaps_ingest import budget as budget_mod
-from smallcaps_ingest.fetch import default_workers
-from smallcaps_ingest.plan import DensityStore, plan_symbol
+from smallcaps_ingest.core.fetch import default_workers
+from smallcaps_ingest.core.plan import DensityStore, plan_symbol
+from smallcaps_ingest.core.polygon import budget as budget_mod
 
 CLIENT_WORKERS = 12
 PAGE_LIMIT = 50_000

@@ -15,24 +15,24 @@ import os
 
 import dagster as dg
 
-from smallcaps_ingest.assets import (
+from smallcaps_ingest.core.fetch import OFFICIAL_BASE_URL, default_workers
+from smallcaps_ingest.pipeline.assets import (
     compacted_windows,
     event_windows,
     event_windows_checks,
     manifest,
     symbol_events,
 )
-from smallcaps_ingest.automation import automation_sensor, events_file, events_file_sensor
-from smallcaps_ingest.fetch import OFFICIAL_BASE_URL, default_workers
-from smallcaps_ingest.ops import cleanup_and_reconcile, ingestion_report
-from smallcaps_ingest.resources import (
+from smallcaps_ingest.pipeline.automation import automation_sensor, events_file, events_file_sensor
+from smallcaps_ingest.pipeline.jobs import cleanup_and_reconcile, ingestion_report
+from smallcaps_ingest.pipeline.resources import (
     AtomicPolarsParquetIOManager,
     IngestSettings,
     PolygonResource,
     budget_url_from_env,
     env_number,
 )
-from smallcaps_ingest.sample import SAMPLE_EVENTS_PATH
+from smallcaps_ingest.simulator.sample import SAMPLE_EVENTS_PATH
 
 DATA_DIR = os.path.abspath(os.environ.get("SMALLCAPS_DATA_DIR") or "./data")
 

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Literal
 
 import polars as pl
 
-from smallcaps_ingest import compact, shape, store
-from smallcaps_ingest.compact import EVENT_COLUMNS, ORDER
-from smallcaps_ingest.manifest import SESSIONS
+from smallcaps_ingest.core import compact, shape, store
+from smallcaps_ingest.core.compact import EVENT_COLUMNS, ORDER
+from smallcaps_ingest.core.manifest import SESSIONS
 
 if TYPE_CHECKING:
     import duckdb

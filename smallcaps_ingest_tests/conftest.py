@@ -11,9 +11,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from smallcaps_ingest import shape
-from smallcaps_ingest.budget import RequestBudget
-from smallcaps_ingest.fetch import PolygonClient
+from smallcaps_ingest.core import shape
+from smallcaps_ingest.core.fetch import PolygonClient
+from smallcaps_ingest.core.polygon.budget import RequestBudget
 from smallcaps_ingest.simulator import SimConfig, Simulator, ground_truth
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import polars as pl
 
-from smallcaps_ingest import shape, store
-from smallcaps_ingest.fetch import windows_from_frame
-from smallcaps_ingest.plan import Window
+from smallcaps_ingest.core import shape, store
+from smallcaps_ingest.core.fetch import windows_from_frame
+from smallcaps_ingest.core.plan import Window
 from smallcaps_ingest.simulator import RequestRecord, Simulator, clear_cache, ground_truth
 from smallcaps_ingest_tests.conftest import BIN, REPO
 
@@ -160,8 +160,8 @@ def wait_first_request(
 # Events and the tree
 # ----------------------------------------------------------------------------------------------
 def write_events_subset(path: Path, symbols: Iterable[str] | None = None) -> pl.DataFrame:
-    from smallcaps_ingest.events import read_events
-    from smallcaps_ingest.sample import SAMPLE_EVENTS_PATH
+    from smallcaps_ingest.core.events import read_events
+    from smallcaps_ingest.simulator.sample import SAMPLE_EVENTS_PATH
 
     events = read_events(SAMPLE_EVENTS_PATH)
     if symbols is not None:

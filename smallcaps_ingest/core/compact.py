@@ -1,0 +1,167 @@
+"""Compaction for reading: each symbol's complete events in one trades and one quotes file.
+
+The per-event tree (``event_windows/symbol=S/event=E/{trades,quotes}.parquet``) stays the ingest's
+contract; these files are a derived copy that is cheap to read: a hive glob over ~1.15 million
+small files spends its time opening and listing them, a symbol's two compacted files are opened
+once. Layout::
+
+    compacted/symbol=S/trades.<generation>.parquet
+                      /quotes.<generation>.parquet
+                      /_compaction.json              # the sidecar: what the generation holds
+
+Rows carry the event columns (``read.EVENT_COLUMNS``) then the per-event file's own columns, in
+``read.ORDER`` (event type, event time, event id) and, inside an event, the file's own order.
+Sorting by event type first keeps one type's rows together, so a filter on ``event_type`` (or on
+the event ``timestamp`` within a type) can skip row groups by their min/max statistics
+(polars 1.44 was measured not to on the strings: benchmarks/README.md, read_bench.py).
+
+Freshness without Dagster: the sidecar records, for every event it holds, the (inode, size,
+mtime) of both per-event files as they were when read (``os.fstat`` of the open file, so a file
+replaced while compacting is caught). Every writer replaces a file by a rename, which gives it a
+new inode, so a reader comparing those fingerprints with the files on disk now knows whether the
+compacted rows are still exactly the per-event files' rows (``read.load_windows`` does this per
+event and falls back to the per-event files for a symbol when any differs or is not compacted).
+
+Files are written with ``store.atomic_write_parquet``/``atomic_write_bytes``: data files first
+under a new generation name, the sidecar last (the switch), then older generations are removed.
+A crash at any point leaves the previous sidecar and the files it names intact. No Dagster here.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import polars as pl
+
+from smallcaps_ingest.core import store
+
+COMPACT_DIR = "compacted"
+SIDECAR = "_compaction.json"
+SIDECAR_VERSION = 1
+# Small row groups so that one event type's rows (10 % of a symbol's, say) cost a few groups, not
+# the file; large enough that each group's fixed cost stays small (benchmarks/README.md).
+ROW_GROUP_ROWS = 8192
+EVENT_COLUMNS = ["event_id", "symbol", "event_type", "session", "timestamp"]
+ORDER = ["symbol", "event_type", "timestamp", "event_id"]
+
+Fingerprint = tuple[int, int, int, int, int, int]  # (ino, size, mtime_ns) of trades, then of quotes
+
+
+def symbol_compact_dir(data_dir: str | os.PathLike[str], symbol: str) -> Path:
+    return Path(data_dir) / COMPACT_DIR / store.symbol_dir(data_dir, symbol).name
+
+
+def stat_key(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """What one compaction generation of a symbol holds."""
+
+    symbol: str
+    files: dict[str, str]  # kind -> file name inside the symbol's compacted directory
+    events: dict[str, Fingerprint]  # event_id -> fingerprint of its per-event files
+    written_ns: int
+
+    def path(self, data_dir: str | os.PathLike[str], kind: str) -> str:
+        return str(symbol_compact_dir(data_dir, self.symbol) / self.files[kind])
+
+
+def read_sidecar(data_dir: str | os.PathLike[str], symbol: str) -> Sidecar | None:
+    """The symbol's current sidecar, or None when there is none (or it is not one we wrote)."""
+    try:
+        raw: dict[str, Any] = orjson.loads((symbol_compact_dir(data_dir, symbol) / SIDECAR).read_bytes())
+    except FileNotFoundError:
+        return None
+    if raw.get("version") != SIDECAR_VERSION or raw.get("symbol") != symbol:
+        return None
+    return Sidecar(
+        symbol=symbol,
+        files=dict(raw["files"]),
+        events={e: tuple(fp) for e, fp in zip(raw["event_ids"], raw["fingerprints"], strict=True)},  # type: ignore[misc]
+        written_ns=int(raw["written_ns"]),
+    )
+
+
+@dataclass(frozen=True)
+class CompactionResult:
+    symbol: str
+    events: int  # complete events compacted
+    incomplete: int  # manifest events of the symbol not complete on disk (left out)
+    rows: dict[str, int]
+    bytes: int
+    seconds: float
+
+
+def _read_event(edir: Path) -> tuple[list[pl.DataFrame], Fingerprint] | None:
+    """Both files of one event and their fingerprint, or None when the event is not complete.
+
+    Each file is read through the descriptor it was fstat'ed on, so the rows belong to exactly
+    the inode the fingerprint names even if the file is replaced meanwhile."""
+    frames: list[pl.DataFrame] = []
+    fp: list[int] = []
+    for name in store.FILES:
+        try:
+            with open(edir / name, "rb") as fh:
+                fp.extend(stat_key(os.fstat(fh.fileno())))
+                frames.append(pl.read_parquet(io.BytesIO(fh.read())))
+        except FileNotFoundError:
+            return None
+    return frames, tuple(fp)  # type: ignore[return-value]
+
+
+def compact_symbol(data_dir: str | os.PathLike[str], symbol: str, manifest: pl.DataFrame) -> CompactionResult:
+    """Compact one symbol's complete manifest events into a new generation; returns its figures."""
+    t0 = time.perf_counter()
+    events = manifest.filter(pl.col("symbol") == symbol).select(EVENT_COLUMNS).sort(ORDER)
+    parts: dict[str, list[pl.DataFrame]] = {k: [] for k in ("trades", "quotes")}
+    fingerprints: dict[str, Fingerprint] = {}
+    incomplete = 0
+    for i, event_id in enumerate(events["event_id"]):
+        got = _read_event(store.event_dir(data_dir, symbol, event_id))
+        if got is None:
+            incomplete += 1
+            continue
+        (trades, quotes), fingerprints[event_id] = got
+        for kind, df in (("trades", trades), ("quotes", quotes)):
+            parts[kind].append(df.with_columns(pl.lit(i, pl.UInt32).alias("__i")))
+    out = symbol_compact_dir(data_dir, symbol)
+    generation = f"{time.time_ns():x}"
+    files = {kind: f"{kind}.{generation}.parquet" for kind in parts}
+    size = 0
+    rows: dict[str, int] = {}
+    if fingerprints:
+        # the event columns by row index, not as Python values (a datetime would lose nanoseconds)
+        index = events.with_row_index("__i")
+        for kind, frames in parts.items():
+            body = pl.concat(frames, how="vertical")
+            df = body.join(index, on="__i", how="left", maintain_order="left").select(
+                *EVENT_COLUMNS, pl.exclude([*EVENT_COLUMNS, "__i"])
+            )
+            rows[kind] = df.height
+            size += store.atomic_write_parquet(
+                df, out / files[kind], sync_dir=False, row_group_size=ROW_GROUP_ROWS,
+                dictionary=EVENT_COLUMNS[:4],
+            )
+    sidecar = {
+        "version": SIDECAR_VERSION,
+        "symbol": symbol,
+        "files": files if fingerprints else {},
+        "written_ns": time.time_ns(),
+        "event_ids": list(fingerprints),
+        "fingerprints": list(fingerprints.values()),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    store.atomic_write_bytes(orjson.dumps(sidecar), out / SIDECAR)  # fsyncs the directory: files too
+    keep = {*sidecar["files"].values(), SIDECAR}  # type: ignore[union-attr]
+    for old in out.iterdir():
+        if old.name not in keep and not old.name.startswith(SIDECAR):
+            old.unlink(missing_ok=True)  # earlier generations (a reader mid-scan of one may fail)
+    return CompactionResult(symbol, len(fingerprints), incomplete, rows, size, time.perf_counter() - t0)

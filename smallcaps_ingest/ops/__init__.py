@@ -1,0 +1,1 @@
+"""What operators run: status, cleanup, reconcile, report, plan, doctor and the CLI."""

@@ -1,0 +1,283 @@
+"""``smallcaps-ingest``: status, plan, doctor, partition-range, cleanup, reconcile and report, from a shell.
+
+Imports stay light at the top (stdlib only): ``status`` forks its disk scan first and, on the default
+SQLite instance, never imports Dagster at all (see instance_sqlite.py).
+Exit codes: 0 ok, 1 a clear error (no partitions, no manifest, cleanup refused...), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from smallcaps_ingest.ops import status as st
+
+
+def _err(msg: str) -> int:
+    print(f"smallcaps-ingest: {msg}", file=sys.stderr)
+    return 1
+
+
+def _dump(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _data_dir(args: argparse.Namespace) -> str:
+    return os.path.abspath(args.data_dir or st.default_data_dir())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    bar = None
+    if not args.no_progress and sys.stdout.isatty() and sys.stderr.isatty():
+        bar = st.ProgressBar(sys.stderr)
+    workers = args.workers or (1 if args.no_fork else max(1, min(4, os.cpu_count() or 1)))
+    try:
+        result = st.collect_status(
+            data_dir,
+            use_instance=not args.no_instance,
+            window_minutes=args.window_minutes,
+            max_rps=args.max_rps,
+            parallel=not args.no_fork,
+            workers=workers,
+            progress=bar,
+            fast_instance=not args.dagster_api,
+            disk_cache=not args.no_cache,
+        )
+    finally:
+        if bar is not None:
+            bar.close(always=not args.no_fork)
+    if args.json:
+        _dump(result)
+    else:
+        print(st.render_text(result))
+    return 0
+
+
+def cmd_partition_range(args: argparse.Namespace) -> int:
+    instance, message = st.open_instance(fast=True)
+    if instance is None:
+        return _err(f"{message}; cannot list the '{st.PARTITIONS}' partitions")
+    if isinstance(instance, st.SqliteInstanceView):
+        view = instance
+        try:
+            return _partition_range(view.get_dynamic_partitions(st.PARTITIONS), view.root_directory)
+        except sqlite3.Error:
+            instance, message = st.open_instance()  # let Dagster read (or explain) it
+            if instance is None:
+                return _err(f"{message}; cannot list the '{st.PARTITIONS}' partitions")
+        finally:
+            view.close()
+    return _partition_range(list(instance.get_dynamic_partitions(st.PARTITIONS)), instance.root_directory)
+
+
+def _partition_range(keys: list[str], root: str) -> int:
+    if not keys:
+        return _err(
+            f"the instance at {root} has no '{st.PARTITIONS}' partitions yet: "
+            "materialize the manifest asset first (it registers one partition per symbol)"
+        )
+    print(f"{keys[0]}...{keys[-1]}")
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    instance, message = st.open_instance()
+    res = st.cleanup(
+        data_dir,
+        instance,
+        grace_minutes=args.grace_minutes,
+        dry_run=args.dry_run,
+        force=args.force,
+        instance_message=message,
+    )
+    if args.json:
+        _dump(res)
+    else:
+        print(st.render_cleanup(res), file=sys.stderr if res["refused"] else sys.stdout)
+    return 1 if res["refused"] or res["errors"] else 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    instance, message = st.open_instance()
+    if instance is None:
+        return _err(f"{message}; reconcile compares the disk with the instance")
+    try:
+        res = st.reconcile(data_dir, instance, fix=args.fix)
+    except st.StatusError as e:
+        return _err(str(e))
+    if args.json:
+        _dump(res)
+    else:
+        print(st.render_reconcile(res))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from smallcaps_ingest.ops import report
+
+    data_dir = _data_dir(args)
+    try:
+        out = report.run_report(data_dir)
+    except report.ReportError as e:
+        return _err(str(e))
+    if args.json:
+        _dump({"totals": out.totals, "parquet": str(out.parquet), "plot": str(out.plot)})
+    else:
+        print(out.markdown_table)
+        print(f"\nwrote {out.parquet} and {out.plot}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from smallcaps_ingest.ops import preview
+
+    data_dir = _data_dir(args)
+    try:
+        budget = preview.Settings.from_env()
+        settings = preview.Settings.from_env(args.max_rps) if args.max_rps else budget
+        res = preview.preview(data_dir, settings)
+        if settings.max_rps != budget.max_rps:  # the allowance (hence the plan) follows the rate
+            other = preview.preview(data_dir, budget)
+            res["at_budget"] = {k: other[k] for k in ("max_rps", "requests", "seconds")}
+    except preview.PreviewError as e:
+        return _err(str(e))
+    if args.json:
+        _dump(res)
+    else:
+        print(preview.render_text(res))
+        if "at_budget" in res:
+            b = res["at_budget"]
+            print(
+                f"  at POLYGON_MAX_RPS={b['max_rps']:g}: {b['requests']['total']:,} requests, "
+                f"{st.format_duration(b['seconds'])}"
+            )
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from smallcaps_ingest.ops import doctor
+
+    def emit(c: Any) -> None:
+        if not args.json:
+            print(doctor.render(c), flush=True)
+
+    max_rps = args.max_rps or st.max_rps_from_env()
+    checks = doctor.run_checks(_data_dir(args), max_rps, ticker=args.ticker, emit=emit)
+    ok = all(c.ok for c in checks)
+    if args.json:
+        _dump({"ok": ok, "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks]})
+    else:
+        failed = [c.name for c in checks if not c.ok]
+        print("all checks passed" if ok else f"{len(failed)} check(s) failed: {', '.join(failed)}")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="smallcaps-ingest",
+        description="Ingest status, partition range, cleanup, reconcile and report for smallcaps_ingest.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def data_dir_opt(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--data-dir", help="the data directory (default: $SMALLCAPS_DATA_DIR or ./data)")
+
+    s = sub.add_parser("status", help="events done/partial/missing, throughput, ETA, API usage, errors")
+    data_dir_opt(s)
+    s.add_argument("--json", action="store_true", help="print a machine-readable dict")
+    s.add_argument(
+        "--window-minutes",
+        type=float,
+        default=st.DEFAULT_WINDOW_MINUTES,
+        help="recent window for events/min, ETA and requests/s (default 30)",
+    )
+    s.add_argument(
+        "--max-rps", type=float, default=None, help="the request budget (default $POLYGON_MAX_RPS or 90)"
+    )
+    s.add_argument(
+        "--no-instance", action="store_true", help="disk and manifest only (do not import Dagster)"
+    )
+    s.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+    s.add_argument("--no-fork", action="store_true", help="scan in this process (no forked child)")
+    s.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="full disk scan; neither read nor write _state/status_disk.cache (same answer, slower)",
+    )
+    s.add_argument(
+        "--dagster-api",
+        action="store_true",
+        help="read the instance through Dagster's API, not directly from its SQLite files (same answer)",
+    )
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes for the disk scan (default: CPUs, max 4; 1 with --no-fork)",
+    )
+    s.set_defaults(func=cmd_status)
+
+    pr = sub.add_parser("partition-range", help="FIRST...LAST of the instance's 'symbols' partitions")
+    pr.set_defaults(func=cmd_partition_range)
+
+    c = sub.add_parser("cleanup", help="remove *.tmp* orphans older than a grace period (no run in progress)")
+    data_dir_opt(c)
+    c.add_argument("--grace-minutes", type=float, default=60.0)
+    c.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    c.add_argument("--force", action="store_true", help="clean up even while runs are in progress")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_cleanup)
+
+    r = sub.add_parser("reconcile", help="disk against the instance: materialized-but-incomplete and back")
+    data_dir_opt(r)
+    r.add_argument(
+        "--fix",
+        action="store_true",
+        help="record complete partitions as materialized; mark incomplete ones for re-materialization",
+    )
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_reconcile)
+
+    pl_ = sub.add_parser("plan", help="what fetching the manifest costs (requests, time, bytes); no request")
+    data_dir_opt(pl_)
+    pl_.add_argument("--json", action="store_true", help="print a machine-readable dict")
+    pl_.add_argument(
+        "--max-rps",
+        type=float,
+        default=None,
+        help="plan at this request rate (default $POLYGON_MAX_RPS or 90); the budget's figures are shown too",
+    )
+    pl_.set_defaults(func=cmd_plan)
+
+    dr = sub.add_parser("doctor", help="check key, host, entitlements, instance, budget and data dir")
+    data_dir_opt(dr)
+    dr.add_argument("--json", action="store_true")
+    dr.add_argument("--ticker", default="AAPL", help="a liquid ticker for the two 1-row requests (AAPL)")
+    dr.add_argument("--max-rps", type=float, default=None, help="request budget (default $POLYGON_MAX_RPS)")
+    dr.set_defaults(func=cmd_doctor)
+
+    rp = sub.add_parser("report", help="write _reports/ingestion_report.{parquet,png} (no Dagster needed)")
+    data_dir_opt(rp)
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:  # `smallcaps-ingest status | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

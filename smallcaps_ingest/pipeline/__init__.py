@@ -1,0 +1,1 @@
+"""The Dagster pipeline, thin glue over the core: resources, assets, checks, jobs and sensors."""

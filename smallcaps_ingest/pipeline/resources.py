@@ -1,0 +1,162 @@
+"""Dagster resources: the Polygon client (pooled session + shared budget) and the settings."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import dagster as dg
+import polars as pl
+from dagster_polars import PolarsParquetIOManager
+from pydantic import PrivateAttr
+from upath import UPath
+
+from smallcaps_ingest.core.fetch import OFFICIAL_BASE_URL, PolygonAuthError, PolygonClient
+from smallcaps_ingest.core.polygon.budget import open_budget
+from smallcaps_ingest.core.store import atomic_write_parquet
+
+SIMULATOR = "simulator"
+SIMULATOR_KEY = "simulator-demo-key"  # the bundled simulator accepts any key
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, named with its environment variable."""
+
+
+def env_number(
+    name: str, default: float, kind: type = float, minimum: float | None = None, maximum: float | None = None
+) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return kind(default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} must be a finite number")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={raw!r} must be <= {maximum:g}")
+    return value
+
+
+def budget_url_from_env() -> str:
+    """The request budget's URL: the one place its settings are read from the environment.
+
+    ``POLYGON_BUDGET_URL`` (``sqlite:///path`` or ``redis://host:port/db``) wins; else
+    ``POLYGON_BUDGET_PATH`` (kept from before the URL existed) maps onto ``sqlite://`` + its absolute
+    path; else ``$DAGSTER_HOME/polygon_budget.sqlite`` (else under the data directory's ``_state``).
+    """
+    url = os.environ.get("POLYGON_BUDGET_URL", "").strip()
+    if url:
+        return url
+    path = os.environ.get("POLYGON_BUDGET_PATH", "").strip()
+    if not path:
+        home = os.environ.get("DAGSTER_HOME", "").strip()
+        state = Path(home) if home else Path(os.environ.get("SMALLCAPS_DATA_DIR") or "./data") / "_state"
+        path = str(state / "polygon_budget.sqlite")
+    return "sqlite://" + os.path.abspath(path)
+
+
+class AtomicPolarsParquetIOManager(PolarsParquetIOManager):
+    """dagster-polars' Parquet IO manager, but a write never leaves a half-written manifest:
+    the frame goes to a temporary file beside the target, is fsynced, and replaces it."""
+
+    def write_df_to_path(self, context: dg.OutputContext, df: pl.DataFrame, path: UPath) -> None:  # type: ignore[override]
+        if getattr(path, "protocol", "") not in ("", "file", "local"):
+            return super().write_df_to_path(context, df, path)
+        atomic_write_parquet(df, Path(str(path)))
+        return None
+
+
+class PolygonResource(dg.ConfigurableResource):
+    """The Polygon/Massive v3 API: one pooled session and the host-wide request budget.
+
+    ``base_url="simulator"`` starts the bundled simulator in this process (explicit opt-in only).
+    """
+
+    api_key: str | None = None
+    base_url: str = OFFICIAL_BASE_URL
+    max_rps: float = 90.0
+    workers: int = 12
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    # The shared request budget (see budget.open_budget); None: budget_url_from_env() when the
+    # client is first built. budget_path is the older spelling of a sqlite:// URL.
+    budget_url: str | None = None
+    budget_path: str | None = None
+    budget_timeout: float = 120.0  # seconds the budget may be unreachable before the run fails
+
+    _client: PolygonClient | None = PrivateAttr(default=None)
+    _simulator: object | None = PrivateAttr(default=None)
+    _on_teardown: list[Callable[[], None]] = PrivateAttr(default_factory=list)
+
+    @property
+    def is_simulator(self) -> bool:
+        return self.base_url.strip().lower() == SIMULATOR
+
+    def preflight(self) -> None:
+        """Fail before any request when no key is set and the simulator was not chosen."""
+        if not self.api_key and not self.is_simulator:
+            raise PolygonAuthError(
+                "POLYGON_API_KEY is not set. Set it to your Polygon/Massive key (trades need Stocks "
+                "Developer, quotes Stocks Advanced), or set POLYGON_BASE_URL=simulator to use the bundled "
+                "simulator. No request was made."
+            )
+
+    def get_client(self) -> PolygonClient:
+        if self._client is None:
+            self.preflight()
+            base, key = self.base_url, self.api_key
+            if self.is_simulator:
+                from smallcaps_ingest.simulator import Simulator
+
+                sim = Simulator().start()
+                self._simulator = sim
+                base, key = sim.base_url, key or SIMULATOR_KEY
+            bucket = urlsplit(base).netloc or base
+            url = self.budget_url or (
+                "sqlite://" + os.path.abspath(self.budget_path) if self.budget_path else budget_url_from_env()
+            )
+            budget = open_budget(url, self.max_rps, bucket=bucket, unavailable_timeout=self.budget_timeout)
+            self._client = PolygonClient(
+                base,
+                key or "",
+                budget,
+                workers=self.workers,
+                connect_timeout=self.connect_timeout,
+                read_timeout=self.read_timeout,
+            )
+        return self._client
+
+    def on_teardown(self, stop: Callable[[], None]) -> None:
+        """Call ``stop`` when the step's resources are torn down, before the client is closed: the
+        step may have ended (an interrupt) without its asset's code running again."""
+        self._on_teardown.append(stop)
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        while self._on_teardown:
+            self._on_teardown.pop()()
+        if self._client is not None:
+            self._client.close()
+            self._client.budget.close()
+            self._client = None
+        if self._simulator is not None:
+            self._simulator.stop()  # type: ignore[attr-defined]
+            self._simulator = None
+
+
+class IngestSettings(dg.ConfigurableResource):
+    """Where things are and how quotes are shaped (from SMALLCAPS_* environment variables)."""
+
+    data_dir: str = "./data"
+    events_path: str = ""
+    quotes_hz: float = 1.0
+    max_overfetch: float = 4.0
+    # rows a merged range may fetch beyond what its events need; None: from the budget's rate
+    overfetch_rows: int | None = None

@@ -1,0 +1,5 @@
+"""``python -m smallcaps_ingest.simulator``: serve the simulated API on loopback."""
+
+from smallcaps_ingest.simulator import main
+
+main()
