@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from smallcaps_ingest.config import Config, ConfigError
 from smallcaps_ingest.ops import status as st
 
 
@@ -28,7 +29,7 @@ def _dump(obj: Any) -> None:
 
 
 def _data_dir(args: argparse.Namespace) -> str:
-    return os.path.abspath(args.data_dir or st.default_data_dir())
+    return os.path.abspath(args.data_dir) if args.data_dir else Config.from_env().data_dir
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -141,8 +142,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     data_dir = _data_dir(args)
     try:
-        budget = preview.Settings.from_env()
-        settings = preview.Settings.from_env(args.max_rps) if args.max_rps else budget
+        config = Config.from_env(data_dir=data_dir)
+        budget = preview.Settings.from_config(config)
+        settings = preview.Settings.from_config(config, args.max_rps) if args.max_rps else budget
         res = preview.preview(data_dir, settings)
         if settings.max_rps != budget.max_rps:  # the allowance (hence the plan) follows the rate
             other = preview.preview(data_dir, budget)
@@ -169,8 +171,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if not args.json:
             print(doctor.render(c), flush=True)
 
-    max_rps = args.max_rps or st.max_rps_from_env()
-    checks = doctor.run_checks(_data_dir(args), max_rps, ticker=args.ticker, emit=emit)
+    config = Config.from_env(data_dir=_data_dir(args))
+    if args.max_rps:
+        config = Config.from_env(data_dir=config.data_dir, max_rps=args.max_rps)
+    checks = doctor.run_checks(config, ticker=args.ticker, emit=emit)
     ok = all(c.ok for c in checks)
     if args.json:
         _dump({"ok": ok, "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks]})
@@ -277,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except BrokenPipeError:  # `smallcaps-ingest status | head`
         return 0
+    except ConfigError as e:  # a bad setting: named, before anything is read or written
+        return _err(str(e))
 
 
 if __name__ == "__main__":

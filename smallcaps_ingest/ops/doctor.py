@@ -30,8 +30,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
+from smallcaps_ingest.config import SIMULATOR_KEY, Config
 from smallcaps_ingest.core.fetch import (
-    OFFICIAL_BASE_URL,
     FetchStats,
     PolygonAuthError,
     PolygonClient,
@@ -40,11 +40,8 @@ from smallcaps_ingest.core.fetch import (
 from smallcaps_ingest.core.polygon.budget import BudgetBase, open_budget
 from smallcaps_ingest.core.polygon.budget_redis import redacted
 from smallcaps_ingest.core.store import SOURCE_FILE
-from smallcaps_ingest.pipeline.resources import budget_url_from_env
 
 LIQUID_TICKER = "AAPL"
-SIMULATOR = "simulator"
-SIMULATOR_KEY = "simulator-demo-key"
 ET = ZoneInfo("America/New_York")
 
 
@@ -113,9 +110,9 @@ def check_endpoint(client: PolygonClient, kind: str, ticker: str, at: datetime) 
     )
 
 
-def check_instance() -> Check:
+def check_instance(dagster_home: str | None) -> Check:
     """The Dagster instance of ``DAGSTER_HOME``, through its public API (one cheap query)."""
-    if not os.environ.get("DAGSTER_HOME"):
+    if not dagster_home:
         return Check("instance", False, "DAGSTER_HOME is not set: runs would use a throwaway instance")
     try:
         import dagster as dg
@@ -130,13 +127,12 @@ def check_instance() -> Check:
         text = f"{type(e).__name__}: {e}"
         if "migrat" in text.lower() or "out of date" in text.lower():
             text += " (run `dagster instance migrate`)"
-        return Check("instance", False, f"instance at {os.environ['DAGSTER_HOME']}: {text}")
+        return Check("instance", False, f"instance at {dagster_home}: {text}")
 
 
-def check_budget_backend(max_rps: float, bucket: str) -> tuple[BudgetBase | None, Check]:
+def check_budget_backend(url: str, max_rps: float, bucket: str) -> tuple[BudgetBase | None, Check]:
     """Open the shared request budget a run would use (``POLYGON_BUDGET_URL``: a SQLite file or
     Redis) and read its current rate: (the budget, for the requests' grants, or None; the check)."""
-    url = budget_url_from_env()
     where = redacted(url)
     try:
         budget = open_budget(url, max_rps, bucket=bucket, unavailable_timeout=5.0)
@@ -182,12 +178,11 @@ def check_data_dir(data_dir: str, source: str | None) -> Check:
 
 
 def run_checks(
-    data_dir: str, max_rps: float, ticker: str = LIQUID_TICKER, emit: Callable[[Check], None] | None = None
+    config: Config, ticker: str = LIQUID_TICKER, emit: Callable[[Check], None] | None = None
 ) -> list[Check]:
     """Every check (a failed key or host skips the requests); ``emit`` sees each as it finishes."""
     checks: list[Check] = []
-    base = (os.environ.get("POLYGON_BASE_URL") or OFFICIAL_BASE_URL).strip()
-    key = os.environ.get("POLYGON_API_KEY") or ""
+    base, key = config.base_url.strip(), config.api_key
 
     def add(c: Check) -> None:
         if key:
@@ -197,7 +192,7 @@ def run_checks(
             emit(c)
 
     sim = None
-    if base.lower() == SIMULATOR:
+    if config.is_simulator:
         from smallcaps_ingest.simulator import Simulator
 
         sim = Simulator().start()
@@ -210,7 +205,7 @@ def run_checks(
     try:
         host = check_host(base)
         add(host)
-        budget, check = check_budget_backend(max_rps, urlsplit(base).netloc or base)
+        budget, check = check_budget_backend(config.budget_url, config.max_rps, urlsplit(base).netloc or base)
         add(check)
         source = None
         if key and host.ok and budget is not None:
@@ -228,8 +223,8 @@ def run_checks(
             add(Check("quotes", False, f"not tried ({why})"))
         if budget is not None:
             budget.close()
-        add(check_instance())
-        add(check_data_dir(data_dir, source))
+        add(check_instance(config.dagster_home))
+        add(check_data_dir(config.data_dir, source))
     finally:
         if sim is not None:
             sim.stop()

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from smallcaps_ingest.config import Config
 from smallcaps_ingest.core.plan import (
     KINDS,
     NS,
@@ -67,7 +68,7 @@ class Tally:
 
 @dataclass(frozen=True)
 class Settings:
-    """The engine's planning settings (the same environment variables as definitions.py)."""
+    """The engine's planning settings, from ``Config`` (as the run would use them)."""
 
     max_rps: float
     max_overfetch: float = 4.0
@@ -75,22 +76,12 @@ class Settings:
     quotes_hz: float = 1.0
 
     @classmethod
-    def from_env(cls, max_rps: float | None = None) -> Settings:
-        from smallcaps_ingest.ops.status import max_rps_from_env
-
-        def number(name: str, default: float) -> float:
-            raw = os.environ.get(name, "").strip()
-            try:
-                return float(raw) if raw and raw.lower() != "auto" else default
-            except ValueError:
-                raise PreviewError(f"{name}={raw!r} is not a number") from None
-
-        rows = os.environ.get("SMALLCAPS_OVERFETCH_ROWS", "auto").strip().lower()
+    def from_config(cls, config: Config, max_rps: float | None = None) -> Settings:
         return cls(
-            max_rps=max_rps if max_rps is not None else max_rps_from_env(),
-            max_overfetch=number("SMALLCAPS_MAX_OVERFETCH", 4.0),
-            overfetch_rows=None if rows in ("", "auto") else int(number("SMALLCAPS_OVERFETCH_ROWS", 0)),
-            quotes_hz=number("SMALLCAPS_QUOTES_HZ", 1.0),
+            max_rps=max_rps if max_rps is not None else config.max_rps,
+            max_overfetch=config.max_overfetch,
+            overfetch_rows=config.overfetch_rows,
+            quotes_hz=config.quotes_hz,
         )
 
     @property

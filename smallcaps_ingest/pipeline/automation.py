@@ -1,9 +1,9 @@
 """The daily flow on its own: the events file as an observable source, the automation conditions
 of ``manifest`` and ``event_windows``, and the two sensors that drive them.
 
-Off by default: both sensors start STOPPED unless ``SMALLCAPS_AUTOMATION=on`` (then RUNNING), so
-the demo and the tests never launch automated runs unless asked. ``SMALLCAPS_AUTOMATION_INTERVAL``
-(seconds, default 60) is how often the events file is hashed and the conditions are evaluated.
+Off by default: both sensors start STOPPED unless ``Config.automation`` (``SMALLCAPS_AUTOMATION=on``),
+so the demo and the tests never launch automated runs unless asked. ``Config.automation_interval``
+is how often the events file is hashed and the conditions are evaluated.
 
 Chain: ``events_file_sensor`` records an observation of ``events_file`` only when the file's content
 hash changed -> ``manifest`` (condition: a dep's *data version* changed) re-materializes and
@@ -15,22 +15,13 @@ daemon, so they go through the run queue, the ``polygon_api`` pool and the reque
 from __future__ import annotations
 
 import hashlib
-import os
 
 import dagster as dg
 
+from smallcaps_ingest.config import Config
 from smallcaps_ingest.pipeline.resources import IngestSettings
 
 DATA_VERSION_TAG = "dagster/data_version"
-
-
-def automation_on() -> bool:
-    """The one switch: ``SMALLCAPS_AUTOMATION=on`` (or 1/true/yes)."""
-    return os.environ.get("SMALLCAPS_AUTOMATION", "off").strip().lower() in ("on", "1", "true", "yes")
-
-
-def _interval() -> int:
-    return max(1, int(os.environ.get("SMALLCAPS_AUTOMATION_INTERVAL") or 60))
 
 
 def file_version(path: str) -> str:
@@ -80,10 +71,6 @@ EVENT_WINDOWS_CONDITION = (
 ).with_label("symbol_events_changed_or_new")
 
 
-def _status() -> dg.DefaultSensorStatus:
-    return dg.DefaultSensorStatus.RUNNING if automation_on() else dg.DefaultSensorStatus.STOPPED
-
-
 MANIFEST_KEY = dg.AssetKey("manifest")
 IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
                dg.DagsterRunStatus.STARTED]
@@ -102,15 +89,6 @@ def manifest_in_progress(instance: dg.DagsterInstance) -> bool:
     return any(MANIFEST_KEY in (r.asset_selection or ()) for r in runs)
 
 
-@dg.sensor(
-    name="events_file_sensor",
-    minimum_interval_seconds=_interval(),
-    default_status=_status(),
-    asset_selection=dg.AssetSelection.assets(MANIFEST_KEY),
-    description="Hashes SMALLCAPS_EVENTS and records an observation of events_file when it changed; "
-    "requests a manifest run itself only when the last manifest was built from other content and "
-    "none is running (the file changed while a manifest run was reading it).",
-)
 def events_file_sensor(context: dg.SensorEvaluationContext, settings: IngestSettings):  # type: ignore[no-untyped-def]
     version = file_version(settings.events_path)
     if version != context.cursor:
@@ -127,11 +105,24 @@ def events_file_sensor(context: dg.SensorEvaluationContext, settings: IngestSett
     return dg.SensorResult(run_requests=[dg.RunRequest(run_key=f"manifest-{version}")], cursor=version)
 
 
-automation_sensor = dg.AutomationConditionSensorDefinition(
-    "smallcaps_automation",
-    target=dg.AssetSelection.all(),
-    minimum_interval_seconds=_interval(),
-    default_status=_status(),
-    description="Evaluates the automation conditions of manifest and event_windows "
-    "(SMALLCAPS_AUTOMATION=on).",
-)
+def automation_sensors(config: Config) -> list[dg.SensorDefinition]:
+    """The two sensors, RUNNING only when ``config.automation`` (``SMALLCAPS_AUTOMATION=on``)."""
+    status = dg.DefaultSensorStatus.RUNNING if config.automation else dg.DefaultSensorStatus.STOPPED
+    file_sensor = dg.sensor(
+        name="events_file_sensor",
+        minimum_interval_seconds=config.automation_interval,
+        default_status=status,
+        asset_selection=dg.AssetSelection.assets(MANIFEST_KEY),
+        description="Hashes SMALLCAPS_EVENTS and records an observation of events_file when it changed; "
+        "requests a manifest run itself only when the last manifest was built from other content and "
+        "none is running (the file changed while a manifest run was reading it).",
+    )(events_file_sensor)
+    conditions = dg.AutomationConditionSensorDefinition(
+        "smallcaps_automation",
+        target=dg.AssetSelection.all(),
+        minimum_interval_seconds=config.automation_interval,
+        default_status=status,
+        description="Evaluates the automation conditions of manifest and event_windows "
+        "(SMALLCAPS_AUTOMATION=on).",
+    )
+    return [conditions, file_sensor]

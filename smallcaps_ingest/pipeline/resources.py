@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -14,53 +12,10 @@ from dagster_polars import PolarsParquetIOManager
 from pydantic import PrivateAttr
 from upath import UPath
 
-from smallcaps_ingest.core.fetch import OFFICIAL_BASE_URL, PolygonAuthError, PolygonClient
+from smallcaps_ingest.config import OFFICIAL_BASE_URL, SIMULATOR, SIMULATOR_KEY, ConfigError
+from smallcaps_ingest.core.fetch import PolygonAuthError, PolygonClient
 from smallcaps_ingest.core.polygon.budget import open_budget
 from smallcaps_ingest.core.store import atomic_write_parquet
-
-SIMULATOR = "simulator"
-SIMULATOR_KEY = "simulator-demo-key"  # the bundled simulator accepts any key
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work, named with its environment variable."""
-
-
-def env_number(
-    name: str, default: float, kind: type = float, minimum: float | None = None, maximum: float | None = None
-) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return kind(default)
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
-    if not math.isfinite(value):
-        raise ConfigError(f"{name}={raw!r} must be a finite number")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{name}={raw!r} must be >= {minimum}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{name}={raw!r} must be <= {maximum:g}")
-    return value
-
-
-def budget_url_from_env() -> str:
-    """The request budget's URL: the one place its settings are read from the environment.
-
-    ``POLYGON_BUDGET_URL`` (``sqlite:///path`` or ``redis://host:port/db``) wins; else
-    ``POLYGON_BUDGET_PATH`` (kept from before the URL existed) maps onto ``sqlite://`` + its absolute
-    path; else ``$DAGSTER_HOME/polygon_budget.sqlite`` (else under the data directory's ``_state``).
-    """
-    url = os.environ.get("POLYGON_BUDGET_URL", "").strip()
-    if url:
-        return url
-    path = os.environ.get("POLYGON_BUDGET_PATH", "").strip()
-    if not path:
-        home = os.environ.get("DAGSTER_HOME", "").strip()
-        state = Path(home) if home else Path(os.environ.get("SMALLCAPS_DATA_DIR") or "./data") / "_state"
-        path = str(state / "polygon_budget.sqlite")
-    return "sqlite://" + os.path.abspath(path)
 
 
 class AtomicPolarsParquetIOManager(PolarsParquetIOManager):
@@ -86,10 +41,8 @@ class PolygonResource(dg.ConfigurableResource):
     workers: int = 12
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
-    # The shared request budget (see budget.open_budget); None: budget_url_from_env() when the
-    # client is first built. budget_path is the older spelling of a sqlite:// URL.
-    budget_url: str | None = None
-    budget_path: str | None = None
+    # The shared request budget (see budget.open_budget): Config.budget_url.
+    budget_url: str = ""
     budget_timeout: float = 120.0  # seconds the budget may be unreachable before the run fails
 
     _client: PolygonClient | None = PrivateAttr(default=None)
@@ -120,10 +73,11 @@ class PolygonResource(dg.ConfigurableResource):
                 self._simulator = sim
                 base, key = sim.base_url, key or SIMULATOR_KEY
             bucket = urlsplit(base).netloc or base
-            url = self.budget_url or (
-                "sqlite://" + os.path.abspath(self.budget_path) if self.budget_path else budget_url_from_env()
+            if not self.budget_url:
+                raise ConfigError("PolygonResource.budget_url is not set (Config.from_env() sets it)")
+            budget = open_budget(
+                self.budget_url, self.max_rps, bucket=bucket, unavailable_timeout=self.budget_timeout
             )
-            budget = open_budget(url, self.max_rps, bucket=bucket, unavailable_timeout=self.budget_timeout)
             self._client = PolygonClient(
                 base,
                 key or "",
@@ -152,7 +106,7 @@ class PolygonResource(dg.ConfigurableResource):
 
 
 class IngestSettings(dg.ConfigurableResource):
-    """Where things are and how quotes are shaped (from SMALLCAPS_* environment variables)."""
+    """Where things are and how quotes are shaped (from ``Config``)."""
 
     data_dir: str = "./data"
     events_path: str = ""

@@ -22,10 +22,10 @@ import polars as pl
 import pytest
 import redis
 
+from smallcaps_ingest.config import Config
 from smallcaps_ingest.core.fetch import FetchStats, PolygonClient
 from smallcaps_ingest.core.polygon.budget import BudgetUnavailable, RequestBudget, open_budget
 from smallcaps_ingest.core.polygon.budget_redis import RedisBudget
-from smallcaps_ingest.pipeline.resources import budget_url_from_env
 from smallcaps_ingest.simulator import SimConfig, Simulator
 from smallcaps_ingest_tests.conftest import REPO, TEST_KEY, ns, truth_frame
 
@@ -93,15 +93,13 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
         server.kill()
 
 
-def test_budget_url_selects_the_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefix: str) -> None:
-    for var in ("POLYGON_BUDGET_URL", "POLYGON_BUDGET_PATH", "DAGSTER_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
-    assert budget_url_from_env() == f"sqlite://{tmp_path}/home/polygon_budget.sqlite"  # today's file
-    monkeypatch.setenv("POLYGON_BUDGET_PATH", str(tmp_path / "b.sqlite"))  # the older setting maps on
-    assert budget_url_from_env() == f"sqlite://{tmp_path}/b.sqlite"
-    monkeypatch.setenv("POLYGON_BUDGET_URL", _url(prefix))
-    assert budget_url_from_env() == _url(prefix)  # the URL wins
+def test_budget_url_selects_the_backend(tmp_path: Path, prefix: str) -> None:
+    env = {"DAGSTER_HOME": str(tmp_path / "home")}
+    assert Config.from_env(env).budget_url == f"sqlite://{tmp_path}/home/polygon_budget.sqlite"
+    env["POLYGON_BUDGET_PATH"] = str(tmp_path / "b.sqlite")  # the older setting maps on
+    assert Config.from_env(env).budget_url == f"sqlite://{tmp_path}/b.sqlite"
+    env["POLYGON_BUDGET_URL"] = _url(prefix)
+    assert Config.from_env(env).budget_url == _url(prefix)  # the URL wins
     assert isinstance(open_budget(f"sqlite://{tmp_path}/b.sqlite", 10), RequestBudget)
     rb = open_budget(_url(prefix), 10, bucket="h")
     assert isinstance(rb, RedisBudget) and rb.keys == (f"{prefix}{{h}}:grants", f"{prefix}{{h}}:state")

@@ -25,7 +25,7 @@ def _resources(tmp_path: Path, sim: Simulator) -> dict[str, object]:
         "io_manager": PolarsParquetIOManager(base_dir=str(data)),
         "settings": IngestSettings(data_dir=str(data), events_path=str(SAMPLE_EVENTS_PATH)),
         "polygon": PolygonResource(
-            api_key=TEST_KEY, base_url=sim.base_url, max_rps=500, budget_path=str(tmp_path / "b.sqlite")
+            api_key=TEST_KEY, base_url=sim.base_url, max_rps=500, budget_url=f"sqlite://{tmp_path}/b.sqlite"
         ),
     }
 

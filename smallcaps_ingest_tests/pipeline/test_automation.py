@@ -126,8 +126,11 @@ def test_change_during_a_manifest_run_is_not_lost(tmp_path: Path) -> None:
     content (its cursor), the run finishes with the old content, and the conditions count that run
     as handling the change. The sensor sees the manifest's recorded version lag the file and asks
     for one more manifest run; once the manifest has read the current content, it asks for none."""
-    from smallcaps_ingest.pipeline.automation import events_file_sensor, file_version
+    from smallcaps_ingest.config import Config
+    from smallcaps_ingest.pipeline.automation import automation_sensors, file_version
     from smallcaps_ingest.pipeline.resources import IngestSettings
+
+    events_file_sensor = automation_sensors(Config())[1]
 
     events = tmp_path / "events.parquet"
     initial = write_events_subset(events, INITIAL)

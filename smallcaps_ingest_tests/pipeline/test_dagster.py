@@ -119,7 +119,7 @@ def test_manifest_loads_through_the_polars_io_manager(tmp_path: Path, sim: Simul
         "io_manager": PolarsParquetIOManager(base_dir=str(data)),
         "settings": IngestSettings(data_dir=str(data), events_path=str(SAMPLE_EVENTS_PATH)),
         "polygon": PolygonResource(
-            api_key=TEST_KEY, base_url=sim.base_url, max_rps=500, budget_path=str(tmp_path / "b.sqlite")
+            api_key=TEST_KEY, base_url=sim.base_url, max_rps=500, budget_url=f"sqlite://{tmp_path}/b.sqlite"
         ),
     }
     with dg.instance_for_test() as instance:
