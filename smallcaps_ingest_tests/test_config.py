@@ -13,7 +13,8 @@ from smallcaps_ingest_tests.conftest import BIN, cli_env
 
 def test_defaults_and_overrides(tmp_path: Path) -> None:
     c = Config.from_env({})
-    assert (c.max_rps, c.workers, c.quotes_hz, c.max_overfetch, c.overfetch_rows) == (90.0, None, 1.0, 4.0, None)
+    got = (c.max_rps, c.workers, c.quotes_hz, c.max_overfetch, c.overfetch_rows)
+    assert got == (90.0, None, 1.0, 4.0, None)
     assert c.base_url == OFFICIAL_BASE_URL and not c.is_simulator and not c.automation
     assert c.data_dir == str(Path("./data").resolve())
     c = Config.from_env(
@@ -21,7 +22,8 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
          "POLYGON_BASE_URL": "Simulator", "SMALLCAPS_AUTOMATION": "on", "SMALLCAPS_DATA_DIR": str(tmp_path)},
         max_rps=5.0,
     )
-    assert (c.max_rps, c.workers, c.overfetch_rows, c.is_simulator, c.automation) == (5.0, 7, 1000, True, True)
+    got = (c.max_rps, c.workers, c.overfetch_rows, c.is_simulator, c.automation)
+    assert got == (5.0, 7, 1000, True, True)
     assert c.data_dir == str(tmp_path)
     assert {v for v, _, _ in variables()} >= {"POLYGON_MAX_RPS", "SMALLCAPS_DATA_DIR", "POLYGON_BUDGET_URL"}
 
