@@ -1,8 +1,8 @@
 """smallcaps_ingest: Polygon/Massive v3 ticks around intraday events, as a Dagster asset platform.
 
-The core modules (simulator, events, manifest, plan, budget, fetch, shape, store, check) import
-nothing from Dagster. The Dagster ``Definitions`` are built lazily on first access of ``defs`` so
-that ``python -m smallcaps_ingest.simulator`` and the core tests stay light, while
+The core package (``smallcaps_ingest.core``) and the simulator import nothing from Dagster. The
+Dagster ``Definitions`` are built lazily on first access of ``defs`` so that
+``python -m smallcaps_ingest.simulator`` and the core tests stay light, while
 ``dagster ... -m smallcaps_ingest`` (which scans ``dir(module)``) still finds them.
 """
 
@@ -14,10 +14,9 @@ from typing import Any
 
 # polars allocates through its own jemalloc, which by default keeps freed pages per arena (dirty for
 # 0.5 s, then "muzzy" for 1 s more). Frames here are short-lived and allocated on a dozen threads,
-# so one arena and a faster return cut ~20 MB of a 12-worker run's peak RSS at no measured CPU
-# cost; returning pages at once (dirty 0) cut ~15 MB more but cost ~25 % more CPU in polars
-# (benchmarks/README.md). polars appends this variable to its own settings when first imported,
-# so it only takes effect before that; a user's value wins.
+# so one arena and a faster return lower the peak RSS; returning pages at once costs polars CPU
+# (benchmarks/README.md, decision record D6). polars appends this variable to its own settings
+# when first imported, so it only takes effect before that; a user's value wins.
 if "polars" not in sys.modules:
     os.environ.setdefault("_RJEM_MALLOC_CONF", "narenas:1,dirty_decay_ms:100,muzzy_decay_ms:0")
 

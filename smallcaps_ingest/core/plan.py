@@ -59,8 +59,8 @@ PRIOR_DENSITY = {
 PRIOR_SECONDS = 60.0
 # Weight, in rows, that the market-wide prior level (1.0) keeps against a symbol's observed level.
 PRIOR_LEVEL_ROWS = 10.0
-# Rows per second of CPU that parsing sustains (~1 us per row with polars' JSON reader on one core,
-# benchmarks/cost_per_tick.py): the exchange rate between over-fetched rows and saved requests.
+# Rows per second of CPU that parsing sustains: the exchange rate between over-fetched rows and
+# saved requests (benchmarks/README.md, decision record D7).
 PARSE_ROWS_PER_CPU_SECOND = 1_000_000
 # A plan looks at most this many blocks back when extending a range (bounds the programme's cost).
 MAX_RUN_BLOCKS = 64
@@ -129,8 +129,8 @@ def session_segments(start_ns: int, end_ns: int) -> list[tuple[str, float]]:
     """Split [start, end) at the ET session boundaries: [(session, seconds), ...].
 
     Integer arithmetic on each day's cached edges: the planner calls this for every gap between a
-    symbol's windows, and resolving every edge through the zone took ~85 % of the planning thread's
-    time (GIL held) on a multi-day manifest at 100 req/s (benchmarks/README.md)."""
+    symbol's windows on the engine's main thread, and resolving every edge through the zone held
+    the GIL the workers need (benchmarks/README.md, decision record D8)."""
     out: list[tuple[str, float]] = []
     cur = start_ns
     day = datetime.fromtimestamp(start_ns // NS, UTC).astimezone(ET).date()

@@ -105,9 +105,8 @@ def _in_window(raw: pl.DataFrame, start_ns: int, end_ns: int) -> tuple[pl.DataFr
     their timestamps.
 
     Pages arrive in time order, so this is normally two binary searches and a zero-copy slice;
-    anything out of order is sorted first. Series and numpy calls cost microseconds where each
-    polars query costs ~0.1-0.2 ms of planning: a lazy filter + sort + cast per file was most of
-    a small-cap event's shaping CPU (benchmarks/cost_per_tick.py)."""
+    anything out of order is sorted first. A polars query per file would cost more in fixed
+    planning than a small-cap event's whole shaping (benchmarks/README.md, decision record D3)."""
     ts, seq = _keys(raw)
     if not _in_time_order(ts, seq):
         raw = raw.sort("sip_timestamp", "sequence_number")
@@ -137,9 +136,8 @@ def shape_quotes(raw: pl.DataFrame, start_ns: int, end_ns: int, hz: float) -> pl
     Bucket k is [start + k*w, start + (k+1)*w) clipped to the window; ``pos[k]`` is the number of
     quotes before its left edge (a binary search of the sorted timestamps), so the bucket holds
     ``pos[k+1] - pos[k]`` quotes and the NBBO known at its right edge is quote ``pos[k+1] - 1``.
-    That is an as-of join with ``allow_exact_matches=False`` plus a count per bucket; the polars
-    join + group-by took ~1 ms per event in fixed costs, this takes ~0.1 (benchmarks; the join
-    is the oracle in the tests).
+    That is an as-of join with ``allow_exact_matches=False`` plus a count per bucket, without the
+    join's fixed cost per event (decision record D3; the join is the oracle in the tests).
     """
     inside, ts = _in_window(raw, start_ns, end_ns)
     if hz <= 0:

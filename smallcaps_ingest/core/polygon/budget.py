@@ -6,8 +6,9 @@ concurrent Dagster runs, or two step processes, draw from the same budget. The e
 is adapted with AIMD when the server answers 429 and is shared through the same file.
 
 pyrate-limiter's SQLite bucket was considered: its rates are fixed when the bucket is built, so
-AIMD would need a second limiter in front of it, and its blocking mode polls. This module is
-~150 lines, computes the exact wait, and is covered by a two-process test counted at the server.
+AIMD would need a second limiter in front of it, and its blocking mode polls. This module computes
+the exact wait and is covered by a two-process test counted at the server (benchmarks/README.md,
+decision records D9 and D12).
 """
 
 from __future__ import annotations
@@ -26,17 +27,16 @@ from pathlib import Path
 # request bytes were handed to the kernel (see ``mark_sent``): while a granted request waits for
 # a connection or for the GIL it is counted as "now", so no later grant can assume it has left the
 # window. The window is 1 % longer than a second to cover the server's own delay between the
-# bytes arriving and it counting the request. The margin caps utilisation at 1 / (1 + margin):
-# 2 % measured 0.97 at 100 req/s; 1 % measured 0.99-1.00 with 0 429s and never more than the
-# budget in any second at the server, at 10/50/100 req/s (benchmarks/throughput.py).
+# bytes arriving and it counting the request. The margin caps utilisation at 1 / (1 + margin)
+# (benchmarks/README.md, decision record D9).
 WINDOW_MARGIN = 0.01
 # A grant whose request never reports being sent (the process died, the connection failed before
 # the hook ran) stops counting as in flight after this long, and then ages out like any grant.
 PENDING_LEASE = 5.0
 # AIMD: multiplicative decrease on 429 (at most once per window), additive increase per second.
 # The pair must converge below a server limit L: the cut (1 - DECREASE) * L must beat the regain
-# INCREASE * budget, i.e. L > budget * INCREASE / (1 - DECREASE) = budget / 10 here. (×0.9 with
-# +10 %/s settled at the budget itself: half the requests were 429s when L = budget / 4.)
+# INCREASE * budget, i.e. L > budget * INCREASE / (1 - DECREASE) = budget / 10 here (the pairs
+# measured: decision record D9).
 DECREASE_FACTOR = 0.8
 DECREASE_EVERY = 0.5  # seconds: one cut per burst of 429s from requests already in flight
 INCREASE_PER_SECOND = 0.02  # fraction of the configured budget regained each second
@@ -295,8 +295,8 @@ def _switch_to_wal(conn: sqlite3.Connection) -> None:
     """``PRAGMA journal_mode=WAL``, retried while another process holds the file.
 
     Switching the journal mode needs an exclusive lock, and SQLite answers "database is locked"
-    at once instead of waiting out the busy timeout: steps or runs that opened a fresh budget
-    file at the same moment failed (3 of 5 trials of 8 processes did)."""
+    at once instead of waiting out the busy timeout, so steps or runs that open a fresh budget
+    file at the same moment would fail."""
     deadline = time.monotonic() + CONNECT_TIMEOUT
     while True:
         try:

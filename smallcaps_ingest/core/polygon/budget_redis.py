@@ -14,7 +14,7 @@ are still in flight or in the window, so an empty state first holds every grant 
 ``PENDING_LEASE`` plus one window (``cold_start``).
 
 ``limits`` (moving window) and ``pyrate-limiter`` (``RedisBucket``) were measured against this
-script on two processes (benchmarks/README.md, "A budget for many hosts"): neither counts a grant
+script on two processes (benchmarks/README.md, decision record D12): neither counts a grant
 until its request is sent, and neither shares an AIMD rate or a Retry-After.
 """
 
