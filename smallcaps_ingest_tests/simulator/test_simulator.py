@@ -589,7 +589,7 @@ def test_fault_rng_is_seeded() -> None:
 
 def test_arrivals_are_counted_when_the_bytes_reach_the_server() -> None:
     """The log and the limiter use the kernel's receive stamp, not when a handler got to it."""
-    from smallcaps_ingest.simulator import _fullest_window
+    from smallcaps_ingest.simulator.api import _fullest_window
 
     with Simulator(SimConfig()) as sim:
         host, port = sim.host, sim.port
