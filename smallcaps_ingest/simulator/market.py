@@ -299,14 +299,7 @@ def _gen_trades(
     both seen on the real tape (polygon-io/issues#241, #233). The cursor never relies on sequence
     numbers being unique: it counts positions (``api.row_at``).
     """
-    dumps = _compact_dumps
-    div = tp.div
-    tape = tp.tape
-    n_exch = len(_TRADE_EXCH)
-    n_lots = len(_LOTS)
-    n_cond = len(_COND_RTH)
     rows: list[bytes] = []
-    append = rows.append
     out_sips = sips if dup_rng is None else []
     seq = seq_base
     number = 0  # the previous trade's sequence_number (0: none yet in this minute)
@@ -314,47 +307,56 @@ def _gen_trades(
         seq += 1
         reuse, twice = (dup_rng() < dups[0], dup_rng() < dups[1]) if dup_rng is not None else (False, False)
         number = number if reuse and number else seq
-        u = r()
-        if u < 0.2:
-            price_t += 1
-        elif u < 0.4 and price_t > 1:
-            price_t -= 1
-        pts = sip - 50_000 - int(r() * 2_950_001)
-        if r() < 0.72:
-            size = 100 * _LOTS[int(r() * n_lots)]
-            odd = False
-        else:
-            size = 1 + int(r() * 99)
-            odd = True
-        exch = _TRADE_EXCH[int(r() * n_exch)]
-        row: dict[str, Any] = {}
-        if r() >= 0.4:
-            if odd:
-                row["conditions"] = [12, 37] if extended else [37]
-            elif extended:
-                row["conditions"] = [12]
-            else:
-                row["conditions"] = _COND_RTH[int(r() * n_cond)]
-        if r() < 0.001:
-            row["correction"] = 1
-        row["exchange"] = exch
-        row["id"] = str(seq)
-        row["participant_timestamp"] = pts
-        row["price"] = price_t / div
-        row["sequence_number"] = number
-        row["sip_timestamp"] = sip
-        row["size"] = size
-        row["tape"] = tape
-        if exch == 4:
-            row["trf_id"] = _TRF_IDS[int(r() * 3)]
-            row["trf_timestamp"] = pts - 1_000 - int(r() * 500_000)
-        append(dumps(row))
+        price_t, row = _trade_row(r, sip, seq, number, price_t, tp, extended)
+        rows.append(_compact_dumps(row))
         if dup_rng is not None:
             out_sips.append(sip)
             if twice:
-                append(rows[-1])
+                rows.append(rows[-1])
                 out_sips.append(sip)
     return rows, out_sips
+
+
+def _trade_row(
+    r: Any, sip: int, seq: int, number: int, price_t: int, tp: _TickerParams, extended: bool
+) -> tuple[int, dict[str, Any]]:
+    """One trade and the price (in ticks) it leaves: the price walks a tick at a time; round and
+    odd lots, conditions by session, TRF fields on off-exchange (exchange 4) prints."""
+    u = r()
+    if u < 0.2:
+        price_t += 1
+    elif u < 0.4 and price_t > 1:
+        price_t -= 1
+    pts = sip - 50_000 - int(r() * 2_950_001)
+    if r() < 0.72:
+        size = 100 * _LOTS[int(r() * len(_LOTS))]
+        odd = False
+    else:
+        size = 1 + int(r() * 99)
+        odd = True
+    exch = _TRADE_EXCH[int(r() * len(_TRADE_EXCH))]
+    row: dict[str, Any] = {}
+    if r() >= 0.4:
+        if odd:
+            row["conditions"] = [12, 37] if extended else [37]
+        elif extended:
+            row["conditions"] = [12]
+        else:
+            row["conditions"] = _COND_RTH[int(r() * len(_COND_RTH))]
+    if r() < 0.001:
+        row["correction"] = 1
+    row["exchange"] = exch
+    row["id"] = str(seq)
+    row["participant_timestamp"] = pts
+    row["price"] = price_t / tp.div
+    row["sequence_number"] = number
+    row["sip_timestamp"] = sip
+    row["size"] = size
+    row["tape"] = tp.tape
+    if exch == 4:
+        row["trf_id"] = _TRF_IDS[int(r() * 3)]
+        row["trf_timestamp"] = pts - 1_000 - int(r() * 500_000)
+    return price_t, row
 
 
 def _gen_quotes(r: Any, sips: list[int], seq_base: int, tp: _TickerParams, center: int) -> list[bytes]:
