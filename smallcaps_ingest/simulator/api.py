@@ -9,7 +9,8 @@ written against:
   overrides every other parameter; an empty window answers without a ``results`` key;
 - auth: a key from ``Authorization: Bearer`` or ``apiKey``; 401 without or with an unknown key,
   403 ``NOT_AUTHORIZED`` when the key's plan does not include the endpoint;
-- rate limiting: 429 with ``Retry-After`` once a second holds ``rate_limit_rps`` arrivals.
+- rate limiting: 429 (with ``Retry-After`` unless turned off) for a request that would put more
+  than ``rate_limit_rps`` arrivals in one second (below 1 rps: one per ``1 / rps`` seconds).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 import time
 import traceback
 from bisect import bisect_left, bisect_right, insort
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
@@ -220,10 +221,10 @@ class ApiRequest:
 
     endpoint: str  # "trades", "quotes", or "other" (answered 404)
     ticker: str | None
-    params: dict[str, str]  # the query string, first value of each name
+    params: dict[str, str] = field(repr=False)  # the query string (may hold apiKey), first values
     query: Query | None  # the parsed bounds/order/limit (or cursor), None off the endpoints or if bad
     bad: str | None  # why the parameters earn a 400
-    key: str  # the API key from the Authorization header or apiKey, "" if none
+    key: str = field(repr=False)  # the API key from the Authorization header or apiKey, "" if none
 
 
 def _route(path: str) -> tuple[str, str | None]:

@@ -11,7 +11,7 @@ import threading
 from typing import Any
 
 from smallcaps_ingest.simulator.config import SimConfig
-from smallcaps_ingest.simulator.server import Simulator, _is_loopback
+from smallcaps_ingest.simulator.server import Simulator, is_loopback
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run a standalone simulator until SIGINT/SIGTERM (for the demo and out-of-process benchmarks)."""
     p = _parser()
     a = p.parse_args(argv)
-    if not _is_loopback(a.host):
+    if not is_loopback(a.host):
         p.error(f"refusing non-loopback host {a.host!r}")
     cfg = _config(p, a)
     stop = threading.Event()

@@ -49,7 +49,7 @@ _SO_TIMESTAMPNS: int | None = getattr(socket, "SO_TIMESTAMPNS", _LINUX_SO_TIMEST
 _CMSG_SPACE = socket.CMSG_SPACE(16) if hasattr(socket, "CMSG_SPACE") else 0
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -279,7 +279,7 @@ class Simulator:
     """Threaded loopback HTTP server speaking Polygon v3 trades/quotes, with counters and fault knobs."""
 
     def __init__(self, config: SimConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
-        if not _is_loopback(host):
+        if not is_loopback(host):
             raise ValueError(f"refusing to bind non-loopback host {host!r}")
         self.config = config if config is not None else SimConfig()
         self.host = host
