@@ -28,6 +28,7 @@ from smallcaps_ingest.core.fetch import FetchEngine, PolygonClient, SymbolOutcom
 from smallcaps_ingest.core.plan import DensityStore, Window, et_day, overfetch_allowance
 from smallcaps_ingest.core.polygon.budget import RequestBudget
 from smallcaps_ingest.core.store import event_dir
+from smallcaps_ingest.simulator import market as simmarket
 
 API_KEY = "benchmark-key"  # the simulator accepts any non-empty key
 KINDS = ("trades", "quotes")
@@ -225,7 +226,7 @@ def _host_main(conn: Any, config: dict[str, Any]) -> None:
                        for r in sim.request_log()])
         elif cmd == "warm":
             # Generate (and keep) every minute the runs will ask for, before any clock starts.
-            cache = simmod._CACHE
+            cache = simmarket.CACHE
             cache.max_minutes = max(cache.max_minutes, args[1])
             cache.max_bytes = max(cache.max_bytes, args[2])
             t0 = time.process_time()

@@ -47,7 +47,6 @@ import _bootstrap  # noqa: F401
 from _common import Truth, load_average, run_ours, table
 from manifests import Event, describe, make, to_work
 
-from smallcaps_ingest import simulator as simmod
 from smallcaps_ingest.core.plan import (
     KINDS,
     PAGE_ROWS,
@@ -62,6 +61,7 @@ from smallcaps_ingest.core.plan import (
     within_bound,
 )
 from smallcaps_ingest.simulator import SimConfig, Simulator, liquidity
+from smallcaps_ingest.simulator import market as simmod
 
 TARGETS = {"isolated": 2.0, "clustered": 1.15, "clustered_in_play": 1.15, "in_play": 1.3}  # by shape
 SIZES = {"isolated": 300, "clustered": 300, "clustered_in_play": 300, "in_play": 160}
@@ -115,7 +115,7 @@ class TickCounter:
         if liquidity(ticker) <= 0:
             return 0
         total = 0
-        for m, minute_of_day, _ in simmod._iter_minutes(start_ns, end_ns, False):
+        for m, minute_of_day, _ in simmod.iter_minutes(start_ns, end_ns, False):
             cut = start_ns > m or end_ns < m + simmod.MINUTE_NS
             n, sips = self._minute(kind, ticker, m, minute_of_day, cut)
             total += n if not cut else bisect_left(sips, end_ns) - bisect_left(sips, start_ns)

@@ -1,5 +1,5 @@
 """``python -m smallcaps_ingest.simulator``: serve the simulated API on loopback."""
 
-from smallcaps_ingest.simulator import main
+from smallcaps_ingest.simulator.cli import main
 
 main()
