@@ -186,17 +186,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="smallcaps-ingest",
-        description="Ingest status, partition range, cleanup, reconcile and report for smallcaps_ingest.",
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-
-    def data_dir_opt(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--data-dir", help="the data directory (default: $SMALLCAPS_DATA_DIR or ./data)")
-
-    s = sub.add_parser("status", help="events done/partial/missing, throughput, ETA, API usage, errors")
+def _status_parser(s: argparse.ArgumentParser, data_dir_opt: Any) -> None:
     data_dir_opt(s)
     s.add_argument("--json", action="store_true", help="print a machine-readable dict")
     s.add_argument(
@@ -219,6 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
         "counts each partition's last materialization recorded",
     )
     s.set_defaults(func=cmd_status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="smallcaps-ingest",
+        description="Ingest status, partition range, cleanup, reconcile and report for smallcaps_ingest.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def data_dir_opt(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--data-dir", help="the data directory (default: $SMALLCAPS_DATA_DIR or ./data)")
+
+    _status_parser(sub.add_parser("status", help="events done/partial/missing, throughput, ETA, API usage, "
+                                  "errors"), data_dir_opt)
 
     pr = sub.add_parser("partition-range", help="FIRST...LAST of the instance's 'symbols' partitions")
     pr.set_defaults(func=cmd_partition_range)

@@ -207,24 +207,29 @@ def render_reconcile(res: Mapping[str, Any]) -> str:
         lines.append(
             f"note: {res['runs_in_progress']} run(s) in progress; their partitions may still be filling"
         )
-    fx = res["fixed"]
-    if fx is not None:
-        if fx["registered_partitions"]:
-            lines.append(f"fixed: registered {len(fx['registered_partitions'])} partition(s)")
-        if fx["recorded_materializations"]:
-            lines.append(
-                f"fixed: recorded {len(fx['recorded_materializations'])} runless materialization(s) "
-                "(reconciled=True)"
-            )
-        if fx["needs_rematerialization"]:
-            how = (
-                "wiped their materializations"
-                if fx["method"] == "wiped"
-                else "recorded an AssetObservation needs_rematerialization=True on each "
-                "(this event log storage cannot wipe partitions)"
-            )
-            lines.append(
-                f"fixed: {len(fx['needs_rematerialization'])} incomplete partition(s): {how}; "
-                "run the commands above to re-materialize"
-            )
+    if res["fixed"] is not None:
+        lines += _fixed_lines(res["fixed"])
     return "\n".join(lines)
+
+
+def _fixed_lines(fx: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if fx["registered_partitions"]:
+        lines.append(f"fixed: registered {len(fx['registered_partitions'])} partition(s)")
+    if fx["recorded_materializations"]:
+        lines.append(
+            f"fixed: recorded {len(fx['recorded_materializations'])} runless materialization(s) "
+            "(reconciled=True)"
+        )
+    if fx["needs_rematerialization"]:
+        how = (
+            "wiped their materializations"
+            if fx["method"] == "wiped"
+            else "recorded an AssetObservation needs_rematerialization=True on each "
+            "(this event log storage cannot wipe partitions)"
+        )
+        lines.append(
+            f"fixed: {len(fx['needs_rematerialization'])} incomplete partition(s): {how}; "
+            "run the commands above to re-materialize"
+        )
+    return lines
