@@ -54,6 +54,24 @@ def _removable(path: str) -> bool:
     return stat.S_ISREG(st.st_mode)
 
 
+# Whether ``os.kill(pid, 0)`` only probes a process. POSIX: yes. Windows: it would terminate it, so
+# there a run is never taken for dead (a test forces this).
+CAN_PROBE_PIDS = os.name == "posix"
+
+
+def process_gone(pid: int) -> bool:
+    """True only when no process ``pid`` exists; False when it exists or this host cannot tell."""
+    if not CAN_PROBE_PIDS:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # exists, owned by someone else
+    return False
+
+
 def fail_dead_runs(instance: Any, exclude_run_id: str | None = None) -> list[str]:
     """Mark runs whose process died (kill -9, OOM, reboot) as failed and free their pool slots.
 
@@ -76,13 +94,8 @@ def fail_dead_runs(instance: Any, exclude_run_id: str | None = None) -> list[str
         host = (run.tags or {}).get("dagster/hostname")
         if host and host != socket.gethostname():
             continue  # another machine's run: its process cannot be checked from here
-        try:
-            os.kill(pid, 0)
-            continue  # alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # exists, owned by someone else
+        if not process_gone(pid):
+            continue
         instance.report_run_failed(run, message=f"process {pid} is gone (killed); marked failed")
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         dead.append(run.run_id)

@@ -370,3 +370,30 @@ def test_reconcile_fix_records_through_the_public_api_only(tree: Tree) -> None:
         # status (from the instance) counts the reconciled partition complete
         st = status.collect_status(str(tree.data_dir), instance=instance)
         assert st["events"]["done"] == 5 and st["disk"]["bytes"] == tree.bytes_of("AAA")
+
+
+def test_cleanup_marks_a_dead_run_failed_and_never_probes_where_it_cannot(
+    tree: Tree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A STARTED run whose RUN_START process is gone is marked failed (report_run_failed); where a
+    pid cannot be probed without harm (Windows: os.kill terminates), no run is taken for dead."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: no process has this pid now
+    gone_pid = child.pid
+    with dg.instance_for_test() as instance:
+        run = create_run_for_test(instance, job_name="other_job", status=dg.DagsterRunStatus.STARTED)
+        instance.report_dagster_event(
+            dg.DagsterEvent(event_type_value="PIPELINE_START", job_name="other_job", pid=gone_pid),
+            run.run_id,
+        )
+        monkeypatch.setattr(cleanup, "CAN_PROBE_PIDS", False)
+        assert cleanup.fail_dead_runs(instance) == []
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED
+        monkeypatch.undo()
+        res = cleanup.cleanup(str(tree.data_dir), instance, grace_minutes=60)
+        assert res["dead_runs_failed"] == [run.run_id]
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+        assert "marked 1 dead run(s) failed" in cleanup.render_cleanup(res)
