@@ -2,13 +2,13 @@
 
 * the "symbols" partitions (``get_dynamic_partitions``) and which are materialized
   (``get_materialized_partitions``);
-* each partition's last ``event_windows`` materialization (``get_latest_storage_id_by_partition``,
-  then those records in one ``fetch_materializations(AssetRecordsFilter(storage_ids=...))``): its
-  metadata carries the partition's counts (events_total, events_complete, bytes), so ``status``
-  answers from the instance without walking the disk;
+* every ``event_windows`` materialization, once (``fetch_materializations`` after the last storage
+  id read, folded into the :class:`Ledger` kept in ``_state/status_cache.json``): each partition's
+  last one carries the partition's counts (events_total, events_complete, bytes), so ``status``
+  answers from the instance without walking the disk; the ledger also keeps the lifetime sums and
+  the newest materializations (the recent rate). Reading a record costs Dagster's deserialization,
+  so records already read are not read again;
 * the manifest's last materialization (``get_latest_materialization_event``): events and symbols;
-* the recent materializations for the rate (``fetch_materializations`` after a timestamp) and the
-  lifetime sums (read incrementally, see :func:`lifetime_totals`);
 * the runs that failed or are in progress (``get_run_records``).
 The same calls serve every instance storage (SQLite, Postgres).
 """
@@ -20,7 +20,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -146,22 +146,6 @@ def fetch_points(
     return out
 
 
-def latest_by_partition(instance: dg.DagsterInstance) -> dict[str, MatPoint]:
-    """Each partition's last event_windows materialization: one grouped query for the storage ids,
-    then those records, a page at a time."""
-    ids = instance.get_latest_storage_id_by_partition(EW, dg.DagsterEventType.ASSET_MATERIALIZATION)
-    wanted = sorted(ids.values())
-    out: dict[str, MatPoint] = {}
-    for i in range(0, len(wanted), FETCH_PAGE):
-        page = wanted[i : i + FETCH_PAGE]
-        flt = dg.AssetRecordsFilter(asset_key=EW, storage_ids=page)
-        for r in instance.fetch_materializations(flt, limit=len(page)).records:
-            p = mat_point(r)
-            if p.partition is not None:
-                out[p.partition] = p
-    return out
-
-
 def manifest_counts(instance: dg.DagsterInstance) -> tuple[int, int] | None:
     """(events, symbols) from the manifest's last materialization, or None."""
     event = instance.get_latest_materialization_event(dg.AssetKey(MANIFEST_ASSET))
@@ -242,17 +226,27 @@ def _asset_marks(instance: dg.DagsterInstance) -> tuple[bool, float | None, int 
 
 
 _COUNTS = ("materializations", "events_written", "requests", "429s", "reconciled")
+LEDGER_VERSION = 2
+
+
+def _ints(row: Any, n: int) -> bool:
+    return isinstance(row, list) and len(row) == n and all(type(x) is int for x in row)
 
 
 def _lifetime_entry_ok(entry: Mapping[str, Any]) -> bool:
-    """A cached lifetime entry of the right shape (anything else is recomputed, never trusted)."""
+    """A cached ledger entry of the right shape (anything else is recomputed, never trusted)."""
     errors = entry.get("errors_by_type")
     after = entry.get("after_storage_id")
+    latest, recent = entry.get("latest"), entry.get("recent")
     return (
         all(type(entry.get(k)) is int for k in _COUNTS)
         and (after is None or type(after) is int)
         and isinstance(errors, dict)
         and all(isinstance(k, str) and type(v) is int for k, v in errors.items())
+        and isinstance(latest, dict)
+        and all(isinstance(k, str) and _ints(v, 4) for k, v in latest.items())
+        and isinstance(recent, list)
+        and all(isinstance(r, list) and len(r) == len(fields(MatPoint)) for r in recent)
     )
 
 
@@ -268,11 +262,12 @@ def _read_cache(cache_path: str | None) -> dict[str, Any]:
 
 
 def _fresh_entry(wipe: float | None) -> dict[str, Any]:
-    return {"version": 1, "wipe": wipe, "after_storage_id": None, **dict.fromkeys(_COUNTS, 0),
-            "errors_by_type": {}}
+    return {"version": LEDGER_VERSION, "wipe": wipe, "after_storage_id": None, **dict.fromkeys(_COUNTS, 0),
+            "errors_by_type": {}, "latest": {}, "recent": []}
 
 
 def _add(entry: dict[str, Any], new: Sequence[MatPoint]) -> None:
+    """Fold materializations read in storage order into the ledger."""
     errors = Counter(entry["errors_by_type"])
     for p in new:
         errors.update(p.errors)
@@ -281,16 +276,38 @@ def _add(entry: dict[str, Any], new: Sequence[MatPoint]) -> None:
         entry["requests"] += p.requests
         entry["429s"] += p.throttled
         entry["reconciled"] += int(p.reconciled)
+        if p.partition is not None:
+            entry["latest"][p.partition] = [p.storage_id, p.events_total, p.events_complete, p.bytes]
     entry["errors_by_type"] = dict(errors)
-    entry["after_storage_id"] = max((p.storage_id for p in new), default=None)
+    entry["recent"] = (entry["recent"] + [list(astuple(p)) for p in new])[-RECENT_LIMIT:]
+    entry["after_storage_id"] = max((p.storage_id for p in new), default=entry["after_storage_id"])
 
 
-def lifetime_totals(instance: dg.DagsterInstance, cache_path: str | None) -> dict[str, Any]:
-    """Sums over every event_windows materialization, read incrementally.
+@dataclass
+class Ledger:
+    """What status needs from every event_windows materialization, kept up to date incrementally."""
 
-    The sums and the last storage id read are kept in ``cache_path`` (keyed by instance), so each call
-    reads only the materializations recorded since the previous one; a wipe of the asset resets it.
-    A cache that cannot be written (read-only data dir) only means the next call reads everything.
+    totals: dict[str, Any]  # materializations, events_written, requests, 429s, reconciled, errors_by_type
+    latest: dict[str, MatPoint]  # partition -> its last materialization's counts
+    recent: list[MatPoint]  # the newest RECENT_LIMIT materializations, oldest first
+
+    def window(self, after_timestamp: float) -> list[MatPoint]:
+        """As ``fetch_points(after_timestamp=..., limit=RECENT_LIMIT)``: newest first."""
+        return [p for p in reversed(self.recent) if p.ts > after_timestamp]
+
+    def last(self, n: int) -> list[MatPoint]:
+        return list(reversed(self.recent[-n:])) if n > 0 else []
+
+
+def read_ledger(instance: dg.DagsterInstance, cache_path: str | None) -> Ledger:
+    """Sums over every event_windows materialization, each partition's last one and the newest
+    ones, read incrementally.
+
+    The ledger and the last storage id read are kept in ``cache_path`` (keyed by instance), so each
+    call reads only the materializations recorded since the previous one (through
+    ``fetch_materializations(after_storage_id=...)``); a wipe of the asset, or an instance that
+    holds fewer records than the ledger saw, resets it. A cache that cannot be written (read-only
+    data dir) only means the next call reads everything again.
     """
     from smallcaps_ingest.core.store import atomic_write_bytes
 
@@ -301,7 +318,7 @@ def lifetime_totals(instance: dg.DagsterInstance, cache_path: str | None) -> dic
     stale = (
         not entry
         or not _lifetime_entry_ok(entry)
-        or entry.get("version") != 1
+        or entry.get("version") != LEDGER_VERSION
         or entry.get("wipe") != wipe
         or not exists  # wiped (or never materialized): nothing to sum
         or (entry.get("after_storage_id") or 0) > (last_id or 0)
@@ -318,7 +335,16 @@ def lifetime_totals(instance: dg.DagsterInstance, cache_path: str | None) -> dic
             cache[key] = entry
             with contextlib.suppress(OSError):  # a read-only data dir: no cache
                 atomic_write_bytes(json.dumps(cache).encode(), Path(cache_path), sync_dir=False)
-    return {k: v for k, v in entry.items() if k not in ("version", "wipe", "after_storage_id")}
+    totals = {k: entry[k] for k in (*_COUNTS, "errors_by_type")}
+    latest = {k: MatPoint(0.0, k, "", v[0], events_total=v[1], events_complete=v[2], bytes=v[3])
+              for k, v in entry["latest"].items()}
+    recent = [MatPoint(*r) for r in entry["recent"]]
+    return Ledger(totals, latest, recent)
+
+
+def lifetime_totals(instance: dg.DagsterInstance, cache_path: str | None) -> dict[str, Any]:
+    """The ledger's sums (see :func:`read_ledger`)."""
+    return read_ledger(instance, cache_path).totals
 
 
 def _touches(

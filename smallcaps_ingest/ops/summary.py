@@ -21,12 +21,13 @@ def instance_summary(
     t0 = time.perf_counter()
     partitions = list(instance.get_dynamic_partitions(ins.PARTITIONS))
     materialized = instance.get_materialized_partitions(ins.EW)
-    latest = {k: v for k, v in ins.latest_by_partition(instance).items() if k in materialized}
-    recent = ins.fetch_points(instance, after_timestamp=now - window_s, limit=ins.RECENT_LIMIT)
-    fallback = [] if recent else ins.fetch_points(instance, limit=last_n)
+    ledger = ins.read_ledger(instance, cache_path)
+    latest = {k: v for k, v in ledger.latest.items() if k in materialized}
+    recent = ledger.window(now - window_s)
+    fallback = [] if recent else ledger.last(last_n)
     tp = ins.throughput(recent, now=now, window_s=window_s, fallback=fallback,
                         capped=len(recent) >= ins.RECENT_LIMIT)
-    life = ins.lifetime_totals(instance, cache_path)
+    life = ledger.totals
     recent_errors: Counter[str] = Counter()
     for p in recent or fallback:
         recent_errors.update(p.errors)

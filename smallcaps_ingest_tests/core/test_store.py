@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
-import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from smallcaps_ingest.core import shape, store
 from smallcaps_ingest_tests.conftest import ns, truth_frame

@@ -701,6 +701,28 @@ def test_instance_reads_every_record_shape(home: dg.DagsterInstance, tmp_path: P
     assert ins.lifetime_totals(home, str(tmp_path / "c"))["errors_by_type"] == {"5xx": 1}
 
 
+def test_ledger_reads_what_the_dagster_api_reads(
+    home: dg.DagsterInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger's newest materializations, window and per-partition counts are the API's own."""
+    _populate(home)
+    recs = home.fetch_materializations(EW, limit=100).records
+    last = max(r.timestamp for r in recs)
+    for limit in (ins.RECENT_LIMIT, 2):  # 2: the capped window
+        monkeypatch.setattr(ins, "RECENT_LIMIT", limit)
+        cache = str(tmp_path / f"ledger{limit}.json")
+        for _ in range(2):  # read, then from the cache
+            led = ins.read_ledger(home, cache)
+            for now, window in ((last, 1800.0), (last + 86_400 * 10, 1800.0), (last + 0.5, 0.0)):
+                got = led.window(now - window)
+                assert got == ins.fetch_points(home, after_timestamp=now - window, limit=limit), (now, window)
+            assert led.last(3) == ins.fetch_points(home, limit=min(3, limit))
+        newest = {r.partition_key: r for r in reversed(recs) if r.partition_key}
+        assert set(led.latest) == set(newest) == {"AAA", "BBB", "CCC", "DDD"}
+        assert (led.latest["DDD"].events_total, led.latest["DDD"].events_complete) == (1, 1)
+        assert all(led.latest[k].storage_id == r.storage_id for k, r in newest.items())
+
+
 def test_a_metadata_value_of_another_type_is_read_as_zero(
     home: dg.DagsterInstance, tree: Tree, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -749,6 +771,10 @@ def test_lifetime_cache_of_the_wrong_shape_is_recomputed(tmp_path: Path) -> None
             {"errors_by_type": {"429": "many"}},
             {"errors_by_type": ["429"]},
             {"after_storage_id": "1"},
+            {"latest": {"AAA": ["1", 2, 3, 4]}},
+            {"latest": []},
+            {"recent": [[1, 2]]},
+            {"recent": {}},
         ):
             entry = {**json.loads(cache.read_text())[key], **bad}
             cache.write_text(json.dumps({key: entry}))
