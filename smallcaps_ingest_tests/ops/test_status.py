@@ -758,6 +758,15 @@ def test_cli_status_default_and_verify_agree(tree: Tree, home: dg.DagsterInstanc
     for key in ("instance", "errors", "lifetime", "api", "data_dir"):
         assert default[key] == ref[key], key
     assert run() == default
+    code = (  # the default reads no Parquet file: neither the manifest nor the tree
+        "import sys; from smallcaps_ingest.ops import cli; "
+        f"cli.main(['status', '--data-dir', {str(tree.data_dir)!r}]); "
+        "print('polars' in sys.modules, 'pyarrow' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True
+    )
+    assert proc.stdout.strip().splitlines()[-1] == "False False", proc.stdout
 
 
 def test_lifetime_cache_of_the_wrong_shape_is_recomputed(tmp_path: Path) -> None:
