@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Literal
 
 import polars as pl
 
+from smallcaps_ingest import layout
 from smallcaps_ingest.core import compact, shape, store
 from smallcaps_ingest.core.compact import EVENT_COLUMNS, ORDER
 from smallcaps_ingest.core.manifest import SESSIONS
@@ -42,7 +43,7 @@ __all__ = ["EVENT_COLUMNS", "ORDER", "IncompleteEventsError", "ReadPlan", "duckd
            "load_windows", "plan_windows"]
 
 KINDS = ("trades", "quotes")
-MANIFEST_FILE = "manifest.parquet"
+MANIFEST_FILE = layout.MANIFEST_FILE
 _PATH = "__path"
 _EXAMPLES = 20
 
@@ -174,7 +175,7 @@ def plan_windows(
             sdirs[symbol] = str(store.symbol_dir(root, symbol))
         if "/" in eid or eid.startswith("."):  # what store.event_dir refuses, without a Path per event
             store.event_dir(root, symbol, eid)
-        d = f"{sdirs[symbol]}/event={eid}"
+        d = f"{sdirs[symbol]}/{layout.EVENT_PREFIX}{eid}"
         t, q = _stat(f"{d}/{store.FILES[0]}"), _stat(f"{d}/{store.FILES[1]}")
         prints.append(t + q if t and q else None)
         paths.append(f"{d}/{kind}.parquet")

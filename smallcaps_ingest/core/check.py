@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+from smallcaps_ingest import layout
 from smallcaps_ingest.core import shape, store
 from smallcaps_ingest.core.plan import Window
+
+_EVENT_ID = layout.EVENT_PREFIX + r"([^/\\]+)"  # the event id in a data file's path
 
 BID_LE_ASK_MIN_SHARE = 0.98
 # sampling error allowed around that share, in standard deviations of a binomial count
@@ -119,8 +122,8 @@ def evaluate_symbol(
     ]
     root = store.symbol_dir(data_dir, symbol)
     events = sorted(scan.complete)
-    trade_files = [str(root / f"event={e}" / "trades.parquet") for e in events]
-    quote_files = [str(root / f"event={e}" / "quotes.parquet") for e in events]
+    trade_files = [str(store.event_dir(data_dir, symbol, e) / layout.FILES[0]) for e in events]
+    quote_files = [str(store.event_dir(data_dir, symbol, e) / layout.FILES[1]) for e in events]
 
     # schema: metadata only, per file
     want_q = shape.quotes_schema(hz)
@@ -145,7 +148,7 @@ def evaluate_symbol(
     trades = _read_all([f for f in trade_files if f not in bad_schema])
     if trades is not None and trades.height:
         t = trades.with_columns(
-            event_id=pl.col("path").str.extract(r"event=([^/\\]+)"),
+            event_id=pl.col("path").str.extract(_EVENT_ID),
             ns=pl.col("sip_timestamp").dt.epoch("ns"),
         ).join(bounds, on="event_id", how="left")
         per = t.group_by("event_id").agg(
@@ -167,7 +170,7 @@ def evaluate_symbol(
     if quotes is not None and quotes.height:
         key = "ts" if hz > 0 else "sip_timestamp"
         q = quotes.with_columns(
-            event_id=pl.col("path").str.extract(r"event=([^/\\]+)"),
+            event_id=pl.col("path").str.extract(_EVENT_ID),
             ns=pl.col(key).dt.epoch("ns"),
             sip=pl.col("sip_timestamp").dt.epoch("ns"),
         ).join(bounds, on="event_id", how="left")

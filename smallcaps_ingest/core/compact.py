@@ -39,9 +39,10 @@ from typing import Any
 import orjson
 import polars as pl
 
+from smallcaps_ingest import layout
 from smallcaps_ingest.core import store
 
-COMPACT_DIR = "compacted"
+COMPACT_DIR = layout.COMPACT_DIR
 SIDECAR = "_compaction.json"
 SIDECAR_VERSION = 1
 # Small row groups so that one event type's rows (10 % of a symbol's, say) cost a few groups, not
@@ -54,7 +55,7 @@ Fingerprint = tuple[int, int, int, int, int, int]  # (ino, size, mtime_ns) of tr
 
 
 def symbol_compact_dir(data_dir: str | os.PathLike[str], symbol: str) -> Path:
-    return Path(data_dir) / COMPACT_DIR / store.symbol_dir(data_dir, symbol).name
+    return layout.compact_root(data_dir) / store.symbol_dir(data_dir, symbol).name
 
 
 def stat_key(st: os.stat_result) -> tuple[int, int, int]:

@@ -284,9 +284,9 @@ class DensityStore:
                         cell = on_disk.setdefault(symbol, {}).setdefault(kind, {}).setdefault(session, [0, 0])
                         cell[0] += rows
                         cell[1] += secs
-            tmp = self.path.with_suffix(f".tmp.{os.getpid()}")
-            tmp.write_text(json.dumps(on_disk, sort_keys=True))
-            os.replace(tmp, self.path)
+            from smallcaps_ingest.core.store import atomic_write_bytes
+
+            atomic_write_bytes(json.dumps(on_disk, sort_keys=True).encode(), self.path)
             self._obs = on_disk
             self._pending = {}
 

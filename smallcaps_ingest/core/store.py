@@ -9,53 +9,49 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import polars as pl
-import pyarrow as pa
-import pyarrow.parquet as pq
+from smallcaps_ingest import layout
+from smallcaps_ingest.layout import (  # noqa: F401 - the store's names, re-exported for its callers
+    FILES,
+    SOURCE_FILE,
+    TMP_MARK,
+    event_dir,
+    symbol_dir,
+    windows_root,
+)
 
-FILES = ("trades.parquet", "quotes.parquet")
-TMP_MARK = ".tmp"
-SOURCE_FILE = "_source.json"
-_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+if TYPE_CHECKING:
+    import polars as pl
+    import pyarrow as pa
 
 
 class SourceMismatchError(RuntimeError):
     """Simulated data must never mix into a tree fetched from the real API (or vice versa)."""
 
 
-def windows_root(data_dir: str | os.PathLike[str]) -> Path:
-    return Path(data_dir) / "event_windows"
-
-
-def _safe(part: str, what: str) -> str:
-    if not _SAFE.match(part) or ".." in part:
-        raise ValueError(f"unsafe {what} for a path component: {part!r}")
-    return part
-
-
-def symbol_dir(data_dir: str | os.PathLike[str], symbol: str) -> Path:
-    return windows_root(data_dir) / f"symbol={_safe(symbol, 'symbol')}"
-
-
-def event_dir(data_dir: str | os.PathLike[str], symbol: str, event_id: str) -> Path:
-    return symbol_dir(data_dir, symbol) / f"event={_safe(event_id, 'event_id')}"
-
-
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    """Make the renames in ``path`` durable. POSIX only: where a directory cannot be opened
+    (Windows raises PermissionError), the rename is already durable once ``os.replace`` returns
+    (NTFS journals it), so there is nothing to do."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (PermissionError, IsADirectoryError):
+        return
     try:
         os.fsync(fd)
+    except OSError:  # some file systems cannot sync a directory: the rename stands
+        pass
     finally:
         os.close(fd)
 
 
 def _delta_columns(schema: pa.Schema) -> dict[str, str]:
+    import pyarrow as pa
+
     """64-bit integer and timestamp columns: DELTA_BINARY_PACKED (the rest stays plain).
 
     Timestamps and sequence numbers rise steadily within an event, so their deltas are small and
@@ -82,6 +78,9 @@ def encode_parquet(
     ``row_group_size`` and ``dictionary`` (columns to dictionary-encode) are for the large
     compacted files (``compact.py``): small row groups let a filter skip most of a file, and the
     event columns repeat on every row of an event."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     table = df.to_arrow()
     sink = pa.BufferOutputStream()
     delta = {k: v for k, v in _delta_columns(table.schema).items()
@@ -92,10 +91,11 @@ def encode_parquet(
 
 
 def atomic_write_bytes(data: bytes | pa.Buffer, dest: Path, sync_dir: bool = True) -> int:
-    """Write ``data`` to ``dest`` atomically (temporary file in the same directory, one write,
-    fsync, ``os.replace``, then the directory fsynced); returns the bytes written."""
+    """Write ``data`` to ``dest`` atomically; returns the bytes written. The one atomic writer of the
+    package: a temporary sibling (``layout.tmp_path``), one write, fsync, ``os.replace``, then the
+    directory fsynced (unless ``sync_dir=False``: the caller syncs it after several renames)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}{TMP_MARK}.{os.getpid()}.{time.monotonic_ns()}")
+    tmp = layout.tmp_path(dest)
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)  # type: ignore[arg-type]  # a pa.Buffer supports the buffer protocol
@@ -140,44 +140,14 @@ class SymbolScan:
 
 
 def scan_symbol(data_dir: str | os.PathLike[str], symbol: str) -> SymbolScan:
-    """One cheap ``os.scandir`` pass over a symbol's events."""
-    complete: set[str] = set()
-    partial: set[str] = set()
-    orphans: list[Path] = []
-    files = size = 0
-    root = symbol_dir(data_dir, symbol)
-    if not root.is_dir():
-        return SymbolScan(frozenset(), frozenset(), (), 0, 0)
-    with os.scandir(root) as events:
-        for ev in events:
-            if not ev.is_dir() or not ev.name.startswith("event="):
-                if TMP_MARK in ev.name:
-                    orphans.append(Path(ev.path))
-                continue
-            present = 0
-            with os.scandir(ev.path) as entries:
-                for f in entries:
-                    if TMP_MARK in f.name:
-                        orphans.append(Path(f.path))
-                    elif f.name in FILES:
-                        present += 1
-                        files += 1
-                        size += f.stat().st_size
-            eid = ev.name[len("event=") :]
-            if present == len(FILES):
-                complete.add(eid)
-            elif present:
-                partial.add(eid)
-    return SymbolScan(frozenset(complete), frozenset(partial), tuple(orphans), files, size)
+    """A symbol's events on disk, by the tree's one scanner (``layout.scan_symbol_dir``)."""
+    d = layout.scan_symbol_dir(str(symbol_dir(data_dir, symbol)))
+    return SymbolScan(d.complete, d.partial, tuple(Path(p) for p in d.orphans), d.files, d.bytes)
 
 
 def iter_symbols(data_dir: str | os.PathLike[str]) -> Iterator[str]:
-    root = windows_root(data_dir)
-    if root.is_dir():
-        with os.scandir(root) as it:
-            for e in it:
-                if e.is_dir() and e.name.startswith("symbol="):
-                    yield e.name[len("symbol=") :]
+    for sym, _ in layout.list_symbol_dirs(data_dir)[0]:
+        yield sym
 
 
 def check_source(data_dir: str | os.PathLike[str], source: str) -> None:
@@ -185,7 +155,7 @@ def check_source(data_dir: str | os.PathLike[str], source: str) -> None:
     path = Path(data_dir) / SOURCE_FILE
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}{TMP_MARK}.{os.getpid()}.{time.monotonic_ns()}")
+        tmp = layout.tmp_path(path)
         tmp.write_text(json.dumps({"source": source}))
         try:
             os.link(tmp, path)  # atomic and exclusive: the first writer wins, a racing one re-reads

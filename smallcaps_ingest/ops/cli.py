@@ -1,7 +1,6 @@
 """``smallcaps-ingest``: status, plan, doctor, partition-range, cleanup, reconcile and report, from a shell.
 
-Imports stay light at the top (stdlib only): ``status`` forks its disk scan first and, on the default
-SQLite instance, never imports Dagster at all (see instance_sqlite.py).
+Settings come from one ``Config.from_env()`` (flags override it); commands get plain values.
 Exit codes: 0 ok, 1 a clear error (no partitions, no manifest, cleanup refused...), 2 usage.
 """
 
@@ -10,13 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from smallcaps_ingest.config import Config, ConfigError
-from smallcaps_ingest.ops import status as st
+from smallcaps_ingest.ops.render import format_duration
+
+PARTITIONS = "symbols"
 
 
 def _err(msg: str) -> int:
@@ -28,59 +28,56 @@ def _dump(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-def _data_dir(args: argparse.Namespace) -> str:
-    return os.path.abspath(args.data_dir) if args.data_dir else Config.from_env().data_dir
+def _config(args: argparse.Namespace) -> Config:
+    """The settings, ``--data-dir`` (made absolute) over ``SMALLCAPS_DATA_DIR``."""
+    data_dir = getattr(args, "data_dir", None)
+    return Config.from_env(data_dir=os.path.abspath(data_dir)) if data_dir else Config.from_env()
+
+
+def _open_instance(config: Config) -> tuple[Any, str | None]:
+    from smallcaps_ingest.ops.instance import open_instance
+
+    return open_instance(config.dagster_home)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    data_dir = _data_dir(args)
+    from smallcaps_ingest.ops import render, status
+
+    config = _config(args)
     bar = None
     if not args.no_progress and sys.stdout.isatty() and sys.stderr.isatty():
-        bar = st.ProgressBar(sys.stderr)
-    workers = args.workers or (1 if args.no_fork else max(1, min(4, os.cpu_count() or 1)))
+        bar = render.ScanProgress(sys.stderr)
     try:
-        result = st.collect_status(
-            data_dir,
+        result = status.collect_status(
+            config.data_dir,
             use_instance=not args.no_instance,
+            dagster_home=config.dagster_home,
             window_minutes=args.window_minutes,
-            max_rps=args.max_rps,
-            parallel=not args.no_fork,
-            workers=workers,
+            max_rps=args.max_rps or config.max_rps,
+            verify=args.verify,
             progress=bar,
-            fast_instance=not args.dagster_api,
-            disk_cache=not args.no_cache,
         )
     finally:
         if bar is not None:
-            bar.close(always=not args.no_fork)
+            bar.close()
     if args.json:
         _dump(result)
     else:
-        print(st.render_text(result))
+        print(render.render_text(result))
     return 0
 
 
 def cmd_partition_range(args: argparse.Namespace) -> int:
-    instance, message = st.open_instance(fast=True)
+    instance, message = _open_instance(_config(args))
     if instance is None:
-        return _err(f"{message}; cannot list the '{st.PARTITIONS}' partitions")
-    if isinstance(instance, st.SqliteInstanceView):
-        view = instance
-        try:
-            return _partition_range(view.get_dynamic_partitions(st.PARTITIONS), view.root_directory)
-        except sqlite3.Error:
-            instance, message = st.open_instance()  # let Dagster read (or explain) it
-            if instance is None:
-                return _err(f"{message}; cannot list the '{st.PARTITIONS}' partitions")
-        finally:
-            view.close()
-    return _partition_range(list(instance.get_dynamic_partitions(st.PARTITIONS)), instance.root_directory)
+        return _err(f"{message}; cannot list the '{PARTITIONS}' partitions")
+    return _partition_range(list(instance.get_dynamic_partitions(PARTITIONS)), instance.root_directory)
 
 
 def _partition_range(keys: list[str], root: str) -> int:
     if not keys:
         return _err(
-            f"the instance at {root} has no '{st.PARTITIONS}' partitions yet: "
+            f"the instance at {root} has no '{PARTITIONS}' partitions yet: "
             "materialize the manifest asset first (it registers one partition per symbol)"
         )
     print(f"{keys[0]}...{keys[-1]}")
@@ -88,10 +85,12 @@ def _partition_range(keys: list[str], root: str) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    data_dir = _data_dir(args)
-    instance, message = st.open_instance()
-    res = st.cleanup(
-        data_dir,
+    from smallcaps_ingest.ops import cleanup
+
+    config = _config(args)
+    instance, message = _open_instance(config)
+    res = cleanup.cleanup(
+        config.data_dir,
         instance,
         grace_minutes=args.grace_minutes,
         dry_run=args.dry_run,
@@ -101,30 +100,33 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     if args.json:
         _dump(res)
     else:
-        print(st.render_cleanup(res), file=sys.stderr if res["refused"] else sys.stdout)
+        print(cleanup.render_cleanup(res), file=sys.stderr if res["refused"] else sys.stdout)
     return 1 if res["refused"] or res["errors"] else 0
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    data_dir = _data_dir(args)
-    instance, message = st.open_instance()
+    from smallcaps_ingest.ops import reconcile
+    from smallcaps_ingest.ops.status import StatusError
+
+    config = _config(args)
+    instance, message = _open_instance(config)
     if instance is None:
         return _err(f"{message}; reconcile compares the disk with the instance")
     try:
-        res = st.reconcile(data_dir, instance, fix=args.fix)
-    except st.StatusError as e:
+        res = reconcile.reconcile(config.data_dir, instance, fix=args.fix)
+    except StatusError as e:
         return _err(str(e))
     if args.json:
         _dump(res)
     else:
-        print(st.render_reconcile(res))
+        print(reconcile.render_reconcile(res))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from smallcaps_ingest.ops import report
 
-    data_dir = _data_dir(args)
+    data_dir = _config(args).data_dir
     try:
         out = report.run_report(data_dir)
     except report.ReportError as e:
@@ -140,9 +142,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from smallcaps_ingest.ops import preview
 
-    data_dir = _data_dir(args)
+    config = _config(args)
+    data_dir = config.data_dir
     try:
-        config = Config.from_env(data_dir=data_dir)
         budget = preview.Settings.from_config(config)
         settings = preview.Settings.from_config(config, args.max_rps) if args.max_rps else budget
         res = preview.preview(data_dir, settings)
@@ -159,7 +161,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             b = res["at_budget"]
             print(
                 f"  at POLYGON_MAX_RPS={b['max_rps']:g}: {b['requests']['total']:,} requests, "
-                f"{st.format_duration(b['seconds'])}"
+                f"{format_duration(b['seconds'])}"
             )
     return 0
 
@@ -171,7 +173,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if not args.json:
             print(doctor.render(c), flush=True)
 
-    config = Config.from_env(data_dir=_data_dir(args))
+    config = _config(args)
     if args.max_rps:
         config = Config.from_env(data_dir=config.data_dir, max_rps=args.max_rps)
     checks = doctor.run_checks(config, ticker=args.ticker, emit=emit)
@@ -184,6 +186,31 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _status_parser(s: argparse.ArgumentParser, data_dir_opt: Any) -> None:
+    data_dir_opt(s)
+    s.add_argument("--json", action="store_true", help="print a machine-readable dict")
+    s.add_argument(
+        "--window-minutes",
+        type=float,
+        default=30.0,
+        help="recent window for events/min, ETA and requests/s (default 30)",
+    )
+    s.add_argument(
+        "--max-rps", type=float, default=None, help="the request budget (default $POLYGON_MAX_RPS or 90)"
+    )
+    s.add_argument(
+        "--no-instance", action="store_true", help="disk and manifest only (no instance is opened)"
+    )
+    s.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+    s.add_argument(
+        "--verify",
+        action="store_true",
+        help="walk the disk and count every event (partial, extra, empty, tmp orphans); default: the "
+        "counts each partition's last materialization recorded",
+    )
+    s.set_defaults(func=cmd_status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="smallcaps-ingest",
@@ -194,40 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     def data_dir_opt(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--data-dir", help="the data directory (default: $SMALLCAPS_DATA_DIR or ./data)")
 
-    s = sub.add_parser("status", help="events done/partial/missing, throughput, ETA, API usage, errors")
-    data_dir_opt(s)
-    s.add_argument("--json", action="store_true", help="print a machine-readable dict")
-    s.add_argument(
-        "--window-minutes",
-        type=float,
-        default=st.DEFAULT_WINDOW_MINUTES,
-        help="recent window for events/min, ETA and requests/s (default 30)",
-    )
-    s.add_argument(
-        "--max-rps", type=float, default=None, help="the request budget (default $POLYGON_MAX_RPS or 90)"
-    )
-    s.add_argument(
-        "--no-instance", action="store_true", help="disk and manifest only (do not import Dagster)"
-    )
-    s.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
-    s.add_argument("--no-fork", action="store_true", help="scan in this process (no forked child)")
-    s.add_argument(
-        "--no-cache",
-        action="store_true",
-        help="full disk scan; neither read nor write _state/status_disk.cache (same answer, slower)",
-    )
-    s.add_argument(
-        "--dagster-api",
-        action="store_true",
-        help="read the instance through Dagster's API, not directly from its SQLite files (same answer)",
-    )
-    s.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        help="processes for the disk scan (default: CPUs, max 4; 1 with --no-fork)",
-    )
-    s.set_defaults(func=cmd_status)
+    _status_parser(sub.add_parser("status", help="events done/partial/missing, throughput, ETA, API usage, "
+                                  "errors"), data_dir_opt)
 
     pr = sub.add_parser("partition-range", help="FIRST...LAST of the instance's 'symbols' partitions")
     pr.set_defaults(func=cmd_partition_range)

@@ -3,7 +3,7 @@
 From the manifest, the tree and the learned densities (``_state/density.json``), it walks the
 engine's own planner (:func:`plan.plan_groups`, the same sequence ``FetchEngine`` follows) over
 every event the engine would fetch (complete events on disk are left out, found by the status
-scanner :mod:`status_disk`, reusing its cache) and adds up the expected pages of every planned
+scanner, ``layout.scan_symbol_dir``) and adds up the expected pages of every planned
 range: requests by endpoint, rows and bytes written, and wall time at a request rate.
 
 What it cannot know: a symbol with no learned density is planned on the priors (``PRIOR_DENSITY``),
@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from smallcaps_ingest import layout
 from smallcaps_ingest.config import Config
 from smallcaps_ingest.core.plan import (
     KINDS,
@@ -32,7 +33,6 @@ from smallcaps_ingest.core.plan import (
     overfetch_allowance,
     plan_groups,
 )
-from smallcaps_ingest.ops import status_disk as sd
 
 SESSIONS = ("PM", "RTH", "AH", "OFF")
 # Bytes of a written file: a fixed part (footer, schema, empty pages) and a part per row, fitted on
@@ -92,25 +92,12 @@ class Settings:
 
 
 def complete_events(data_dir: str, symbols: set[str]) -> dict[str, set[str]]:
-    """Complete event ids (both files present) per symbol, from the status scanner.
-
-    Reads ``_state/status_disk.cache`` when it is valid (an unchanged event directory costs one
-    ``stat``) and never writes it: status keeps its own cache consistent with its coverage figures."""
-    from smallcaps_ingest.ops.status import list_symbol_dirs
-
-    root = os.path.join(os.path.abspath(data_dir), sd.WINDOWS_DIR)
-    cache = sd.load(os.path.join(os.path.abspath(data_dir), sd.STATE_DIR, sd.DISK_CACHE), root) or {}
-    cached = cache.get("symbols") if isinstance(cache.get("symbols"), dict) else {}
-    cut = sd.racy_cut()
-    n = len(sd.EVENT_PREFIX)
-    out: dict[str, set[str]] = {}
-    for sym, path in list_symbol_dirs(data_dir)[0]:
-        if sym not in symbols:
-            continue
-        entry = sd.scan_symbol(path, cached.get(sym), cut)[1]
-        names = entry[1].split("\0") if entry[1] else []
-        out[sym] = {name[n:] for name, fl in zip(names, entry[3], strict=True) if fl & 3 == 3}
-    return out
+    """Complete event ids (both files present) per symbol, from the tree's scanner."""
+    return {
+        sym: set(layout.scan_symbol_dir(path).complete)
+        for sym, path in layout.list_symbol_dirs(data_dir)[0]
+        if sym in symbols
+    }
 
 
 def read_manifest(
@@ -122,7 +109,7 @@ def read_manifest(
     made per event."""
     import polars as pl
 
-    path = os.path.join(data_dir, "manifest.parquet")
+    path = layout.manifest_path(data_dir)
     if not os.path.isfile(path):
         raise PreviewError(
             f"no manifest at {path}: materialize the manifest asset first "
@@ -233,7 +220,7 @@ def preview(data_dir: str, settings: Settings, density_path: str | None = None) 
     (``at_budget``): the over-fetch allowance, hence the plan, depends on the rate."""
     data_dir = os.path.abspath(data_dir)
     todo, events = read_manifest(data_dir)
-    path = density_path or os.path.join(data_dir, sd.STATE_DIR, "density.json")
+    path = density_path or str(layout.state_dir(data_dir) / layout.DENSITY_FILE)
     out = estimate(todo, {}, DensityStore(path), settings)
     out["events_complete"] = events - out["events_to_fetch"]
     out["data_dir"] = data_dir
@@ -246,7 +233,7 @@ def _n(v: float) -> str:
 
 def render_text(res: Mapping[str, Any]) -> str:
     """The estimate for people."""
-    from smallcaps_ingest.ops.status import format_bytes, format_duration
+    from smallcaps_ingest.ops.render import format_bytes, format_duration
 
     req = res["requests"]
     lines = [

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +27,12 @@ from typing import Any
 
 import polars as pl
 
-from smallcaps_ingest.ops import status
+from smallcaps_ingest import layout
+from smallcaps_ingest.core.store import atomic_write_bytes
+from smallcaps_ingest.ops.render import format_bytes
+from smallcaps_ingest.ops.status import coverage
 
-REPORT_DIR = status.REPORTS_DIR
+REPORT_DIR = layout.REPORTS_DIR
 REPORT_FILE = "ingestion_report.parquet"
 PLOT_FILE = "ingestion_report.png"
 ROWCOUNT_CACHE = "_rowcounts.parquet"
@@ -75,7 +79,7 @@ def reports_dir(data_dir: str | os.PathLike[str]) -> Path:
 
 
 def read_manifest(data_dir: str | os.PathLike[str]) -> pl.DataFrame | None:
-    path = Path(status.manifest_path(data_dir))
+    path = Path(layout.manifest_path(data_dir))
     if not path.is_file():
         return None
     return pl.read_parquet(path, columns=["symbol", "event_id", "timestamp"])
@@ -103,19 +107,14 @@ def _load_cache(path: Path) -> dict[tuple[str, str], tuple[int, ...]]:
 
 
 def _atomic_parquet(df: pl.DataFrame, dest: Path) -> Path:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}{status.TMP_MARK}.{os.getpid()}")
-    try:
-        df.write_parquet(tmp, compression="zstd")
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    df.write_parquet(buf, compression="zstd")
+    atomic_write_bytes(buf.getvalue(), dest)
     return dest
 
 
 def row_counts(
-    data_dir: str | os.PathLike[str], scan: status.TreeScan, *, use_cache: bool = True, threads: int = 8
+    data_dir: str | os.PathLike[str], scan: layout.TreeScan, *, use_cache: bool = True, threads: int = 8
 ) -> dict[tuple[str, str], tuple[int | None, int | None]]:
     """(symbol, event) -> (trades rows, quotes rows) for every complete event, from footers (cached)."""
     cache_path = reports_dir(data_dir) / ROWCOUNT_CACHE
@@ -129,13 +128,13 @@ def row_counts(
                 out[(sym, eid)] = (hit[4], hit[5])
             else:
                 todo.append((sym, eid, st))
-    root = status.WINDOWS_DIR
-    trades, quotes = status.FILES
+    root = layout.WINDOWS_DIR
+    trades, quotes = layout.FILES
 
     def read(item: tuple[str, str, tuple[int, int, int, int]]) -> tuple[int | None, int | None]:
         sym, eid, _ = item
         base = os.path.join(
-            os.fspath(data_dir), root, f"{status.SYMBOL_PREFIX}{sym}", f"{status.EVENT_PREFIX}{eid}"
+            os.fspath(data_dir), root, f"{layout.SYMBOL_PREFIX}{sym}", f"{layout.EVENT_PREFIX}{eid}"
         )
         return _footer_rows(os.path.join(base, trades)), _footer_rows(os.path.join(base, quotes))
 
@@ -163,7 +162,7 @@ def build_report(
     threads: int = 8,
 ) -> pl.DataFrame:
     """One row per symbol (manifest symbols, plus symbols found only on disk), sorted by symbol."""
-    scan = status.scan_tree(data_dir, detail=True)
+    scan = layout.scan_tree(data_dir, detail=True)
     ids: dict[str, frozenset[str]] = {}
     bounds: dict[str, tuple[Any, Any]] = {}
     if manifest is not None and manifest.height:
@@ -176,9 +175,9 @@ def build_report(
             ids[sym] = frozenset(evs)
             bounds[sym] = (first, last)
     rows = row_counts(data_dir, scan, use_cache=use_cache, threads=threads)
-    cov = status.coverage(ids if manifest is not None else None, scan)
+    cov = coverage(ids if manifest is not None else None, scan)
     records = []
-    empty_disk = status.SymbolDisk()
+    empty_disk = layout.SymbolDisk()
     for sym, c in cov.items():
         disk = scan.symbols.get(sym, empty_disk)
         counted = disk.complete & ids.get(sym, frozenset()) if manifest is not None else disk.complete
@@ -276,7 +275,7 @@ def markdown_table(df: pl.DataFrame, totals: dict[str, Any], max_rows: int = TAB
     total_row = (
         f"| **total ({t['symbols']} symbols, {t['symbols_complete']} complete)** | {t['events']:,} | "
         f"{t['complete']:,} | {t['partial']:,} | {t['missing']:,} | {t['empty']:,} | {t['rows']:,} | "
-        f"{status.format_bytes(t['bytes'])} | "
+        f"{format_bytes(t['bytes'])} | "
         f"{'' if t['coverage_pct'] is None else format(t['coverage_pct'], '.1f') + '%'} | "
         f"{(t['first_event'] or '')[:16].replace('T', ' ')} | "
         f"{(t['last_event'] or '')[:16].replace('T', ' ')} |\n"
@@ -285,7 +284,7 @@ def markdown_table(df: pl.DataFrame, totals: dict[str, Any], max_rows: int = TAB
     body = ""
     for r in shown.iter_rows(named=True):
         r = dict(r)
-        r["bytes"] = status.format_bytes(r["bytes"])
+        r["bytes"] = format_bytes(r["bytes"])
         body += "| " + " | ".join(_fmt(r[c]) for c in cols) + " |\n"
     note = ""
     if df.height > max_rows:
@@ -351,9 +350,9 @@ def plot_report(
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}{status.TMP_MARK}.{os.getpid()}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(buf.getvalue(), out)
     return out
 
 
@@ -386,7 +385,7 @@ def run_report(
         manifest = read_manifest(data_dir)
     if manifest is None:
         raise ReportError(
-            f"no manifest at {status.manifest_path(data_dir)}: materialize the manifest asset first"
+            f"no manifest at {layout.manifest_path(data_dir)}: materialize the manifest asset first"
         )
     df = build_report(data_dir, manifest, use_cache=use_cache)
     totals = report_totals(df)

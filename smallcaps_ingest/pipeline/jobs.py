@@ -6,14 +6,17 @@ The logic lives in ``report`` (coverage, table, plot) and ``status`` (cleanup, r
 import dagster as dg
 import polars as pl
 
-from smallcaps_ingest.ops import report, status
+from smallcaps_ingest.ops import cleanup as ops_cleanup
+from smallcaps_ingest.ops import instance as ops_instance
+from smallcaps_ingest.ops import reconcile as ops_reconcile
+from smallcaps_ingest.ops import report
 from smallcaps_ingest.pipeline.assets import event_windows
 from smallcaps_ingest.pipeline.resources import IngestSettings
 
 
 def _throughput_points(instance: dg.DagsterInstance) -> list[tuple[float, int, float]]:
     """(timestamp, events written, seconds) of every event_windows materialization that did work."""
-    points = status.fetch_points(instance, ascending=True, cap=10**9)
+    points = ops_instance.fetch_points(instance, ascending=True, cap=10**9)
     return [(p.ts, p.written, p.seconds) for p in points if not p.reconciled]
 
 
@@ -61,7 +64,7 @@ class ReconcileConfig(dg.Config):
     description="Remove *.tmp* orphans older than the grace period; refuses while an ingest run is writing.",
 )
 def cleanup_tmp_orphans(context: dg.OpExecutionContext, config: CleanupConfig, settings: IngestSettings):  # type: ignore[no-untyped-def]
-    res = status.cleanup(
+    res = ops_cleanup.cleanup(
         settings.data_dir,
         context.instance,
         grace_minutes=config.grace_minutes,
@@ -69,7 +72,7 @@ def cleanup_tmp_orphans(context: dg.OpExecutionContext, config: CleanupConfig, s
         force=config.force,
         exclude_run_id=context.run_id,
     )
-    context.log.info(status.render_cleanup(res))
+    context.log.info(ops_cleanup.render_cleanup(res))
     if res["refused"]:
         raise dg.Failure(
             description=res["message"], metadata={"runs_in_progress": len(res["runs_in_progress"])}
@@ -96,8 +99,8 @@ def cleanup_tmp_orphans(context: dg.OpExecutionContext, config: CleanupConfig, s
     "materialized and mark incomplete materialized ones for re-materialization.",
 )
 def reconcile_partitions(context: dg.OpExecutionContext, config: ReconcileConfig, settings: IngestSettings):  # type: ignore[no-untyped-def]
-    res = status.reconcile(settings.data_dir, context.instance, fix=config.fix)
-    context.log.info(status.render_reconcile(res))
+    res = ops_reconcile.reconcile(settings.data_dir, context.instance, fix=config.fix)
+    context.log.info(ops_reconcile.render_reconcile(res))
     fixed = res["fixed"] or {}
     return dg.Output(
         None,

@@ -7,6 +7,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from smallcaps_ingest.core import shape, store
 from smallcaps_ingest_tests.conftest import ns, truth_frame
@@ -73,3 +74,45 @@ def test_empty_and_all_null_frames_are_written(tmp_path: Path) -> None:
         store.atomic_write_parquet(frame, path)
         back = pl.read_parquet(path)
         assert back.schema == frame.schema and back.equals(frame), name
+
+
+def test_directory_fsync_falls_back_where_a_directory_cannot_be_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows cannot open a directory (PermissionError): the write still lands, atomically."""
+    import os
+
+    real_open = os.open
+    refused: list[str] = []
+
+    def no_dirs(path, flags, *a, **kw):  # type: ignore[no-untyped-def]
+        if os.path.isdir(path):
+            refused.append(str(path))
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(store.os, "open", no_dirs)
+    size = store.write_event(tmp_path, "AAA", "AAA_1", pl.DataFrame({"a": [1]}), pl.DataFrame({"b": [2]}))
+    d = store.event_dir(tmp_path, "AAA", "AAA_1")
+    assert refused == [str(d)] and size == sum(p.stat().st_size for p in d.iterdir())
+    assert sorted(p.name for p in d.iterdir()) == ["quotes.parquet", "trades.parquet"]
+    store.atomic_write_bytes(b"x", tmp_path / "one.bin")
+    assert (tmp_path / "one.bin").read_bytes() == b"x" and len(refused) == 2
+
+
+def test_scan_symbol_is_the_layout_scanner(tmp_path: Path) -> None:
+    """The store's verdicts come from the tree's one scanner: complete, partial, orphans, sizes."""
+    from smallcaps_ingest import layout
+
+    store.write_event(tmp_path, "AAA", "E1", pl.DataFrame({"a": [1]}), pl.DataFrame({"b": [2]}))
+    store.atomic_write_bytes(b"t", store.event_dir(tmp_path, "AAA", "E2") / layout.FILES[0])
+    (store.event_dir(tmp_path, "AAA", "E2") / "quotes.parquet.tmp.1.2").write_bytes(b"half")
+    (store.symbol_dir(tmp_path, "AAA") / "x.tmp.3").write_bytes(b"")
+    s = store.scan_symbol(tmp_path, "AAA")
+    assert (s.complete, s.partial) == ({"E1"}, {"E2"})
+    assert sorted(p.name for p in s.orphans) == ["quotes.parquet.tmp.1.2", "x.tmp.3"]
+    assert s.files == 3 and s.bytes == sum(
+        p.stat().st_size for d in ("E1", "E2") for p in store.event_dir(tmp_path, "AAA", d).iterdir()
+        if p.name in layout.FILES
+    )
+    assert list(store.iter_symbols(tmp_path)) == ["AAA"]

@@ -16,7 +16,7 @@ from dagster._core.test_utils import create_run_for_test
 from dagster_polars import PolarsParquetIOManager
 
 from smallcaps_ingest.core import store
-from smallcaps_ingest.ops import cli, report, status
+from smallcaps_ingest.ops import cleanup, cli, reconcile, report, status
 from smallcaps_ingest.pipeline.assets import symbols_partitions
 from smallcaps_ingest.pipeline.jobs import cleanup_and_reconcile, ingestion_report
 from smallcaps_ingest.pipeline.resources import IngestSettings
@@ -175,12 +175,12 @@ def test_cleanup_removes_old_orphans_keeps_young_ones_and_data(tree: Tree) -> No
     _age(manifest_tmp, 3 * 3600)
     before = _data_files(tree)
     with dg.instance_for_test() as instance:
-        dry = status.cleanup(str(tree.data_dir), instance, grace_minutes=60, dry_run=True)
+        dry = cleanup.cleanup(str(tree.data_dir), instance, grace_minutes=60, dry_run=True)
         assert sorted(i["path"] for i in dry["would_remove"]) == sorted(
             os.path.relpath(p, tree.data_dir) for p in (aaa, ccc, manifest_tmp)
         )
         assert dry["removed"] == [] and aaa.exists()
-        res = status.cleanup(str(tree.data_dir), instance, grace_minutes=60)
+        res = cleanup.cleanup(str(tree.data_dir), instance, grace_minutes=60)
     assert not res["refused"] and res["errors"] == []
     assert sorted(i["path"] for i in res["removed"]) == sorted(
         os.path.relpath(p, tree.data_dir) for p in (aaa, ccc, manifest_tmp)
@@ -289,7 +289,7 @@ def test_reconcile_both_directions_and_fix(tree: Tree) -> None:
         materialize(
             instance, "BBB", events_total=4, events_written=4, seconds=10.0
         )  # but 2 events are not there
-        res = status.reconcile(str(tree.data_dir), instance)
+        res = reconcile.reconcile(str(tree.data_dir), instance)
         assert [r["symbol"] for r in res["materialized_incomplete"]] == ["BBB"]
         b = res["materialized_incomplete"][0]
         assert (b["events"], b["done"], b["partial"], b["missing"]) == (4, 2, 1, 1)
@@ -301,7 +301,7 @@ def test_reconcile_both_directions_and_fix(tree: Tree) -> None:
         ]
         assert res["fixed"] is None and instance.get_materialized_partitions(EW) == {"BBB"}
 
-        fixed = status.reconcile(str(tree.data_dir), instance, fix=True)["fixed"]
+        fixed = reconcile.reconcile(str(tree.data_dir), instance, fix=True)["fixed"]
         assert fixed["recorded_materializations"] == ["AAA"] and fixed["registered_partitions"] == ["AAA"]
         assert fixed["needs_rematerialization"] == ["BBB"]
         assert fixed["method"] == "observation"  # SQLite storage cannot wipe partitions in Dagster 1.13
@@ -323,7 +323,7 @@ def test_reconcile_both_directions_and_fix(tree: Tree) -> None:
             and omd["events_partial"] == 1
         )
 
-        again = status.reconcile(str(tree.data_dir), instance)
+        again = reconcile.reconcile(str(tree.data_dir), instance)
         assert again["complete_not_materialized"] == []
         assert [r["symbol"] for r in again["materialized_incomplete"]] == ["BBB"]  # still incomplete on disk
         # the reconciled materialization is no ingest work: status leaves it out of the rate
@@ -334,7 +334,7 @@ def test_reconcile_both_directions_and_fix(tree: Tree) -> None:
         # BBB completed on disk: reconcile has nothing left to say about it
         store.write_event(tree.data_dir, "BBB", tree.ids["BBB"][2], trades(1), quotes(1))
         store.write_event(tree.data_dir, "BBB", tree.ids["BBB"][3], trades(1), quotes(1))
-        final = status.reconcile(str(tree.data_dir), instance)
+        final = reconcile.reconcile(str(tree.data_dir), instance)
         assert final["materialized_incomplete"] == [] and final["complete_not_materialized"] == []
 
 
@@ -354,47 +354,46 @@ def test_cli_reconcile(tree: Tree, home: dg.DagsterInstance, capsys: pytest.Capt
     assert "no manifest" in capsys.readouterr().err
 
 
-def test_reconcile_fix_records_the_assets_provenance_tags(tree: Tree) -> None:
-    """A reconciled materialization carries the code version, input data versions and logical data
-    version the asset's own per-partition materializations carry (else it shows as stale)."""
-    from dagster._core.definitions.data_version import (
-        CODE_VERSION_TAG,
-        DATA_VERSION_TAG,
-        compute_logical_data_version,
-        get_input_data_version_tag,
-        get_input_event_pointer_tag,
-    )
-
-    from smallcaps_ingest.pipeline.assets import EVENT_WINDOWS_CODE_VERSION, _provenance_tags, symbol_events
-
+def test_reconcile_fix_records_through_the_public_api_only(tree: Tree) -> None:
+    """A reconciled materialization is a plain runless AssetMaterialization: its metadata (the counts
+    status reads) and no hand-built provenance tags (those need Dagster's private modules)."""
     with dg.instance_for_test() as instance:
-        instance.report_runless_asset_event(
-            dg.AssetMaterialization(asset_key="manifest", tags={DATA_VERSION_TAG: "manifest-v1"})
-        )
-        instance.report_runless_asset_event(
-            dg.AssetObservation(
-                asset_key=symbol_events.key, partition="AAA", tags={DATA_VERSION_TAG: "aaa-v1"}
-            )
-        )
-        expected = _provenance_tags(instance, "AAA", EVENT_WINDOWS_CODE_VERSION)
-        fixed = status.reconcile(str(tree.data_dir), instance, fix=True)["fixed"]
+        fixed = reconcile.reconcile(str(tree.data_dir), instance, fix=True)["fixed"]
         assert fixed["recorded_materializations"] == ["AAA"]
         rec = instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=EW, asset_partitions=["AAA"]), limit=1
         ).records[0]
-        tags = dict(rec.event_log_entry.tags or {})
-        assert {k: tags.get(k) for k in expected} == expected
-        man = dg.AssetKey("manifest")
-        assert tags[CODE_VERSION_TAG] == EVENT_WINDOWS_CODE_VERSION == "1"
-        assert tags[get_input_data_version_tag(man)] == "manifest-v1"
-        assert tags[get_input_data_version_tag(symbol_events.key)] == "aaa-v1"
-        man_id = instance.fetch_materializations(man, limit=1).records[0].storage_id
-        assert tags[get_input_event_pointer_tag(man)] == str(man_id)
-        assert (
-            tags[DATA_VERSION_TAG]
-            == compute_logical_data_version(
-                "1", {man: dg.DataVersion("manifest-v1"), symbol_events.key: dg.DataVersion("aaa-v1")}
-            ).value
-        )
         md = {k: v.value for k, v in rec.asset_materialization.metadata.items()}
-        assert md["reconciled"] is True  # the metadata is unchanged
+        assert md == {"reconciled": True, "events_total": 5, "events_complete": 5, "files": 10,
+                      "bytes": tree.bytes_of("AAA")}
+        assert not any(k.startswith("dagster/input_") for k in (rec.event_log_entry.tags or {}))
+        # status (from the instance) counts the reconciled partition complete
+        st = status.collect_status(str(tree.data_dir), instance=instance)
+        assert st["events"]["done"] == 5 and st["disk"]["bytes"] == tree.bytes_of("AAA")
+
+
+def test_cleanup_marks_a_dead_run_failed_and_never_probes_where_it_cannot(
+    tree: Tree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A STARTED run whose RUN_START process is gone is marked failed (report_run_failed); where a
+    pid cannot be probed without harm (Windows: os.kill terminates), no run is taken for dead."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: no process has this pid now
+    gone_pid = child.pid
+    with dg.instance_for_test() as instance:
+        run = create_run_for_test(instance, job_name="other_job", status=dg.DagsterRunStatus.STARTED)
+        instance.report_dagster_event(
+            dg.DagsterEvent(event_type_value="PIPELINE_START", job_name="other_job", pid=gone_pid),
+            run.run_id,
+        )
+        monkeypatch.setattr(cleanup, "CAN_PROBE_PIDS", False)
+        assert cleanup.fail_dead_runs(instance) == []
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED
+        monkeypatch.undo()
+        res = cleanup.cleanup(str(tree.data_dir), instance, grace_minutes=60)
+        assert res["dead_runs_failed"] == [run.run_id]
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+        assert "marked 1 dead run(s) failed" in cleanup.render_cleanup(res)

@@ -1,6 +1,6 @@
-"""`smallcaps-ingest status` and `partition-range`: exact counts on a generated tree, the instance's
-materialization metadata (events/min, ETA, API usage, errors by type, failed runs), --json, TTY; the
-disk cache and the direct SQLite read of the instance, each against the full scan / the Dagster API."""
+"""`smallcaps-ingest status` and `partition-range`: exact counts on a generated tree (--verify), the
+counts from the partitions' last materializations (the default), the instance's materialization
+metadata (events/min, ETA, API usage, errors by type, failed runs), --json, TTY."""
 
 from __future__ import annotations
 
@@ -18,10 +18,12 @@ import polars as pl
 import pytest
 from dagster._core.test_utils import create_run_for_test
 
+from smallcaps_ingest import layout
 from smallcaps_ingest.core import shape, store
 from smallcaps_ingest.core.events import validate_events
 from smallcaps_ingest.core.manifest import build_manifest
-from smallcaps_ingest.ops import cli, instance_sqlite, status, status_disk
+from smallcaps_ingest.ops import cli, status, summary
+from smallcaps_ingest.ops import instance as ins
 
 EW = dg.AssetKey("event_windows")
 CLI = Path(sys.executable).with_name("smallcaps-ingest")
@@ -176,22 +178,16 @@ EXPECTED_DISK = {
 
 
 def test_constants_are_the_stores() -> None:
-    assert status.FILES == store.FILES
-    assert status.TMP_MARK == store.TMP_MARK
-    assert status.SOURCE_FILE == store.SOURCE_FILE
-    assert (status_disk.FILES, status_disk.TMP_MARK) == (store.FILES, store.TMP_MARK)
-    assert (status_disk.EVENT_PREFIX, status_disk.SYMBOL_PREFIX, status_disk.WINDOWS_DIR) == (
-        status.EVENT_PREFIX,
-        status.SYMBOL_PREFIX,
-        status.WINDOWS_DIR,
-    )
-    assert store.windows_root("/d") == Path("/d") / status_disk.WINDOWS_DIR
+    assert status.FILES == store.FILES == layout.FILES
+    assert status.TMP_MARK == store.TMP_MARK == layout.TMP_MARK
+    assert status.SOURCE_FILE == store.SOURCE_FILE == layout.SOURCE_FILE
+    assert store.windows_root("/d") == Path("/d") / layout.WINDOWS_DIR
 
 
 def test_fast_scan_agrees_with_store_scan_symbol(tree: Tree) -> None:
     for sym in ("AAA", "BBB", "CCC", "DDD"):
         ref = store.scan_symbol(tree.data_dir, sym)
-        got = status.scan_symbol_dir(str(store.symbol_dir(tree.data_dir, sym)))
+        got = layout.scan_symbol_dir(str(store.symbol_dir(tree.data_dir, sym)))
         assert got.complete == ref.complete
         assert got.partial == ref.partial
         assert sorted(got.orphans) == sorted(str(p) for p in ref.orphans)
@@ -212,12 +208,6 @@ def test_disk_summary_exact_counts(tree: Tree) -> None:
     )
 
 
-def test_scan_with_forked_workers_matches_in_process(tree: Tree) -> None:
-    one = status.scan_tree(tree.data_dir)
-    two = status.scan_tree(tree.data_dir, workers=3)
-    assert one.symbols == two.symbols
-
-
 def test_no_manifest_and_no_instance_are_said_clearly(
     tree: Tree, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -230,7 +220,7 @@ def test_no_manifest_and_no_instance_are_said_clearly(
     assert st["instance"]["present"] is False
     assert "DAGSTER_HOME is not set" in st["instance"]["message"]
     assert st["throughput"]["events_per_min"] is None and st["throughput"]["eta"] is None
-    assert cli.main(["status", "--data-dir", str(tree.data_dir), "--no-fork"]) == 0
+    assert cli.main(["status", "--data-dir", str(tree.data_dir)]) == 0
     out = capsys.readouterr().out
     assert "manifest    none yet" in out and "materialize the manifest asset first" in out
     assert "no Dagster instance: DAGSTER_HOME is not set" in out
@@ -240,7 +230,7 @@ def test_no_manifest_and_no_instance_are_said_clearly(
     assert st["manifest"]["present"] is False and st["manifest"]["error"]
     assert any("could not be read" in n for n in st["notes"])
     # an empty data dir works too
-    assert cli.main(["status", "--data-dir", str(tree.data_dir / "nothing"), "--no-fork", "--json"]) == 0
+    assert cli.main(["status", "--data-dir", str(tree.data_dir / "nothing"), "--json"]) == 0
     empty = json.loads(capsys.readouterr().out)
     assert empty["disk"] == {"files": 0, "bytes": 0, "tmp_orphans": 0, "tmp_orphan_examples": []}
 
@@ -248,8 +238,8 @@ def test_no_manifest_and_no_instance_are_said_clearly(
 # --- throughput, ETA, API usage and errors from materialization metadata -----------------------
 
 
-def _pt(ts: float, seconds: float, written: int, requests: int = 0, **kw: object) -> status.MatPoint:
-    return status.MatPoint(
+def _pt(ts: float, seconds: float, written: int, requests: int = 0, **kw: object) -> ins.MatPoint:
+    return ins.MatPoint(
         ts=ts,
         partition="X",
         run_id="r",
@@ -265,24 +255,24 @@ def test_throughput_window_exact() -> None:
     now = 10_000.0
     # one run started at 9_400 (600 s ago): three symbols done so far, 300 events, 1200 requests
     pts = [_pt(9_700, 300, 100, 400), _pt(9_900, 500, 100, 400), _pt(9_950, 550, 100, 400, throttled=2)]
-    tp = status.throughput(pts, now=now, window_s=1800)
+    tp = ins.throughput(pts, now=now, window_s=1800)
     assert tp["elapsed_s"] == 600.0
     assert tp["events_per_min"] == 30.0
     assert tp["requests_per_s"] == 2.0
     assert tp["429s"] == 2 and tp["materializations"] == 3 and tp["basis"] == "last 30 min"
     # a run that started before the window: the span is clipped to the window
-    tp = status.throughput([_pt(9_000, 7_200, 600)], now=now, window_s=1800)
+    tp = ins.throughput([_pt(9_000, 7_200, 600)], now=now, window_s=1800)
     assert tp["elapsed_s"] == 1800.0 and tp["events_per_min"] == 20.0
     # reconciled materializations carry no work
-    tp = status.throughput([_pt(9_990, 0, 0, reconciled=True)], now=now, window_s=1800)
+    tp = ins.throughput([_pt(9_990, 0, 0, reconciled=True)], now=now, window_s=1800)
     assert tp["events_per_min"] is None and tp["materializations"] == 0
     # only the most recent ones were read: the span starts at the earliest read, its work left out
     pts = [_pt(9_000, 300, 50), _pt(9_400, 3_000, 100), _pt(9_700, 3_300, 100)]
-    tp = status.throughput(pts, now=now, window_s=1800, capped=True)
+    tp = ins.throughput(pts, now=now, window_s=1800, capped=True)
     assert tp["elapsed_s"] == 1_000.0 and tp["events_written"] == 200 and tp["events_per_min"] == 12.0
     assert tp["basis"] == "last 30 min (the 3 most recent materializations)"
     # nothing in the window: the last N, labelled
-    tp = status.throughput([], now=now, window_s=1800, fallback=[_pt(5_000, 120, 60), _pt(5_060, 180, 60)])
+    tp = ins.throughput([], now=now, window_s=1800, fallback=[_pt(5_000, 120, 60), _pt(5_060, 180, 60)])
     assert (
         tp["elapsed_s"] == 180.0 and tp["events_per_min"] == 40.0 and "none in the last 30 min" in tp["basis"]
     )
@@ -336,7 +326,7 @@ def test_status_reads_materialization_metadata(tree: Tree) -> None:
         recs = instance.fetch_materializations(EW, limit=10).records
         ts = {r.partition_key: r.timestamp for r in recs}
         last = max(ts.values())
-        st = status.collect_status(str(tree.data_dir), instance=instance, now=last, max_rps=10.0)
+        st = status.collect_status(str(tree.data_dir), instance=instance, now=last, max_rps=10.0, verify=True)
 
     elapsed = last - min(ts["AAA"] - 60.0, ts["BBB"] - 120.0)  # the earliest work start to now
     tp = st["throughput"]
@@ -357,7 +347,7 @@ def test_status_reads_materialization_metadata(tree: Tree) -> None:
     assert inst["materializations"] == 3 and inst["reconciled_materializations"] == 1
     assert inst["runs_in_progress"] == 1
     assert st["events"] == EXPECTED_DISK["events"]
-    text = status.render_text(st)
+    text = status_text(st)
     assert "429 4, 5xx 2, reset 1, truncated 4" in text and "failed runs 2" in text and "ETA" in text
 
 
@@ -366,11 +356,11 @@ def test_lifetime_error_totals_are_read_incrementally(tmp_path: Path) -> None:
     with dg.instance_for_test() as instance:
         materialize(instance, "AAA", events_written=1, errors_by_type={"429": 1})
         materialize(instance, "BBB", events_written=2, errors_by_type={"5xx": 2})
-        first = status.lifetime_totals(instance, str(cache))
+        first = ins.lifetime_totals(instance, str(cache))
         assert first["errors_by_type"] == {"429": 1, "5xx": 2} and first["materializations"] == 2
         assert cache.is_file()
         seen: list[int | None] = []
-        orig = status.fetch_points
+        orig = ins.fetch_points
 
         def spy(inst, **kw):  # type: ignore[no-untyped-def]
             seen.append(kw.get("after_storage_id"))
@@ -378,16 +368,16 @@ def test_lifetime_error_totals_are_read_incrementally(tmp_path: Path) -> None:
 
         materialize(instance, "CCC", events_written=3, errors_by_type={"429": 5, "reset": 1})
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(status, "fetch_points", spy)
-            second = status.lifetime_totals(instance, str(cache))
+            mp.setattr(ins, "fetch_points", spy)
+            second = ins.lifetime_totals(instance, str(cache))
         assert seen and seen[0] is not None  # only what came after the cached storage id
         assert second["errors_by_type"] == {"429": 6, "5xx": 2, "reset": 1}
         assert second["materializations"] == 3 and second["events_written"] == 6
         instance.wipe_assets([EW])  # a wipe resets the sums
-        third = status.lifetime_totals(instance, str(cache))
+        third = ins.lifetime_totals(instance, str(cache))
         assert third["materializations"] == 0 and third["errors_by_type"] == {}
         materialize(instance, "AAA", events_written=4, errors_by_type={"timeout": 1})
-        fourth = status.lifetime_totals(instance, str(cache))
+        fourth = ins.lifetime_totals(instance, str(cache))
         assert fourth["materializations"] == 1 and fourth["errors_by_type"] == {"timeout": 1}
 
 
@@ -415,7 +405,7 @@ def test_cli_status_json_schema_in_a_subprocess(tree: Tree, home: dg.DagsterInst
     materialize(home, "AAA", events_written=5, requests=20, seconds=60.0, errors_by_type={"429": 2})
     env = {**os.environ, "DAGSTER_HOME": home.root_directory, "POLYGON_MAX_RPS": "45"}
     proc = subprocess.run(
-        [str(CLI), "status", "--json", "--data-dir", str(tree.data_dir)],
+        [str(CLI), "status", "--json", "--verify", "--data-dir", str(tree.data_dir)],
         capture_output=True,
         text=True,
         env=env,
@@ -456,7 +446,7 @@ def test_cli_status_json_schema_in_a_subprocess(tree: Tree, home: dg.DagsterInst
     assert {"scan", "manifest", "total"} <= set(st["timings_s"])
     # the text form, same process model
     proc = subprocess.run(
-        [str(CLI), "status", "--data-dir", str(tree.data_dir)],
+        [str(CLI), "status", "--verify", "--data-dir", str(tree.data_dir)],
         capture_output=True,
         text=True,
         env=env,
@@ -476,12 +466,12 @@ def test_progress_bar_only_on_a_tty(tree: Tree, monkeypatch: pytest.MonkeyPatch)
     out, err = io.StringIO(), io.StringIO()
     monkeypatch.setattr(sys, "stdout", out)
     monkeypatch.setattr(sys, "stderr", err)
-    assert cli.main(["status", "--data-dir", str(tree.data_dir), "--no-fork"]) == 0
+    assert cli.main(["status", "--data-dir", str(tree.data_dir)]) == 0
     assert "scanning symbols" not in err.getvalue() + out.getvalue()
     tout, terr = _Tty(), _Tty()
     monkeypatch.setattr(sys, "stdout", tout)
     monkeypatch.setattr(sys, "stderr", terr)
-    assert cli.main(["status", "--data-dir", str(tree.data_dir), "--no-fork"]) == 0
+    assert cli.main(["status", "--data-dir", str(tree.data_dir)]) == 0
     assert "scanning symbols [" in terr.getvalue() and "4/4" in terr.getvalue()
     assert terr.getvalue().endswith("\r\x1b[K")  # the bar is cleared before the report prints
     assert "scanning symbols" not in tout.getvalue()
@@ -503,63 +493,25 @@ def test_partition_range_without_instance(
     assert "DAGSTER_HOME is not set" in capsys.readouterr().err
 
 
-# --- the disk cache: never a different answer from a full scan -----------------------------------
+# --- status --verify: exact after every kind of change -----------------------------------------
 
 
 def _no_timings(d: dict) -> dict:
     return {k: v for k, v in d.items() if k != "timings_s"}
 
 
-def _age_tree() -> None:
-    """Let every ctime in the tree become older than the racy margin, so the cache trusts it."""
-    import time
-
-    time.sleep(status_disk.RACY_NS / 1e9 + 0.1)
-
-
-class _ListdirSpy:
-    """Counts the directory listings the cached scan makes (the work the cache saves)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.paths: list[str] = []
-        real = os.listdir
-
-        def spy(path: str = ".") -> list[str]:
-            self.paths.append(str(path))
-            return real(path)
-
-        monkeypatch.setattr(status_disk.os, "listdir", spy)
-
-    def take(self) -> list[str]:
-        out, self.paths = self.paths, []
-        return out
-
-
-def _check(tree: Tree, spy: _ListdirSpy | None = None, **expect: object) -> dict:
-    """The cached summary equals the full scan; the given figures are exact. With ``spy``, only the
-    cached scan's listings are left in it."""
-    full = status.full_disk_summary(str(tree.data_dir))
-    if spy is not None:
-        spy.take()
+def _check(tree: Tree, **expect: object) -> dict:
+    """The given figures of a full walk of the tree are exact."""
     got = status.disk_summary(str(tree.data_dir))
-    assert _no_timings(got) == _no_timings(full)
     flat = {**got["events"], **{f"symbols_{k}": v for k, v in got["symbols"].items()}, **got["disk"]}
     for k, v in expect.items():
         assert flat[k] == v, (k, flat[k], v)
     return got
 
 
-def test_disk_cache_agrees_with_a_full_scan_through_every_change(
-    tree: Tree, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_verify_counts_exactly_through_every_change(tree: Tree) -> None:
     data = tree.data_dir
-    cache = data / "_state" / status_disk.DISK_CACHE
-    spy = _ListdirSpy(monkeypatch)
-    _age_tree()
-    _check(tree, spy, done=7, partial=1, missing=4, extra_on_disk=2, files=19, tmp_orphans=3)
-    assert cache.is_file() and len(spy.take()) == 4 + 11  # cold: 4 symbol and 11 event directories
-    _check(tree, spy, done=7, partial=1, missing=4, extra_on_disk=2, files=19, tmp_orphans=3)
-    assert spy.take() == []  # warm and unchanged: no listing at all, one stat per event directory
+    _check(tree, done=7, partial=1, missing=4, extra_on_disk=2, files=19, tmp_orphans=3)
     a, b = tree.ids["AAA"], tree.ids["BBB"]
 
     # a file deleted inside a complete event
@@ -568,7 +520,6 @@ def test_disk_cache_agrees_with_a_full_scan_through_every_change(
     gone.unlink()
     _check(
         tree,
-        spy,
         done=6,
         partial=2,
         missing=4,
@@ -579,14 +530,11 @@ def test_disk_cache_agrees_with_a_full_scan_through_every_change(
         symbols_complete=0,
         symbols_started=2,
     )
-    assert spy.take() == [str(store.event_dir(data, "AAA", a[2]))]  # only the changed event is listed
     assert size > 0
 
     # a .tmp added inside a complete event (no other directory changes)
     (store.event_dir(data, "AAA", a[3]) / "quotes.parquet.tmp.1.2").write_bytes(b"half")
-    _check(tree, spy, done=6, partial=2, tmp_orphans=4, files=18)
-    # a[2] changed less than RACY_NS ago, so it is listed again too (its ctime is not trusted yet)
-    assert sorted(spy.take()) == sorted(str(store.event_dir(data, "AAA", e)) for e in (a[2], a[3]))
+    _check(tree, done=6, partial=2, tmp_orphans=4, files=18)
 
     # an event directory added (a missing event now complete) and one removed
     store.write_event(data, "BBB", b[3], trades(2), quotes(2))
@@ -603,20 +551,10 @@ def test_disk_cache_agrees_with_a_full_scan_through_every_change(
     # a file replaced by one of a different size: in place (no directory changes) and by rename
     f = store.event_dir(data, "AAA", a[4]) / "trades.parquet"
     before = tree.bytes_of()
-    _age_tree()
-    _check(tree, bytes=before, files=20)  # every directory trusted again
+    _check(tree, bytes=before, files=20)
     with open(f, "ab") as fh:
         fh.write(b"x" * 1234)
-    # rewritten in place, which changes no directory: a warm run keeps the cached size (one stat
-    # per event directory, none per data file: the documented price of status < 1 s), the full
-    # scan (--no-cache) sees it, and counts and verdicts are the same either way
-    spy.take()
-    warm = _no_timings(status.disk_summary(str(data)))
-    assert spy.take() == []
-    full = _no_timings(status.disk_summary(str(data), cache=False))
-    assert (warm["disk"]["bytes"], full["disk"]["bytes"]) == (before, before + 1234)
-    warm["disk"]["bytes"] = full["disk"]["bytes"]
-    assert warm == full
+    _check(tree, bytes=before + 1234, files=20)  # every data file is measured: no cached size
     store.atomic_write_parquet(trades(500), f)
     _check(tree, bytes=tree.bytes_of(), files=20)
     assert tree.bytes_of() != before + 1234
@@ -642,86 +580,54 @@ def test_disk_cache_agrees_with_a_full_scan_through_every_change(
     _check(tree, symbols_on_disk=4, extra_on_disk=2)
 
 
-def test_disk_cache_corrupt_stale_or_foreign_is_ignored(tree: Tree) -> None:
-    data = tree.data_dir
-    cache = data / "_state" / status_disk.DISK_CACHE
-    _age_tree()
-    ref = _no_timings(status.full_disk_summary(str(data)))
-    assert _no_timings(status.disk_summary(str(data))) == ref
-    good = cache.read_bytes()
-    # truncated, garbage, a flipped byte: ignored (and rewritten)
-    for bad in (good[: len(good) // 2], b"not a cache", good[:20] + bytes([good[20] ^ 0xFF]) + good[21:]):
-        cache.write_bytes(bad)
-        assert status_disk.load(str(cache), str(data / "event_windows")) is None
-        assert _no_timings(status.disk_summary(str(data))) == ref
-        assert cache.read_bytes() != bad
-    # another version, another tree: ignored
-    data_obj = status_disk.load(str(cache), str(data / "event_windows"))
-    assert data_obj is not None
-    root = str(data / "event_windows")
-    body = {k: v for k, v in data_obj.items() if k not in ("magic", "version", "root")}
-    status_disk.save(str(cache), "/elsewhere", body)
-    assert status_disk.load(str(cache), root) is None
-    import marshal
-    import zlib
-
-    payload = marshal.dumps({**body, "magic": status_disk.CACHE_MAGIC, "version": 999, "root": root})
-    cache.write_bytes(b"SCSC" + zlib.crc32(payload).to_bytes(4, "little") + payload)
-    assert status_disk.load(str(cache), root) is None
-    # a cache that claims an event is complete, recorded under a ctime the directory no longer has
-    status_disk.save(str(cache), root, body)
-    ent = list(body["symbols"]["BBB"])
-    names = ent[1].split("\0")
-    i = names.index("event=" + tree.ids["BBB"][2])  # the partial event
-    flags = bytearray(ent[3])
-    flags[i] = status_disk.F_TRADES | status_disk.F_QUOTES
-    ent[3] = bytes(flags)
-    ent[0] = 0  # and its symbol listing is to be re-read
-    status_disk.save(str(cache), root, {**body, "symbols": {**body["symbols"], "BBB": tuple(ent)}})
-    (store.event_dir(data, "BBB", tree.ids["BBB"][2]) / "x.tmp.1").write_bytes(b"")  # its ctime moves
-    ref = _no_timings(status.full_disk_summary(str(data)))
-    assert _no_timings(status.disk_summary(str(data))) == ref
-    # no _state directory can be made (a file is in the way): no cache, same answer
-    import shutil
-
-    shutil.rmtree(data / "_state")
-    (data / "_state").write_bytes(b"")
-    assert _no_timings(status.disk_summary(str(data))) == ref
-    assert _no_timings(status.disk_summary(str(data))) == ref
+# --- the default: counts from the partitions' last materializations ------------------------------
 
 
-def test_disk_cache_does_not_trust_fresh_ctimes(tree: Tree) -> None:
-    """A directory changed within RACY_NS of the scan is listed again next time (racy timestamps)."""
-    data = tree.data_dir
-    status.disk_summary(str(data))  # right after the tree was written: everything is fresh
-    cached = status_disk.load(str(data / "_state" / status_disk.DISK_CACHE), str(data / "event_windows"))
-    assert cached is not None
-    from array import array
+def test_status_counts_from_the_instance_without_walking_the_disk(
+    tree: Tree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("symbols", ["AAA", "BBB", "CCC"])
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(asset_key="manifest", metadata={"events": 12, "symbols": 3})
+        )
+        materialize(instance, "BBB", events_total=4, events_complete=1, bytes=10, events_written=1)
+        materialize(instance, "AAA", events_total=5, events_complete=5, bytes=100, events_written=5)
+        materialize(instance, "BBB", events_total=4, events_complete=2, bytes=20, events_written=1)
+        materialize(instance, "DDD", events_total=1, events_complete=1, bytes=7)  # not a partition
 
-    for sym, ent in cached["symbols"].items():
-        assert ent[0] == 0, sym
-        assert set(array("q", ent[2])) == {0}, sym
-    _age_tree()
-    status.disk_summary(str(data))
-    cached = status_disk.load(str(data / "_state" / status_disk.DISK_CACHE), str(data / "event_windows"))
-    assert cached is not None and all(ent[0] for ent in cached["symbols"].values())
+        def no_walk(*a: object, **k: object) -> None:
+            raise AssertionError("the default status walked the tree")
+
+        monkeypatch.setattr(layout, "scan_tree", no_walk)
+        st = status.collect_status(str(tree.data_dir), instance=instance)
+        assert st["events"] == {
+            "total": 12, "done": 7, "partial": 0, "missing": 5, "extra_on_disk": None,
+            "complete_on_disk": None, "partial_on_disk": None, "empty_event_dirs": None, "pct_done": 58.33,
+        }
+        assert st["symbols"] == {"total": 3, "complete": 1, "started": 1, "not_started": 1, "on_disk": None}
+        assert st["manifest"]["present"] and (st["manifest"]["events"], st["manifest"]["symbols"]) == (12, 3)
+        assert st["disk"] == {"files": 14, "bytes": 120, "tmp_orphans": None, "tmp_orphan_examples": []}
+        assert st["instance"]["materialized_partitions"] == 3 and st["throughput"]["remaining_events"] == 5
+        assert any("--verify" in n for n in st["notes"])
+        text = status_text(st)
+        assert "done 7 (58.3%)" in text and "from the instance" in text
+        monkeypatch.undo()
+        # --verify: the disk's own answer
+        ver = status.collect_status(str(tree.data_dir), instance=instance, verify=True)
+        assert ver["events"] == EXPECTED_DISK["events"] and ver["disk"]["tmp_orphans"] == 3
+        instance.wipe_assets([EW])  # a wipe hides every earlier materialization
+        st = status.collect_status(str(tree.data_dir), instance=instance)
+        assert st["events"]["done"] == 0 and st["symbols"]["not_started"] == 3
 
 
-def test_forked_cached_scan_matches(tree: Tree) -> None:
-    ref = _no_timings(status.full_disk_summary(str(tree.data_dir)))
-    for workers, fork in ((1, True), (3, True), (3, False)):
-        got = status.DiskScan(str(tree.data_dir), workers=workers, fork=fork).finish()
-        assert _no_timings(got) == ref
-    assert _no_timings(status.disk_summary(str(tree.data_dir), cache=False)) == ref
+def status_text(st: dict) -> str:
+    from smallcaps_ingest.ops import render
+
+    return render.render_text(st)
 
 
-# --- the instance read straight from SQLite: the same answers as the Dagster API ----------------
-
-
-def _view(instance: dg.DagsterInstance) -> instance_sqlite.SqliteInstanceView:
-    view = instance_sqlite.open_view(instance.root_directory)
-    assert view is not None
-    return view
+# --- every shape of record the instance holds ---------------------------------------------------
 
 
 def _populate(instance: dg.DagsterInstance) -> None:
@@ -777,132 +683,62 @@ def _populate(instance: dg.DagsterInstance) -> None:
         )
 
 
-def _same_instance_reads(instance: dg.DagsterInstance, tmp: Path, tag: str) -> None:
-    recs = instance.fetch_materializations(EW, limit=100).records
-    last = max((r.timestamp for r in recs), default=1_700_000_000.0)
-    for now, window in ((last, 1800.0), (last + 86_400 * 10, 1800.0), (last + 0.5, 0.0)):
-        view = _view(instance)
-        try:
-            a = status.instance_summary(instance, now=now, window_s=window, cache_path=str(tmp / f"a{tag}"))
-            b = status.instance_summary(view, now=now, window_s=window, cache_path=str(tmp / f"b{tag}"))
-            assert _no_timings(a) == _no_timings(b), (now, window)
-            for kw in (
-                {},
-                {"ascending": True, "cap": 2},
-                {"after_storage_id": 2, "ascending": True},
-                {"limit": 1},
-            ):
-                assert status.fetch_points(instance, **kw) == status.fetch_points(view, **kw), kw
-            for names in (("event_windows",), ("event_windows", "manifest")):
-                for statuses in (status.NOT_FINISHED, ["FAILURE"], ["SUCCESS"]):
-                    assert status.runs_touching(instance, statuses, names) == status.runs_touching(
-                        view, statuses, names
-                    )
-            assert view.get_materialized_partitions("event_windows") == instance.get_materialized_partitions(
-                EW
-            )
-            assert view.get_dynamic_partitions("symbols") == list(instance.get_dynamic_partitions("symbols"))
-            assert view.root_directory == instance.root_directory
-        finally:
-            view.close()
-
-
-def test_sqlite_view_reads_what_the_dagster_api_reads(
-    home: dg.DagsterInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _same_instance_reads(home, tmp_path, "0")  # empty instance
-    _populate(home)
-    _same_instance_reads(home, tmp_path, "1")
-    s = status.instance_summary(_view(home), now=time_now(), window_s=1800, cache_path=str(tmp_path / "c"))
-    assert s["errors"]["by_type"] == {"429": 4, "5xx": 2, "reset": 2, "timeout": 0, "truncated": 1}
-    assert s["instance"]["materializations"] == 5 and s["instance"]["reconciled_materializations"] == 1
-    assert s["errors"]["failed_runs"] == 2 and s["instance"]["runs_in_progress"] == 3
-    monkeypatch.setattr(status, "RECENT_LIMIT", 2)  # the capped window
-    _same_instance_reads(home, tmp_path, "2")
-    monkeypatch.undo()
-    home.wipe_assets([EW])  # a wipe hides every earlier materialization
-    _same_instance_reads(home, tmp_path, "3")
-    materialize(home, "EEE", events_written=3, errors_by_type={"5xx": 1})
-    _same_instance_reads(home, tmp_path, "4")
-    assert status.lifetime_totals(_view(home), str(tmp_path / "b4"))["errors_by_type"] == {"5xx": 1}
-
-
 def time_now() -> float:
     import time
 
     return time.time()
 
 
-def test_sqlite_view_is_pinned_to_this_dagster(home: dg.DagsterInstance) -> None:
-    import sqlite3
+def test_instance_reads_every_record_shape(home: dg.DagsterInstance, tmp_path: Path) -> None:
+    _populate(home)
+    s, _ = summary.instance_summary(home, now=time_now(), window_s=1800, cache_path=str(tmp_path / "c"))
+    assert s["errors"]["by_type"] == {"429": 4, "5xx": 2, "reset": 2, "timeout": 0, "truncated": 1}
+    assert s["instance"]["materializations"] == 5 and s["instance"]["reconciled_materializations"] == 1
+    assert s["errors"]["failed_runs"] == 2 and s["instance"]["runs_in_progress"] == 3
+    home.wipe_assets([EW])  # a wipe hides every earlier materialization
+    materialize(home, "EEE", events_written=3, errors_by_type={"5xx": 1})
+    assert ins.lifetime_totals(home, str(tmp_path / "b4"))["errors_by_type"] == {"5xx": 1}
+    assert ins.lifetime_totals(home, str(tmp_path / "c"))["errors_by_type"] == {"5xx": 1}
 
-    assert dg.__version__.startswith(instance_sqlite.DAGSTER_MINOR)
-    assert instance_sqlite.dagster_version() == dg.__version__
-    base = Path(home.root_directory) / "history"
-    for db in (base / "runs.db", base / "runs" / "index.db"):
-        with sqlite3.connect(db) as conn:
-            (rev,) = conn.execute("SELECT version_num FROM alembic_version").fetchone()
-        assert rev in instance_sqlite.ALEMBIC_REVISIONS, (db, rev)
 
-
-def test_sqlite_view_declines_what_it_does_not_mirror(
-    home: dg.DagsterInstance, tmp_path: Path, tree: Tree, monkeypatch: pytest.MonkeyPatch
+def test_ledger_reads_what_the_dagster_api_reads(
+    home: dg.DagsterInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root = Path(home.root_directory)
-    assert instance_sqlite.open_view(str(root)) is not None
-    yaml_path = root / "dagster.yaml"
-    good = yaml_path.read_text()
-    for extra in (
-        "run_storage:\n  module: dagster._core.storage.runs\n  class: SqliteRunStorage\n"
-        f"  config:\n    base_dir: {root}/history\n",
-        "storage:\n  postgres:\n    postgres_url: postgresql://x/y\n",
-        "storage:\n  sqlite:\n    base_dir: relative/dir\n",
-        "instance_class:\n  module: x\n  class: Y\n",
-        "storage: [not, a, mapping\n",  # not YAML
-    ):
-        yaml_path.write_text(good + extra)
-        assert instance_sqlite.open_view(str(root)) is None, extra
-    yaml_path.write_text(good + f"storage:\n  sqlite:\n    base_dir: {root}\n")
-    assert instance_sqlite.open_view(str(root)) is not None
-    # the project's own instance config (storage: sqlite: base_dir: env: DAGSTER_HOME, pools...)
-    yaml_path.write_text((Path(__file__).resolve().parents[2] / "dagster_home" / "dagster.yaml").read_text())
-    assert instance_sqlite.open_view(str(root)) is not None
-    yaml_path.write_text(good)
-    fresh = tmp_path / "fresh_home"
-    fresh.mkdir()
-    assert instance_sqlite.open_view(str(fresh)) is None  # no databases yet: Dagster creates them
-    assert instance_sqlite.open_view("relative/home") is None
-    monkeypatch.setattr(instance_sqlite, "DAGSTER_MINOR", "9.99.")
-    assert instance_sqlite.open_view(str(root)) is None
-    monkeypatch.undo()
-    monkeypatch.setenv("DAGSTER_HOME", str(root))
+    """The ledger's newest materializations, window and per-partition counts are the API's own."""
+    _populate(home)
+    recs = home.fetch_materializations(EW, limit=100).records
+    last = max(r.timestamp for r in recs)
+    for limit in (ins.RECENT_LIMIT, 2):  # 2: the capped window
+        monkeypatch.setattr(ins, "RECENT_LIMIT", limit)
+        cache = str(tmp_path / f"ledger{limit}.json")
+        for _ in range(2):  # read, then from the cache
+            led = ins.read_ledger(home, cache)
+            for now, window in ((last, 1800.0), (last + 86_400 * 10, 1800.0), (last + 0.5, 0.0)):
+                got = led.window(now - window)
+                assert got == ins.fetch_points(home, after_timestamp=now - window, limit=limit), (now, window)
+            assert led.last(3) == ins.fetch_points(home, limit=min(3, limit))
+        newest = {r.partition_key: r for r in reversed(recs) if r.partition_key}
+        assert set(led.latest) == set(newest) == {"AAA", "BBB", "CCC", "DDD"}
+        assert (led.latest["DDD"].events_total, led.latest["DDD"].events_complete) == (1, 1)
+        assert all(led.latest[k].storage_id == r.storage_id for k, r in newest.items())
 
-    # a metadata value the view does not decode, on a key status reads: status asks Dagster instead
+
+def test_a_metadata_value_of_another_type_is_read_as_zero(
+    home: dg.DagsterInstance, tree: Tree, monkeypatch: pytest.MonkeyPatch
+) -> None:
     home.add_dynamic_partitions("symbols", ["AAA"])
     home.report_runless_asset_event(
         dg.AssetMaterialization(
             asset_key=EW, partition="AAA", metadata={"seconds": dg.MetadataValue.asset(dg.AssetKey("x"))}
         )
     )
-    opened: list[bool] = []
-    real_open = status.open_instance
-
-    def spy(fast: bool = False):  # type: ignore[no-untyped-def]
-        opened.append(fast)
-        return real_open(fast)
-
-    monkeypatch.setattr(status, "open_instance", spy)
-    now = time_now()
-    fast = status.collect_status(str(tree.data_dir), now=now, disk_cache=False)
-    assert opened == [True, False]  # the view, then Dagster
-    slow = status.collect_status(str(tree.data_dir), now=now, fast_instance=False, disk_cache=False)
-    assert _no_timings(fast) == _no_timings(slow)
-    assert fast["instance"]["materializations"] == 1
+    st = status.collect_status(str(tree.data_dir), dagster_home=home.root_directory, now=time_now())
+    assert st["instance"]["materializations"] == 1 and st["instance"]["present"]
 
 
-def test_cli_status_same_answer_every_way(tree: Tree, home: dg.DagsterInstance) -> None:
-    """The CLI: the SQLite view and the disk cache, cold then warm, against Dagster's API and a full
-    scan; and the fast path never imports Dagster."""
+def test_cli_status_default_and_verify_agree(tree: Tree, home: dg.DagsterInstance) -> None:
+    """The CLI: the instance's figures are the same with and without --verify; --verify counts the
+    disk exactly."""
     _populate(home)
     env = {**os.environ, "DAGSTER_HOME": home.root_directory}
     # a window with nothing in it: the rate comes from the last materializations, independent of now
@@ -916,17 +752,16 @@ def test_cli_status_same_answer_every_way(tree: Tree, home: dg.DagsterInstance) 
         out = json.loads(proc.stdout)
         return {k: v for k, v in out.items() if k not in ("generated_at", "timings_s")}
 
-    ref = run("--dagster-api", "--no-cache")
+    ref = run("--verify")
     assert ref["events"] == EXPECTED_DISK["events"] and ref["errors"]["failed_runs"] == 2
-    _age_tree()
-    assert run() == ref  # cold cache
-    assert run() == ref  # warm
-    assert run("--no-fork") == ref
-    assert run("--dagster-api") == ref
-    code = (
-        "import sys; from smallcaps_ingest import cli; "
+    default = run()
+    for key in ("instance", "errors", "lifetime", "api", "data_dir"):
+        assert default[key] == ref[key], key
+    assert run() == default
+    code = (  # the default reads no Parquet file: neither the manifest nor the tree
+        "import sys; from smallcaps_ingest.ops import cli; "
         f"cli.main(['status', '--data-dir', {str(tree.data_dir)!r}]); "
-        "print('dagster' in sys.modules, 'polars' in sys.modules)"
+        "print('polars' in sys.modules, 'pyarrow' in sys.modules)"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True
@@ -938,16 +773,20 @@ def test_lifetime_cache_of_the_wrong_shape_is_recomputed(tmp_path: Path) -> None
     cache = tmp_path / "_state" / "status_cache.json"
     with dg.instance_for_test() as instance:
         materialize(instance, "AAA", events_written=1, errors_by_type={"429": 1})
-        good = status.lifetime_totals(instance, str(cache))
+        good = ins.lifetime_totals(instance, str(cache))
         key = next(iter(json.loads(cache.read_text())))
         for bad in (
             {"materializations": "7"},
             {"errors_by_type": {"429": "many"}},
             {"errors_by_type": ["429"]},
             {"after_storage_id": "1"},
+            {"latest": {"AAA": ["1", 2, 3, 4]}},
+            {"latest": []},
+            {"recent": [[1, 2]]},
+            {"recent": {}},
         ):
             entry = {**json.loads(cache.read_text())[key], **bad}
             cache.write_text(json.dumps({key: entry}))
-            assert status.lifetime_totals(instance, str(cache)) == good, bad
+            assert ins.lifetime_totals(instance, str(cache)) == good, bad
         cache.write_text("{not json")
-        assert status.lifetime_totals(instance, str(cache)) == good
+        assert ins.lifetime_totals(instance, str(cache)) == good
