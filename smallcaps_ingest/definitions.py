@@ -15,7 +15,8 @@ import os
 
 import dagster as dg
 
-from smallcaps_ingest.core.fetch import OFFICIAL_BASE_URL, default_workers
+from smallcaps_ingest.core.engine import default_workers
+from smallcaps_ingest.core.polygon.client import OFFICIAL_BASE_URL
 from smallcaps_ingest.pipeline.assets import (
     compacted_windows,
     event_windows,

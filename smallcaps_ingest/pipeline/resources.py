@@ -14,8 +14,8 @@ from dagster_polars import PolarsParquetIOManager
 from pydantic import PrivateAttr
 from upath import UPath
 
-from smallcaps_ingest.core.fetch import OFFICIAL_BASE_URL, PolygonAuthError, PolygonClient
 from smallcaps_ingest.core.polygon.budget import open_budget
+from smallcaps_ingest.core.polygon.client import OFFICIAL_BASE_URL, PolygonAuthError, PolygonClient
 from smallcaps_ingest.core.store import atomic_write_parquet
 
 SIMULATOR = "simulator"
@@ -128,6 +128,7 @@ class PolygonResource(dg.ConfigurableResource):
                 base,
                 key or "",
                 budget,
+                source=SIMULATOR if self.is_simulator else "polygon",
                 workers=self.workers,
                 connect_timeout=self.connect_timeout,
                 read_timeout=self.read_timeout,

@@ -15,10 +15,13 @@ import polars as pl
 import pytest
 import requests
 
-from smallcaps_ingest.core import fetch, shape, store
-from smallcaps_ingest.core.fetch import FetchEngine, FetchStats, PolygonClient, PolygonError
+from smallcaps_ingest.core import shape, store
+from smallcaps_ingest.core.engine import FetchEngine
 from smallcaps_ingest.core.plan import Window
+from smallcaps_ingest.core.polygon import client as polygon_client
 from smallcaps_ingest.core.polygon.budget import RequestBudget
+from smallcaps_ingest.core.polygon.client import PolygonClient, PolygonError
+from smallcaps_ingest.core.polygon.stats import FetchStats
 from smallcaps_ingest.simulator import SimConfig, Simulator
 from smallcaps_ingest_tests.conftest import TEST_KEY, ns, truth_frame
 
@@ -125,7 +128,7 @@ def test_a_body_that_always_stalls_fails_within_the_bound(
     sim: Simulator, budget: RequestBudget, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sim.config.stall_rate = 1.0
-    monkeypatch.setattr(fetch, "MAX_ATTEMPTS", 4)
+    monkeypatch.setattr(polygon_client, "MAX_BODY_ATTEMPTS", 4)
     c = PolygonClient(sim.base_url, TEST_KEY, budget, read_timeout=READ_TIMEOUT)
     stats = FetchStats()
     t0 = time.monotonic()

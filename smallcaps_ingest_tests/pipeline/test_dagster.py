@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from smallcaps_ingest.core import shape, store
-from smallcaps_ingest.core.fetch import windows_from_frame
+from smallcaps_ingest.core.engine import windows_from_frame
 from smallcaps_ingest.simulator import SimConfig, Simulator
 from smallcaps_ingest_tests.conftest import BIN, REPO, TEST_KEY, cli_env, truth_frame
 
