@@ -1,6 +1,6 @@
 """smallcaps_ingest: Polygon/Massive v3 ticks around intraday events, as a Dagster asset platform.
 
-The core modules (simulator, events, manifest, plan, budget, fetch, shape, store, check) import
+The core modules (simulator, events, manifest, plan, polygon, engine, shape, store, check) import
 nothing from Dagster. The Dagster ``Definitions`` are built lazily on first access of ``defs`` so
 that ``python -m smallcaps_ingest.simulator`` and the core tests stay light, while
 ``dagster ... -m smallcaps_ingest`` (which scans ``dir(module)``) still finds them.

@@ -82,7 +82,7 @@ def test_html_5xx_after_the_retries_names_the_status_and_the_html(
     assert "Expecting value" not in text and "JSONDecodeError" not in repr(err.value)
     assert stats.error_counts() == {"5xx_html": 3}  # two retries, then the error
     assert stats.total_requests == sim.counters()["total"] == 3
-    assert c.source is None  # a proxy's page says nothing about which API is behind it
+    assert c.source == "polygon"  # declared by the caller: a proxy's page cannot change it
 
 
 def test_hung_and_stalled_requests_are_retried_within_the_read_timeout(

@@ -17,7 +17,9 @@ decode, or a page that is not valid JSON. urllib3's ``Retry`` cannot see these: 
 always asks urllib3 for an unread body (``preload_content=False``), and the client must read the
 ``Content-Length`` before the body to bound the bytes being read at once (``_ByteBudget``); a
 page that arrived whole but is not a valid page can only be judged by the decoder. The loop
-retries those with a grant per attempt, up to ``MAX_BODY_ATTEMPTS``.
+retries those with a grant per attempt, up to ``MAX_BODY_ATTEMPTS``. (A client on urllib3 alone
+that preloads bodies would move cut and stalled bodies into ``Retry``, but the byte budget would
+have to hook urllib3's response construction, and invalid pages would still need this loop.)
 """
 
 from __future__ import annotations
