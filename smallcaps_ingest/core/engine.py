@@ -195,18 +195,18 @@ class _Run:
         self.feed = _Feed(lambda s: engine._jobs(s, todos[s], self.outcomes[s]), pending)
         self.cond = threading.Condition()
         self.jobs_left: dict[str, int] = dict.fromkeys(work, 0)  # handed out, not yet written or failed
-        self.feeding: set[str] = {s for s in work if todos[s]}  # symbols with jobs still to hand out
+        self.feeding: set[str] = set(pending)  # symbols with jobs still to hand out
         self.finished: list[str] = [s for s in work if s not in self.feeding]  # to report
         self.in_flight = 0
         self.held_bytes = 0  # fetched rows waiting for their job to be written
         self.fatal: list[BaseException] = []  # errors that end the run (auth, source mismatch)
         self.exhausted = False  # nothing more is handed out
         self.results: list[SymbolOutcome] = []
-
-    def execute(self) -> list[SymbolOutcome]:
         # Shaping and writing run on their own small pool, so the fetch workers keep the request
         # budget busy (writes on the fetch workers capped the request rate: benchmarks).
         self.writer = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="writer")
+
+    def execute(self) -> list[SymbolOutcome]:
         fetchers = ThreadPoolExecutor(max_workers=self.engine.workers, thread_name_prefix="polygon")
         with self.writer, fetchers as pool:
             while True:
