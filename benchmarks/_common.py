@@ -24,9 +24,10 @@ import polars as pl
 from manifests import Event
 
 from smallcaps_ingest import simulator as simmod
-from smallcaps_ingest.core.fetch import FetchEngine, PolygonClient, SymbolOutcome, merge_stats
+from smallcaps_ingest.core.engine import FetchEngine, SymbolOutcome, merge_stats
 from smallcaps_ingest.core.plan import DensityStore, Window, et_day, overfetch_allowance
 from smallcaps_ingest.core.polygon.budget import RequestBudget
+from smallcaps_ingest.core.polygon.client import PolygonClient
 from smallcaps_ingest.core.store import event_dir
 from smallcaps_ingest.simulator import market as simmarket
 

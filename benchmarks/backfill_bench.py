@@ -69,8 +69,8 @@ from _common import API_KEY, SimHost, load_average, run_engine, table
 from manifests import _DAYS, ET, Event, universe
 
 from smallcaps_ingest.core import check
+from smallcaps_ingest.core.engine import windows_from_frame
 from smallcaps_ingest.core.events import read_events
-from smallcaps_ingest.core.fetch import windows_from_frame
 from smallcaps_ingest.core.manifest import build_manifest
 from smallcaps_ingest.core.plan import DensityStore, Window
 

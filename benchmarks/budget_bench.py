@@ -97,7 +97,8 @@ def host(candidate: str, key: str, base: str, ticker: str, seconds: float) -> No
     """One host: 8 threads of one-page requests until `seconds` have passed."""
     import threading
 
-    from smallcaps_ingest.core.fetch import FetchStats, PolygonClient
+    from smallcaps_ingest.core.polygon.client import PolygonClient
+    from smallcaps_ingest.core.polygon.stats import FetchStats
 
     client = PolygonClient(base, "k", make_budget(candidate, key), workers=8)
     stop = time.monotonic() + seconds

@@ -3,17 +3,17 @@
 1. End to end, on page bodies fetched once from the simulator (dense symbol HVY, [-3, +7] min
    windows in RTH, ``limit=50000`` pages): CPU ms per 1,000 raw ticks, by stage, measured with
    ``time.process_time()`` (all threads of this process, so polars' own threads count):
-     parse = ``fetch.parse_page`` on every page; then concat per range (as ``fetch_windows``);
+     parse = ``pages.parse_page`` on every page; then concat per range (as ``fetch_windows``);
      shape = ``shape.shape_trades`` + ``shape.shape_quotes`` (1 Hz) per event;
      write = ``store.write_event`` (two zstd parquet files, fsync, atomic rename) per event,
      and separately the encoding alone (``store.encode_parquet``).
-   The process first tunes glibc's allocator as ``FetchEngine`` does (``fetch.tune_malloc``).
+   The process first tunes glibc's allocator as ``FetchEngine`` does (``engine.tune_malloc``).
    Each stage runs ``--repeat`` times; the lowest CPU is kept. The same is then done for typical
    small-cap pages (``--mixed-events`` of the clustered manifest, one range per event and
    endpoint), where per-page and per-file fixed costs weigh more.
 2. Decoders on one 50,000-row quotes page, each followed by building the typed polars frame:
    stdlib ``json``, ``orjson``, ``msgspec`` untyped, ``msgspec`` typed structs and ``polars.read_json``
-   (``fetch.parse_page``, what the engine uses), with how well each scales on two threads (the
+   (``pages.parse_page``, what the engine uses), with how well each scales on two threads (the
    GIL: a decoder that holds it caps a run at one core).
 3. Peak RSS (``ru_maxrss``) of a child process that runs a 12-worker ``FetchEngine`` over a few
    hundred events of mixed liquidity (in_play + isolated manifests; the simulator runs in another
@@ -48,8 +48,10 @@ import requests
 from _common import API_KEY, SimHost, load_average, run_ours, table
 from manifests import Event, _instant, describe, make, trading_days
 
-from smallcaps_ingest.core import fetch, shape, store
-from smallcaps_ingest.core.fetch import parse_page
+from smallcaps_ingest.core import shape, store
+from smallcaps_ingest.core.engine import tune_malloc
+from smallcaps_ingest.core.polygon import pages
+from smallcaps_ingest.core.polygon.pages import parse_page
 
 SYMBOL = "HVY"
 NS = 1_000_000_000
@@ -240,10 +242,21 @@ def two_thread_speedup(fn: Callable[[], object], seconds: float = 1.5) -> float:
 DecoderCase = tuple[str, Callable[[], pl.DataFrame]]
 
 
+def _read_polars_whole(body: bytes, schema: object) -> tuple[pl.DataFrame | None, str | None]:
+    """polars' reader on the whole page object (a one-row frame of a list of structs, exploded):
+    the decoder the package dropped for the pieces; kept here as the comparison."""
+    columns = schema.columns  # type: ignore[attr-defined]
+    page = pl.read_json(body, schema={"results": pl.List(pl.Struct(columns)), "next_url": pl.String()})
+    results = page.get_column("results")
+    if results.null_count() or not results.list.len().item():
+        return None, page.item(0, "next_url")
+    return results.explode(empty_as_null=False).struct.unnest(), page.item(0, "next_url")
+
+
 def decoder_cases(body: bytes) -> list[DecoderCase]:
     """Each decoder turns ``body`` (a quotes page) into the same typed frame."""
     schema = shape.RAW_QUOTES_SCHEMA
-    page_schema = fetch._PAGE_SCHEMAS["quotes"]
+    page_schema = pages._PAGE_SCHEMAS["quotes"]
 
     def from_dicts(rows: list[dict]) -> pl.DataFrame:
         return pl.DataFrame(rows, schema=schema, strict=False)
@@ -265,9 +278,9 @@ def decoder_cases(body: bytes) -> list[DecoderCase]:
         ("orjson.loads + DataFrame(dicts)", lambda: from_dicts(orjson.loads(body)["results"])),
         ("msgspec untyped + DataFrame(dicts)", lambda: from_dicts(untyped.decode(body)["results"])),
         ("msgspec typed structs + Arrow columns", msgspec_typed),
-        ("polars read_json, whole page", reader(fetch._read_polars)),
-        ("polars read_json, 256 KiB pieces (parse_page)", reader(fetch._read_pieces)),
-        ("pyarrow.json, whole page (fallback)", reader(fetch._read_arrow)),
+        ("polars read_json, whole page", reader(_read_polars_whole)),
+        ("polars read_json, 256 KiB pieces (parse_page)", reader(pages._read_pieces)),
+        ("pyarrow.json, whole page (fallback)", reader(pages._read_arrow)),
     ]
 
 
@@ -385,7 +398,7 @@ def main() -> None:
         peak_rss(a.rss_events, a.workers)
         print()
     if not {"e2e", "decoders"} <= skip:
-        fetch.tune_malloc()  # as the engine does (after the RSS child started: it tunes its own)
+        tune_malloc()  # as the engine does (after the RSS child started: it tunes its own)
         dense = dense_events(a.events)
         mixed = make("clustered", a.mixed_events) if a.mixed_events else []
         with SimHost() as sim:

@@ -52,7 +52,7 @@ import requests
 from _common import API_KEY, SimHost, load_average, run_ours, served_rate, table, verify_outputs
 from manifests import KINDS, Event, describe, make, to_work
 
-from smallcaps_ingest.core.fetch import default_workers
+from smallcaps_ingest.core.engine import default_workers
 from smallcaps_ingest.core.plan import DensityStore, plan_symbol
 from smallcaps_ingest.core.polygon import budget as budget_mod
 

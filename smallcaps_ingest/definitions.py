@@ -8,7 +8,7 @@ from __future__ import annotations
 import dagster as dg
 
 from smallcaps_ingest.config import Config
-from smallcaps_ingest.core.fetch import default_workers
+from smallcaps_ingest.core.engine import default_workers
 from smallcaps_ingest.pipeline.assets import (
     compacted_windows,
     event_windows,

@@ -12,8 +12,8 @@ import polars as pl
 import pytest
 
 from smallcaps_ingest.core import shape
-from smallcaps_ingest.core.fetch import PolygonClient
 from smallcaps_ingest.core.polygon.budget import RequestBudget
+from smallcaps_ingest.core.polygon.client import PolygonClient
 from smallcaps_ingest.simulator import SimConfig, Simulator, ground_truth
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ def budget(tmp_path: Path) -> Iterator[RequestBudget]:
 
 @pytest.fixture
 def client(sim: Simulator, budget: RequestBudget) -> Iterator[PolygonClient]:
-    c = PolygonClient(sim.base_url, TEST_KEY, budget, workers=8, read_timeout=10)
+    c = PolygonClient(sim.base_url, TEST_KEY, budget, source="simulator", workers=8, read_timeout=10)
     yield c
     c.close()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from smallcaps_ingest.core import shape, store
-from smallcaps_ingest.core.fetch import windows_from_frame
+from smallcaps_ingest.core.engine import windows_from_frame
 from smallcaps_ingest.core.plan import Window
 from smallcaps_ingest.simulator import RequestRecord, Simulator, clear_cache, ground_truth
 from smallcaps_ingest_tests.conftest import BIN, REPO

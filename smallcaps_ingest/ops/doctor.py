@@ -30,15 +30,15 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
-from smallcaps_ingest.config import SIMULATOR_KEY, Config
-from smallcaps_ingest.core.fetch import (
-    FetchStats,
+from smallcaps_ingest.config import SIMULATOR, SIMULATOR_KEY, Config
+from smallcaps_ingest.core.polygon.budget import BudgetBase, open_budget
+from smallcaps_ingest.core.polygon.budget_redis import redacted
+from smallcaps_ingest.core.polygon.client import (
     PolygonAuthError,
     PolygonClient,
     PolygonError,
 )
-from smallcaps_ingest.core.polygon.budget import BudgetBase, open_budget
-from smallcaps_ingest.core.polygon.budget_redis import redacted
+from smallcaps_ingest.core.polygon.stats import FetchStats
 from smallcaps_ingest.core.store import SOURCE_FILE
 
 LIQUID_TICKER = "AAPL"
@@ -209,7 +209,8 @@ def run_checks(
         add(check)
         source = None
         if key and host.ok and budget is not None:
-            client = PolygonClient(base, key, budget, workers=1, max_retries=1, read_timeout=15.0)
+            client = PolygonClient(base, key, budget, workers=1, max_retries=1, read_timeout=15.0,
+                                   source=SIMULATOR if sim is not None else "polygon")
             try:
                 at = recent_weekday()
                 for kind in ("trades", "quotes"):

@@ -12,8 +12,8 @@ import dagster as dg
 import polars as pl
 
 from smallcaps_ingest.core import check
+from smallcaps_ingest.core.engine import FetchEngine, SymbolOutcome, windows_from_frame
 from smallcaps_ingest.core.events import read_events
-from smallcaps_ingest.core.fetch import FetchEngine, SymbolOutcome, windows_from_frame
 from smallcaps_ingest.core.manifest import build_manifest
 from smallcaps_ingest.core.plan import DensityStore, Window
 from smallcaps_ingest.pipeline.automation import (

@@ -13,8 +13,8 @@ from pydantic import PrivateAttr
 from upath import UPath
 
 from smallcaps_ingest.config import OFFICIAL_BASE_URL, SIMULATOR, SIMULATOR_KEY, ConfigError
-from smallcaps_ingest.core.fetch import PolygonAuthError, PolygonClient
 from smallcaps_ingest.core.polygon.budget import open_budget
+from smallcaps_ingest.core.polygon.client import PolygonAuthError, PolygonClient
 from smallcaps_ingest.core.store import atomic_write_parquet
 
 
@@ -82,6 +82,7 @@ class PolygonResource(dg.ConfigurableResource):
                 base,
                 key or "",
                 budget,
+                source=SIMULATOR if self.is_simulator else "polygon",
                 workers=self.workers,
                 connect_timeout=self.connect_timeout,
                 read_timeout=self.read_timeout,

@@ -23,9 +23,10 @@ import pytest
 import redis
 
 from smallcaps_ingest.config import Config
-from smallcaps_ingest.core.fetch import FetchStats, PolygonClient
 from smallcaps_ingest.core.polygon.budget import BudgetUnavailable, RequestBudget, open_budget
 from smallcaps_ingest.core.polygon.budget_redis import RedisBudget
+from smallcaps_ingest.core.polygon.client import PolygonClient
+from smallcaps_ingest.core.polygon.stats import FetchStats
 from smallcaps_ingest.simulator import SimConfig, Simulator
 from smallcaps_ingest_tests.conftest import REPO, TEST_KEY, ns, truth_frame
 
@@ -147,7 +148,8 @@ def _proc_script(url: str, base: str, n: int, skew: float = 0.0) -> str:
         real = time.time
         time.time = lambda: real() + {skew}  # this host's clock is wrong; the budget must not care
         from smallcaps_ingest.core.polygon.budget_redis import RedisBudget
-        from smallcaps_ingest.core.fetch import FetchStats, PolygonClient
+        from smallcaps_ingest.core.polygon.client import PolygonClient
+        from smallcaps_ingest.core.polygon.stats import FetchStats
         b = RedisBudget(20, {url!r}, bucket="sim", cold_start=0)
         c = PolygonClient({base!r}, "k", b, workers=4)
         lo = 1709650800000000000

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from smallcaps_ingest.core.fetch import FetchEngine, PolygonClient
+from smallcaps_ingest.core.engine import FetchEngine
 from smallcaps_ingest.core.plan import (
     PRIOR_DENSITY,
     PRIOR_LEVEL_ROWS,
@@ -25,6 +25,7 @@ from smallcaps_ingest.core.plan import (
     session_segments,
     within_bound,
 )
+from smallcaps_ingest.core.polygon.client import PolygonClient
 from smallcaps_ingest.simulator import Simulator
 from smallcaps_ingest_tests.conftest import ns
 

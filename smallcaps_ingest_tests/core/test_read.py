@@ -20,9 +20,10 @@ import pytest
 
 from smallcaps_ingest import read
 from smallcaps_ingest.core import compact, shape, store
-from smallcaps_ingest.core.fetch import FetchEngine, PolygonClient, windows_from_frame
+from smallcaps_ingest.core.engine import FetchEngine, windows_from_frame
 from smallcaps_ingest.core.manifest import build_manifest
 from smallcaps_ingest.core.polygon.budget import RequestBudget
+from smallcaps_ingest.core.polygon.client import PolygonClient
 from smallcaps_ingest.simulator import SimConfig, Simulator
 from smallcaps_ingest.simulator.sample import SAMPLE_EVENTS_PATH
 from smallcaps_ingest_tests.conftest import TEST_KEY, truth_frame

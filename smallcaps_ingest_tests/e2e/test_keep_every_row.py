@@ -12,8 +12,10 @@ from pathlib import Path
 import polars as pl
 
 from smallcaps_ingest.core import check, shape, store
-from smallcaps_ingest.core.fetch import FetchEngine, FetchStats, PolygonClient
+from smallcaps_ingest.core.engine import FetchEngine
 from smallcaps_ingest.core.plan import DensityStore, Window
+from smallcaps_ingest.core.polygon.client import PolygonClient
+from smallcaps_ingest.core.polygon.stats import FetchStats
 from smallcaps_ingest.simulator import Simulator
 from smallcaps_ingest_tests.conftest import ns, truth_frame
 

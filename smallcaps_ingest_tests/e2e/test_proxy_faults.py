@@ -15,10 +15,13 @@ import polars as pl
 import pytest
 import requests
 
-from smallcaps_ingest.core import fetch, shape, store
-from smallcaps_ingest.core.fetch import FetchEngine, FetchStats, PolygonClient, PolygonError
+from smallcaps_ingest.core import shape, store
+from smallcaps_ingest.core.engine import FetchEngine
 from smallcaps_ingest.core.plan import Window
+from smallcaps_ingest.core.polygon import client as polygon_client
 from smallcaps_ingest.core.polygon.budget import RequestBudget
+from smallcaps_ingest.core.polygon.client import PolygonClient, PolygonError
+from smallcaps_ingest.core.polygon.stats import FetchStats
 from smallcaps_ingest.simulator import SimConfig, Simulator
 from smallcaps_ingest_tests.conftest import TEST_KEY, ns, truth_frame
 
@@ -79,7 +82,7 @@ def test_html_5xx_after_the_retries_names_the_status_and_the_html(
     assert "Expecting value" not in text and "JSONDecodeError" not in repr(err.value)
     assert stats.error_counts() == {"5xx_html": 3}  # two retries, then the error
     assert stats.total_requests == sim.counters()["total"] == 3
-    assert c.source is None  # a proxy's page says nothing about which API is behind it
+    assert c.source == "polygon"  # declared by the caller: a proxy's page cannot change it
 
 
 def test_hung_and_stalled_requests_are_retried_within_the_read_timeout(
@@ -125,7 +128,7 @@ def test_a_body_that_always_stalls_fails_within_the_bound(
     sim: Simulator, budget: RequestBudget, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sim.config.stall_rate = 1.0
-    monkeypatch.setattr(fetch, "MAX_ATTEMPTS", 4)
+    monkeypatch.setattr(polygon_client, "MAX_BODY_ATTEMPTS", 4)
     c = PolygonClient(sim.base_url, TEST_KEY, budget, read_timeout=READ_TIMEOUT)
     stats = FetchStats()
     t0 = time.monotonic()

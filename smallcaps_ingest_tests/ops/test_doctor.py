@@ -78,7 +78,8 @@ def test_all_checks_pass_and_requests_take_budget_grants(sim: Simulator, tmp_pat
 
 def test_quotes_not_entitled_names_the_plan_and_other_failures(sim: Simulator, tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "_source.json").write_text('{"source": "polygon"}')
+    # a tree of the bundled simulator; the doctor is pointed at a URL, so the API is "polygon"
+    (tmp_path / "data" / "_source.json").write_text('{"source": "simulator"}')
     rc, out, checks = _doctor(tmp_path, sim.base_url, "dev-key-77a1f0", DAGSTER_HOME=None)
     assert rc == 1
     assert checks["trades"]["ok"] and "HTTP 200" in checks["trades"]["detail"]
@@ -86,7 +87,7 @@ def test_quotes_not_entitled_names_the_plan_and_other_failures(sim: Simulator, t
     assert "HTTP 403" in checks["quotes"]["detail"] and "Stocks Advanced" in checks["quotes"]["detail"]
     assert not checks["instance"]["ok"] and "DAGSTER_HOME is not set" in checks["instance"]["detail"]
     assert not checks["data dir"]["ok"]
-    assert "holds data from 'polygon' but the API is 'simulator'" in checks["data dir"]["detail"]
+    assert "holds data from 'simulator' but the API is 'polygon'" in checks["data dir"]["detail"]
     assert "FAIL  quotes" in out and "3 check(s) failed: quotes, instance, data dir" in out
 
 

@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from smallcaps_ingest.core import shape, store
-from smallcaps_ingest.core.fetch import windows_from_frame
+from smallcaps_ingest.core.engine import windows_from_frame
 from smallcaps_ingest.simulator import SimConfig, Simulator
 from smallcaps_ingest_tests.conftest import BIN, REPO, TEST_KEY, cli_env, truth_frame
 
@@ -274,7 +274,8 @@ def test_no_key_stops_before_any_request(env: dict[str, str], sim: Simulator) ->
 def test_simulated_data_never_mixes_with_real(env: dict[str, str], sim: Simulator) -> None:
     data = Path(env["SMALLCAPS_DATA_DIR"])
     materialize(env, "--select", "manifest")
-    (data / "_source.json").write_text(json.dumps({"source": "polygon"}))
+    # a tree of the bundled simulator; POLYGON_BASE_URL is a URL here, so the run's source is "polygon"
+    (data / "_source.json").write_text(json.dumps({"source": "simulator"}))
     proc = materialize(env, "--select", "event_windows", "--partition", "AAOI", ok=False)
     assert "simulated and real data must never mix" in proc.stdout + proc.stderr
     assert not (data / "event_windows").exists() or not any((data / "event_windows").rglob("*.parquet"))

@@ -276,7 +276,7 @@ def pause(seconds: float) -> None:
 def mark_sent() -> None:
     """Stamp this thread's pending grant with the moment its request went on the wire.
 
-    Called by the HTTP connection right after the request bytes were written (fetch.py). Until
+    Called by the HTTP connection right after the request bytes were written (transport.py). Until
     then the grant counts as in flight (stamped ``PENDING_LEASE`` ahead), so a request held up
     between grant and send — waiting for the GIL behind a large JSON decode, or for a connection —
     can never fall out of the window before the server has seen it. From the send on, the window
