@@ -145,9 +145,8 @@ def event_windows(
 ):  # type: ignore[no-untyped-def]
     """Every symbol of the run on one engine; what is recorded when is described in records.py."""
     symbols = list(context.partition_keys)
-    # Only a run tagged dagster/partition gives its check step a partition; any other run (even
-    # XELB...XELB from a UI backfill) is a range run.
-    ranged = not context.has_partition_key
+    # A checkpoint is worth its write only when other symbols may still be fetched after it.
+    ranged = len(symbols) > 1
     polygon.preflight()  # no key: stop here, before any request
     done: list[SymbolOutcome] = []
     failed: list[SymbolOutcome] = []

@@ -64,17 +64,19 @@ def evaluations(
 def event_windows_checks(
     context: dg.AssetCheckExecutionContext, manifest: pl.DataFrame, settings: IngestSettings
 ) -> Iterator[dg.AssetCheckResult | dg.AssetCheckEvaluation]:
-    """All eight checks of each symbol of the run: one pass over each symbol's files."""
+    """The selected checks of each symbol of the run: one pass over each symbol's files."""
+    selected = {k.name for k in context.selected_asset_check_keys}
     if not context.has_partition_key:  # a range run: one evaluation per partition (module doc)
         for symbol in context.partition_keys:
-            yield from evaluations(settings, symbol, manifest)
+            yield from (e for e in evaluations(settings, symbol, manifest) if e.check_name in selected)
         return
     for r in _results(settings, context.partition_key, manifest):
-        yield dg.AssetCheckResult(
-            asset_key=ASSET,
-            check_name=r.name,
-            passed=r.passed,
-            severity=dg.AssetCheckSeverity(r.severity),
-            description=r.description,
-            metadata=r.metadata,
-        )
+        if r.name in selected:
+            yield dg.AssetCheckResult(
+                asset_key=ASSET,
+                check_name=r.name,
+                passed=r.passed,
+                severity=dg.AssetCheckSeverity(r.severity),
+                description=r.description,
+                metadata=r.metadata,
+            )
