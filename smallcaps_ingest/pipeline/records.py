@@ -1,13 +1,13 @@
 """What ``event_windows`` records for each symbol: the metadata of its materialization.
 
-A single-partition run records its partition once, from the step's ``MaterializeResult``. A
-range run records each symbol twice: a checkpoint as soon as the symbol is complete (so a stop, a
-crash or a failure later in the run keeps what finished), then, when the step succeeds, Dagster's
-own record of every partition of the run, which carries the data-version provenance. The
-checkpoint carries the symbol's state only (``STATE_KEYS``, ``checkpoint=True``) and the record
-that follows carries everything, so sums over the materializations count a symbol's requests,
-errors and written events once. When the step fails, each complete symbol gets a full record
-without provenance before the failure is raised.
+A run of one symbol records it once, from the step's ``MaterializeResult``. A run of several
+records each symbol twice: a checkpoint as soon as the symbol is complete (so a stop, a crash or a
+failure later in the run keeps what finished), then, when the step succeeds, Dagster's own record
+of every partition of the run, which carries the data-version provenance (the public API cannot
+add provenance to a record written mid-run). The checkpoint carries the symbol's state only
+(``STATE_KEYS`` and ``checkpoint=True``) and the record that follows carries everything, so sums
+over the materializations count a symbol's requests, errors and written events once. When the step
+fails, each complete symbol gets a full record without provenance before the failure is raised.
 """
 
 import dagster as dg
