@@ -85,10 +85,12 @@ def symbol_versions(df: pl.DataFrame) -> dict[str, str]:
 )
 def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, settings: IngestSettings):  # type: ignore[no-untyped-def]
     # Hashed before reading: a change while reading leaves the recorded version behind the file,
-    # so events_file_sensor runs the manifest again (see automation.py).
-    events_version = file_version(settings.events_path)
+    # so events_file_sensor runs the manifest again (see automation.py). A missing file or a
+    # directory is left to read_events, which names the problem.
+    path = settings.events_path
+    events_version = file_version(path) if os.path.isfile(path) else None
     df, stats = build_manifest(
-        read_events(settings.events_path),
+        read_events(path),
         start_date=_date(config.start_date, "start_date"),
         end_date=_date(config.end_date, "end_date"),
         before=timedelta(minutes=config.minutes_before),
