@@ -1,34 +1,38 @@
-"""Dagster glue: manifest -> event_windows (partitioned by symbol) and its checks. Kept thin."""
+"""The ingest assets: ``symbol_events`` (observed), ``manifest``, ``event_windows`` (partitioned by
+symbol) and ``compacted_windows``. Thin: the work is in ``core``; what is recorded per symbol is in
+``records``; the checks are in ``checks``."""
 
 import hashlib
 import os
-import queue
-import threading
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from datetime import date
+from collections.abc import Iterator
+from datetime import date, timedelta
 
 import dagster as dg
 import polars as pl
 
-from smallcaps_ingest.core import check
+from smallcaps_ingest.core.compact import compact_symbol
 from smallcaps_ingest.core.engine import FetchEngine, SymbolOutcome, windows_from_frame
 from smallcaps_ingest.core.events import read_events
 from smallcaps_ingest.core.manifest import build_manifest
-from smallcaps_ingest.core.plan import DensityStore, Window
+from smallcaps_ingest.core.plan import DensityStore
+from smallcaps_ingest.pipeline import records
 from smallcaps_ingest.pipeline.automation import (
     EVENT_WINDOWS_CONDITION,
     MANIFEST_CONDITION,
     events_file,
     file_version,
 )
+from smallcaps_ingest.pipeline.partitions import symbols_partitions
 from smallcaps_ingest.pipeline.resources import IngestSettings, PolygonResource
+from smallcaps_ingest.pipeline.runner import EngineThread
 
-symbols_partitions = dg.DynamicPartitionsDefinition(name="symbols")
 POOL = "polygon_api"
 # Bump when the files' content changes for the same events (schema, shaping): every partition
 # then shows as stale and a re-materialization rewrites it.
 EVENT_WINDOWS_CODE_VERSION = "1"
+
+__all__ = ["EVENT_WINDOWS_CODE_VERSION", "POOL", "compacted_windows", "event_windows", "manifest",
+           "symbol_events", "symbols_partitions"]
 
 
 class ManifestConfig(dg.Config):
@@ -80,14 +84,13 @@ def symbol_versions(df: pl.DataFrame) -> dict[str, str]:
     group_name="ingest",
 )
 def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, settings: IngestSettings):  # type: ignore[no-untyped-def]
-    from datetime import timedelta
-
     # Hashed before reading: a change while reading leaves the recorded version behind the file,
-    # so events_file_sensor runs the manifest again (see automation.py).
-    events_version = file_version(settings.events_path)
-    events = read_events(settings.events_path)
+    # so events_file_sensor runs the manifest again (see automation.py). A missing file or a
+    # directory is left to read_events, which names the problem.
+    path = settings.events_path
+    events_version = file_version(path) if os.path.isfile(path) else None
     df, stats = build_manifest(
-        events,
+        read_events(path),
         start_date=_date(config.start_date, "start_date"),
         end_date=_date(config.end_date, "end_date"),
         before=timedelta(minutes=config.minutes_before),
@@ -121,156 +124,6 @@ def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, settings
     )
 
 
-def _metadata(o: SymbolOutcome) -> dict[str, object]:
-    s = o.stats
-    return {
-        "events_total": o.events_total,
-        "events_complete": o.complete,
-        "events_skipped": o.skipped,
-        "events_written": o.written,
-        "events_empty": o.empty,
-        "requests": s.total_requests,
-        "requests_per_event": round(s.total_requests / o.written, 3) if o.written else 0.0,
-        "pages": s.pages,
-        "429s": s.throttled,
-        "retries": sum(s.retries.values()),
-        "rows": s.rows_kept,
-        "rows_raw": s.rows_raw,
-        "bytes": o.files_bytes,
-        "bytes_downloaded": s.bytes,
-        "events_per_min": round(o.events_per_min, 1),
-        "budget_wait_s": round(s.budget_wait_s, 3),
-        "errors_by_type": dg.MetadataValue.json(s.error_counts()),
-        "requests_by_endpoint": dg.MetadataValue.json(dict(s.requests)),
-        "retries_by_cause": dg.MetadataValue.json(dict(s.retries)),
-        "seconds": round(o.seconds, 3),
-    }
-
-
-def _provenance_tags(
-    instance: dg.DagsterInstance, symbol: str, code_version: str, before_storage_id: int | None = None
-) -> dict[str, str]:
-    """Data-version provenance for one partition's materialization in a multi-partition run.
-
-    Dagster writes these tags itself for a run's regular output; per-partition materializations
-    logged mid-run need them too, or every partition would look stale after any manifest run.
-    ``before_storage_id`` pins the inputs to what the instance held when the step loaded the
-    manifest: a manifest re-materialized during a long run must not be credited to partitions
-    fetched from the old one (a symbol whose events changed would then look fresh, its new events
-    never fetched).
-    """
-    from dagster._core.definitions.data_version import (
-        CODE_VERSION_TAG,
-        DATA_VERSION_TAG,
-        compute_logical_data_version,
-        get_input_data_version_tag,
-        get_input_event_pointer_tag,
-    )
-
-    inputs: dict[dg.AssetKey, tuple[str, int | None]] = {}
-    man = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("manifest"), before_storage_id=before_storage_id), limit=1
-    ).records
-    obs = instance.fetch_observations(
-        dg.AssetRecordsFilter(
-            asset_key=symbol_events.key, asset_partitions=[symbol], before_storage_id=before_storage_id
-        ),
-        limit=1,
-    ).records
-    for key, recs in ((dg.AssetKey("manifest"), man), (symbol_events.key, obs)):
-        event_tags = (recs[0].event_log_entry.tags or {}) if recs else {}
-        version = event_tags.get(DATA_VERSION_TAG, "INITIAL")
-        inputs[key] = (version, recs[0].storage_id if recs else None)
-    tags = {CODE_VERSION_TAG: code_version}
-    for key, (version, storage_id) in inputs.items():
-        tags[get_input_data_version_tag(key)] = version
-        tags[get_input_event_pointer_tag(key)] = str(storage_id) if storage_id else "NULL"
-    tags[DATA_VERSION_TAG] = compute_logical_data_version(
-        code_version, {k: dg.DataVersion(v) for k, (v, _) in inputs.items()}
-    ).value
-    return tags
-
-
-def _latest_materialization(instance: dg.DagsterInstance, symbol: str):  # type: ignore[no-untyped-def]
-    """The materialization a check evaluation refers to; without it the UI treats the result as
-    out of date and shows the partition's check as skipped."""
-    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
-        AssetCheckEvaluationTargetMaterializationData,
-    )
-
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("event_windows"), asset_partitions=[symbol]), limit=1
-    ).records
-    if not records:
-        return None
-    rec = records[0]
-    return AssetCheckEvaluationTargetMaterializationData(
-        storage_id=rec.storage_id, run_id=rec.event_log_entry.run_id, timestamp=rec.timestamp
-    )
-
-
-def _check_evaluations(settings: IngestSettings, symbol: str, manifest_df: pl.DataFrame):  # type: ignore[no-untyped-def]
-    windows = windows_from_frame(manifest_df.filter(pl.col("symbol") == symbol))
-    yield from check.evaluate_symbol(settings.data_dir, symbol, windows, settings.quotes_hz)
-
-
-# After an interrupt, how long the step waits for the engine's requests in flight (their pages are
-# not followed) and for the writes of what was fetched, before it lets the interrupt go on.
-STOP_WAIT_SECONDS = 8.0
-
-
-class EngineThread:
-    """A ``FetchEngine`` run on its own thread, its outcomes handed to the step's thread.
-
-    Dagster delivers SIGTERM, SIGINT and a run termination to a step as ``KeyboardInterrupt`` or
-    ``DagsterExecutionInterruptedError`` on the step's main thread only (the executor relays the
-    signal to step processes), here while it waits for the next outcome; the engine's threads
-    would carry on fetching every remaining page. So whenever ``outcomes`` is left before the run
-    ended, and when the step's resources are torn down (an interrupt may land while Dagster handles
-    a yielded event, and then the asset is never resumed), the engine is stopped and given
-    ``STOP_WAIT_SECONDS`` to finish its requests in flight and its writes.
-    """
-
-    def __init__(self, engine: FetchEngine, work: Mapping[str, Sequence[Window]]):
-        self.engine = engine
-        self._work = work
-        self._done: queue.Queue[SymbolOutcome | None] = queue.Queue()
-        self._crashed: list[BaseException] = []
-        self._thread = threading.Thread(target=self._run, name="fetch-engine", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            self.engine.run(self._work, on_symbol_done=self._done.put)
-        except BaseException as e:  # noqa: BLE001 - re-raised on the step's thread
-            self._crashed.append(e)
-        finally:
-            self._done.put(None)
-
-    def outcomes(self) -> Iterator[SymbolOutcome]:
-        """Each symbol's outcome as it finishes; re-raises what crashed the engine."""
-        self._thread.start()
-        ended = False
-        try:
-            while (o := self._done.get()) is not None:
-                yield o
-            ended = True
-        finally:
-            if not ended:
-                self.stop()
-        if self._crashed:
-            raise self._crashed[0]
-
-    def stop(self) -> None:
-        """Stop the engine and wait (bounded) for it; a repeated interrupt does not cut the wait."""
-        self.engine.stop()
-        deadline = time.monotonic() + STOP_WAIT_SECONDS
-        while self._thread.is_alive() and (left := deadline - time.monotonic()) > 0:
-            try:
-                self._thread.join(timeout=left)
-            except (KeyboardInterrupt, dg.DagsterExecutionInterruptedError):
-                continue  # the multiprocess executor relays the same stop to its step process
-
-
 @dg.asset(
     partitions_def=symbols_partitions,
     ins={"manifest": dg.AssetIn()},
@@ -292,16 +145,34 @@ def event_windows(
     polygon: PolygonResource,
     settings: IngestSettings,
 ):  # type: ignore[no-untyped-def]
+    """Every symbol of the run on one engine; what is recorded when is described in records.py."""
     symbols = list(context.partition_keys)
-    # Only a run tagged dagster/partition gives its check step a partition; any range run (even
-    # XELB...XELB from a UI backfill) records materializations and check results per symbol here.
-    single = context.has_partition_key
-    inputs_before = None
-    if not single:  # Dagster records a single partition's provenance itself
-        # the manifest input is loaded: provenance is pinned to the records the instance holds now
-        last_id = context.instance.event_log_storage.get_maximum_record_id()
-        inputs_before = None if last_id is None else last_id + 1
-    polygon.preflight()  # no key and no simulator: stop here, before any request
+    # A checkpoint is worth its write only when other symbols may still be fetched after it.
+    ranged = len(symbols) > 1
+    polygon.preflight()  # no key: stop here, before any request
+    done: list[SymbolOutcome] = []
+    failed: list[SymbolOutcome] = []
+    for o in _fetch(context, manifest, polygon, settings, symbols):
+        (failed if o.error is not None else done).append(o)
+        if o.error is None:
+            context.add_asset_metadata(records.outcome_metadata(o), partition_key=o.symbol)
+            if ranged:
+                yield records.checkpoint(context.asset_key, o)
+    if failed:
+        for o in done if ranged else ():
+            yield records.failure_record(context.asset_key, o)
+        raise records.failure(failed, len(symbols))
+    yield dg.MaterializeResult()  # Dagster records every partition of the run, with provenance
+
+
+def _fetch(
+    context: dg.AssetExecutionContext,
+    manifest: pl.DataFrame,
+    polygon: PolygonResource,
+    settings: IngestSettings,
+    symbols: list[str],
+) -> Iterator[SymbolOutcome]:
+    """Each symbol's outcome as it finishes, logged; the engine stops with the step."""
     work = {s: windows_from_frame(manifest.filter(pl.col("symbol") == s)) for s in symbols}
     engine = FetchEngine(
         polygon.get_client(),
@@ -314,78 +185,15 @@ def event_windows(
     )
     runner = EngineThread(engine, work)
     polygon.on_teardown(runner.stop)
-    failed: list[SymbolOutcome] = []
-    outcomes: list[SymbolOutcome] = []
     for o in runner.outcomes():
-        outcomes.append(o)
         if o.error is not None:
-            failed.append(o)
             context.log.error(f"{o.symbol}: {o.error}")
-            continue
-        context.log.info(
-            f"{o.symbol}: {o.complete}/{o.events_total} events complete ({o.skipped} skipped), "
-            f"{o.stats.total_requests} requests, {o.events_per_min:.0f} events/min"
-        )
-        if single:
-            continue  # one partition: the MaterializeResult below, then the check steps
-        # many partitions in one run: record each symbol as soon as it is complete, so a
-        # failure later in the run keeps what finished, and evaluate its checks right here.
-        yield dg.AssetMaterialization(
-            asset_key=context.asset_key,
-            partition=o.symbol,
-            metadata=_metadata(o),
-            tags=_provenance_tags(context.instance, o.symbol, EVENT_WINDOWS_CODE_VERSION, inputs_before),
-        )
-        target = _latest_materialization(context.instance, o.symbol)
-        for r in _check_evaluations(settings, o.symbol, manifest):
-            yield dg.AssetCheckEvaluation(
-                target_materialization_data=target,
-                asset_key=context.asset_key,
-                check_name=r.name,
-                passed=r.passed,
-                partition=o.symbol,
-                severity=dg.AssetCheckSeverity(r.severity),
-                description=r.description,
-                metadata=r.metadata,
+        else:
+            context.log.info(
+                f"{o.symbol}: {o.complete}/{o.events_total} events complete ({o.skipped} skipped), "
+                f"{o.stats.total_requests} requests, {o.events_per_min:.0f} events/min"
             )
-    if failed:
-        raise dg.Failure(
-            description=f"{len(failed)} of {len(symbols)} symbols failed: "
-            + "; ".join(f"{o.symbol}: {o.error}" for o in failed[:10]),
-            metadata={"failed_symbols": ", ".join(o.symbol for o in failed)},
-        )
-    if single:
-        yield dg.MaterializeResult(metadata=_metadata(outcomes[0]))
-
-
-CHECK_SPECS = [
-    dg.AssetCheckSpec(
-        name,
-        asset="event_windows",
-        description=check.CHECK_DESCRIPTIONS[name],
-        partitions_def=symbols_partitions,
-        blocking=False,
-        additional_deps=["manifest"],
-    )
-    for name in (*check.ERROR_CHECKS, *check.WARN_CHECKS)
-]
-
-
-@dg.multi_asset_check(specs=CHECK_SPECS, ins={"manifest": dg.AssetIn()}, name="event_windows_checks")
-def event_windows_checks(
-    context: dg.AssetCheckExecutionContext, manifest: pl.DataFrame, settings: IngestSettings
-):  # type: ignore[no-untyped-def]
-    """All eight checks of one symbol, from disk only (no request): one step, one pass over the files."""
-    symbol = context.op_execution_context.partition_key
-    for r in _check_evaluations(settings, symbol, manifest):
-        yield dg.AssetCheckResult(
-            asset_key="event_windows",
-            check_name=r.name,
-            passed=r.passed,
-            severity=dg.AssetCheckSeverity(r.severity),
-            description=r.description,
-            metadata=r.metadata,
-        )
+        yield o
 
 
 @dg.asset(
@@ -402,8 +210,6 @@ def event_windows_checks(
 def compacted_windows(
     context: dg.AssetExecutionContext, manifest: pl.DataFrame, settings: IngestSettings
 ) -> dg.MaterializeResult:
-    from smallcaps_ingest.core.compact import compact_symbol
-
     done = [compact_symbol(settings.data_dir, s, manifest) for s in context.partition_keys]
     for r in done:
         context.log.info(f"{r.symbol}: {r.events} events compacted ({r.incomplete} incomplete left out)")

@@ -1,6 +1,6 @@
-"""Dagster glue: the ``ingestion_report`` asset and the ``cleanup_and_reconcile`` job. Kept thin.
-
-The logic lives in ``report`` (coverage, table, plot) and ``status`` (cleanup, reconcile).
+"""The jobs: ``ingest_event_windows``, ``check_event_windows`` and ``cleanup_and_reconcile``, and the
+``ingestion_report`` asset. Thin: the logic lives in ``ops.report`` (coverage, table, plot) and
+``ops.status`` (cleanup, reconcile).
 """
 
 import dagster as dg
@@ -12,6 +12,17 @@ from smallcaps_ingest.ops import reconcile as ops_reconcile
 from smallcaps_ingest.ops import report
 from smallcaps_ingest.pipeline.assets import event_windows
 from smallcaps_ingest.pipeline.resources import IngestSettings
+
+ingest_job = dg.define_asset_job(
+    "ingest_event_windows",
+    selection=dg.AssetSelection.assets(event_windows),
+    description="Fetch the selected symbols' event windows (checks run with it).",
+)
+checks_job = dg.define_asset_job(
+    "check_event_windows",
+    selection=dg.AssetSelection.checks_for_assets(event_windows),
+    description="Run the event_windows checks alone, from disk: no download.",
+)
 
 
 def _throughput_points(instance: dg.DagsterInstance) -> list[tuple[float, int, float]]:

@@ -1,4 +1,6 @@
-"""Dagster resources: the Polygon client (pooled session + shared budget) and the settings."""
+"""Dagster resources: the Polygon client (pooled session + shared budget), its simulated twin,
+the settings, and the atomic Parquet IO manager. ``definitions.py`` picks the Polygon implementation
+from ``Config.is_simulator``."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from smallcaps_ingest.config import OFFICIAL_BASE_URL, SIMULATOR, SIMULATOR_KEY,
 from smallcaps_ingest.core.polygon.budget import open_budget
 from smallcaps_ingest.core.polygon.client import PolygonAuthError, PolygonClient
 from smallcaps_ingest.core.store import atomic_write_parquet
+from smallcaps_ingest.simulator import Simulator
 
 
 class AtomicPolarsParquetIOManager(PolarsParquetIOManager):
@@ -30,10 +33,7 @@ class AtomicPolarsParquetIOManager(PolarsParquetIOManager):
 
 
 class PolygonResource(dg.ConfigurableResource):
-    """The Polygon/Massive v3 API: one pooled session and the host-wide request budget.
-
-    ``base_url="simulator"`` starts the bundled simulator in this process (explicit opt-in only).
-    """
+    """The Polygon/Massive v3 API: one pooled session and the host-wide request budget."""
 
     api_key: str | None = None
     base_url: str = OFFICIAL_BASE_URL
@@ -46,43 +46,40 @@ class PolygonResource(dg.ConfigurableResource):
     budget_timeout: float = 120.0  # seconds the budget may be unreachable before the run fails
 
     _client: PolygonClient | None = PrivateAttr(default=None)
-    _simulator: object | None = PrivateAttr(default=None)
     _on_teardown: list[Callable[[], None]] = PrivateAttr(default_factory=list)
 
-    @property
-    def is_simulator(self) -> bool:
-        return self.base_url.strip().lower() == SIMULATOR
-
     def preflight(self) -> None:
-        """Fail before any request when no key is set and the simulator was not chosen."""
-        if not self.api_key and not self.is_simulator:
+        """Fail before any request when no key is set."""
+        if not self.api_key:
             raise PolygonAuthError(
                 "POLYGON_API_KEY is not set. Set it to your Polygon/Massive key (trades need Stocks "
                 "Developer, quotes Stocks Advanced), or set POLYGON_BASE_URL=simulator to use the bundled "
                 "simulator. No request was made."
             )
 
+    def endpoint(self) -> tuple[str, str]:
+        """The base URL and key the client talks to."""
+        return self.base_url, self.api_key or ""
+
+    def source(self) -> str:
+        """What the tree records as its source (``_source.json``): the two never mix."""
+        return "polygon"
+
     def get_client(self) -> PolygonClient:
         if self._client is None:
             self.preflight()
-            base, key = self.base_url, self.api_key
-            if self.is_simulator:
-                from smallcaps_ingest.simulator import Simulator
-
-                sim = Simulator().start()
-                self._simulator = sim
-                base, key = sim.base_url, key or SIMULATOR_KEY
-            bucket = urlsplit(base).netloc or base
             if not self.budget_url:
                 raise ConfigError("PolygonResource.budget_url is not set (Config.from_env() sets it)")
+            base, key = self.endpoint()
             budget = open_budget(
-                self.budget_url, self.max_rps, bucket=bucket, unavailable_timeout=self.budget_timeout
+                self.budget_url, self.max_rps, bucket=urlsplit(base).netloc or base,
+                unavailable_timeout=self.budget_timeout,
             )
             self._client = PolygonClient(
                 base,
-                key or "",
+                key,
                 budget,
-                source=SIMULATOR if self.is_simulator else "polygon",
+                source=self.source(),
                 workers=self.workers,
                 connect_timeout=self.connect_timeout,
                 read_timeout=self.read_timeout,
@@ -101,8 +98,30 @@ class PolygonResource(dg.ConfigurableResource):
             self._client.close()
             self._client.budget.close()
             self._client = None
+
+
+class SimulatedPolygonResource(PolygonResource):
+    """The same resource against the bundled simulator, started in this process when the step
+    first needs a client (``POLYGON_BASE_URL=simulator``; any key, or none, is accepted)."""
+
+    base_url: str = SIMULATOR
+
+    _simulator: Simulator | None = PrivateAttr(default=None)
+
+    def preflight(self) -> None:
+        """The simulator needs no key."""
+
+    def source(self) -> str:
+        return SIMULATOR
+
+    def endpoint(self) -> tuple[str, str]:
+        self._simulator = Simulator().start()
+        return self._simulator.base_url, self.api_key or SIMULATOR_KEY
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        super().teardown_after_execution(context)
         if self._simulator is not None:
-            self._simulator.stop()  # type: ignore[attr-defined]
+            self._simulator.stop()
             self._simulator = None
 
 
