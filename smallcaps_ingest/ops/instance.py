@@ -95,6 +95,7 @@ class MatPoint:
     events_total: int = 0
     events_complete: int = 0
     bytes: int = 0
+    checkpoint: bool = False  # a mid-run record; the run's final record of the partition repeats it
 
 
 def mat_point(record: Any) -> MatPoint:
@@ -116,6 +117,7 @@ def mat_point(record: Any) -> MatPoint:
         events_total=_num(md, "events_total"),
         events_complete=_num(md, "events_complete"),
         bytes=_num(md, "bytes"),
+        checkpoint=bool(_value(md, "checkpoint")),
     )
 
 
@@ -172,7 +174,7 @@ def throughput(
     earliest one read, whose own work then falls before the span and is left out. With none in the
     window, the last N materializations are used instead (span: earliest start to the last one).
     """
-    work = [p for p in points if not p.reconciled]
+    work = _counted(points)
     basis = f"last {window_s / 60:g} min"
     if work and capped and len(work) > 1:
         work = sorted(work, key=lambda p: p.ts)
@@ -182,7 +184,7 @@ def throughput(
     elif work:
         start, end = max(now - window_s, min(p.ts - p.seconds for p in work)), now
     else:
-        work = [p for p in fallback if not p.reconciled]
+        work = _counted(fallback)
         if not work:
             return idle_throughput("no materialization yet")
         basis = f"last {len(work)} materializations (none in the last {window_s / 60:g} min)"
@@ -226,7 +228,7 @@ def _asset_marks(instance: dg.DagsterInstance) -> tuple[bool, float | None, int 
 
 
 _COUNTS = ("materializations", "events_written", "requests", "429s", "reconciled")
-LEDGER_VERSION = 2
+LEDGER_VERSION = 3
 
 
 def _ints(row: Any, n: int) -> bool:
@@ -261,23 +263,38 @@ def _read_cache(cache_path: str | None) -> dict[str, Any]:
     return got if isinstance(got, dict) else {}
 
 
+def _counted(points: Sequence[MatPoint]) -> list[MatPoint]:
+    """The points whose work counts: not reconciled, and not a final record repeating its run's
+    checkpoint of the same partition."""
+    checkpointed = {(p.run_id, p.partition) for p in points if p.checkpoint}
+    return [p for p in points if not p.reconciled
+            and (p.checkpoint or (p.run_id, p.partition) not in checkpointed)]
+
+
 def _fresh_entry(wipe: float | None) -> dict[str, Any]:
     return {"version": LEDGER_VERSION, "wipe": wipe, "after_storage_id": None, **dict.fromkeys(_COUNTS, 0),
             "errors_by_type": {}, "latest": {}, "recent": []}
 
 
 def _add(entry: dict[str, Any], new: Sequence[MatPoint]) -> None:
-    """Fold materializations read in storage order into the ledger."""
+    """Fold materializations read in storage order into the ledger, each run's work on a partition
+    once: a checkpoint is counted, and the same run's final record of that partition is not."""
     errors = Counter(entry["errors_by_type"])
+    pending = entry.setdefault("checkpointed", {})
     for p in new:
+        if p.partition is not None:
+            entry["latest"][p.partition] = [p.storage_id, p.events_total, p.events_complete, p.bytes]
+        pair = f"{p.run_id}/{p.partition}"
+        if p.checkpoint:
+            pending[pair] = True
+        elif pending.pop(pair, False):
+            continue
         errors.update(p.errors)
         entry["materializations"] += 1
         entry["events_written"] += p.written
         entry["requests"] += p.requests
         entry["429s"] += p.throttled
         entry["reconciled"] += int(p.reconciled)
-        if p.partition is not None:
-            entry["latest"][p.partition] = [p.storage_id, p.events_total, p.events_complete, p.bytes]
     entry["errors_by_type"] = dict(errors)
     entry["recent"] = (entry["recent"] + [list(astuple(p)) for p in new])[-RECENT_LIMIT:]
     entry["after_storage_id"] = max((p.storage_id for p in new), default=entry["after_storage_id"])

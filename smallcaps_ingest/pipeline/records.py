@@ -4,18 +4,15 @@ A run of one symbol records it once, from the step's ``MaterializeResult``. A ru
 records each symbol twice: a checkpoint as soon as the symbol is complete (so a stop, a crash or a
 failure later in the run keeps what finished), then, when the step succeeds, Dagster's own record
 of every partition of the run, which carries the data-version provenance (the public API cannot
-add provenance to a record written mid-run). The checkpoint carries the symbol's state only
-(``STATE_KEYS`` and ``checkpoint=True``) and the record that follows carries everything, so sums
-over the materializations count a symbol's requests, errors and written events once. When the step
+add provenance to a record written mid-run). Both carry the full metadata (the checkpoint also
+``checkpoint=True``), so a killed run's work is still counted; ``status`` counts a partition's work
+once per run, from its checkpoint when it has one (ops/instance.py). When the step
 fails, each complete symbol gets a full record without provenance before the failure is raised.
 """
 
 import dagster as dg
 
 from smallcaps_ingest.core.engine import SymbolOutcome
-
-# What a checkpoint carries: where the symbol stands, nothing that sums over runs.
-STATE_KEYS = ("events_total", "events_complete", "events_skipped", "events_empty", "bytes")
 
 
 def outcome_metadata(o: SymbolOutcome) -> dict[str, object]:
@@ -46,12 +43,10 @@ def outcome_metadata(o: SymbolOutcome) -> dict[str, object]:
 
 
 def checkpoint(asset_key: dg.AssetKey, o: SymbolOutcome) -> dg.AssetMaterialization:
-    """The record of a symbol complete mid-run: its state, no provenance (see the module doc)."""
-    full = outcome_metadata(o)
+    """The record of a symbol complete mid-run: its full metadata, no provenance (see the module
+    doc). Status counts a run's work once: from the checkpoint, not from the record that follows."""
     return dg.AssetMaterialization(
-        asset_key=asset_key,
-        partition=o.symbol,
-        metadata={**{k: full[k] for k in STATE_KEYS}, "checkpoint": True},
+        asset_key=asset_key, partition=o.symbol, metadata={**outcome_metadata(o), "checkpoint": True}
     )
 
 
