@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import psycopg2
@@ -162,11 +163,23 @@ def wait_runs_finished(env: Mapping[str, str], count: int, timeout: float) -> li
 
 
 def materializations_per_partition(env: Mapping[str, str], symbols: list[str]) -> dict[str, int]:
-    """How many materializations of event_windows the instance holds for each symbol."""
+    """How many times each symbol was recorded as materialized: one per run that fetched it, each
+    run's final record counted (a run of several symbols also writes a ``checkpoint`` record of a
+    symbol as soon as it is complete, then the final one; a run with a checkpoint of a symbol must
+    also have its final record)."""
+    out: dict[str, int] = {}
     with team_instance(env) as instance:
-        return {
-            s: len(instance.fetch_materializations(  # type: ignore[attr-defined]
+        for s in symbols:
+            records = instance.fetch_materializations(  # type: ignore[attr-defined]
                 dg.AssetRecordsFilter(asset_key=dg.AssetKey("event_windows"), asset_partitions=[s]), limit=10
-            ).records)
-            for s in symbols
-        }
+            ).records
+
+            def is_checkpoint(r: Any) -> bool:
+                value = r.asset_materialization.metadata.get("checkpoint")
+                return bool(getattr(value, "value", value))
+
+            final = [r.run_id for r in records if not is_checkpoint(r)]
+            checkpointed = {r.run_id for r in records if is_checkpoint(r)}
+            assert checkpointed <= set(final), (s, checkpointed, final)
+            out[s] = len(final)
+    return out

@@ -308,6 +308,24 @@ def check_partition_statuses(dev: DagsterDev, asset: str) -> dict[str, dict[str,
     }
 
 
+CHECK_EXECUTIONS = """
+query ($path: [String!]!, $check: String!, $partition: String) {
+  assetCheckExecutions(assetKey: {path: $path}, checkName: $check, partition: $partition, limit: 1) {
+    status
+    partition
+    evaluation { success }
+  }
+}
+"""
+
+
+def latest_check_execution(dev: DagsterDev, asset: str, check: str, partition: str) -> dict[str, Any] | None:
+    """The newest execution of one check on one partition, as the check's Execution history shows it."""
+    got = dev.gql(CHECK_EXECUTIONS, {"path": [asset], "check": check, "partition": partition})
+    rows = got["assetCheckExecutions"]
+    return rows[0] if rows else None
+
+
 def dismiss_nux(page: Any, dev: DagsterDev, timeout_ms: float = 30_000) -> bool:
     """Skip the "Join the Dagster community" modal of a fresh DAGSTER_HOME, if the server will show it.
 
