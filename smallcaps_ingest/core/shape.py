@@ -44,6 +44,26 @@ RAW_QUOTES_SCHEMA: dict[str, pl.DataType] = {
 }
 RAW_SCHEMAS = {"trades": RAW_TRADES_SCHEMA, "quotes": RAW_QUOTES_SCHEMA}
 
+# The documented, stable on-disk contract: the raw columns, timestamps typed.
+TRADES_SCHEMA: dict[str, pl.DataType] = {
+    k: (TS if k.endswith("timestamp") else v) for k, v in RAW_TRADES_SCHEMA.items()
+}
+QUOTES_SCHEMA: dict[str, pl.DataType] = {
+    "sip_timestamp": pl.Int64(),
+    "participant_timestamp": pl.Int64(),
+    "bid_price": pl.Float64(),
+    "ask_price": pl.Float64(),
+    "bid_size": pl.Float64(),
+    "ask_size": pl.Float64(),
+    "bid_exchange": pl.Int32(),
+    "ask_exchange": pl.Int32(),
+    "sequence_number": pl.Int64(),
+    "tape": pl.Int32(),
+    "conditions": pl.List(pl.Int32()),
+    "indicators": pl.List(pl.Int32()),
+}
+RAW_SCHEMAS = {"trades": RAW_TRADES_SCHEMA, "quotes": RAW_QUOTES_SCHEMA}
+
 # The documented, stable on-disk contract.
 TRADES_SCHEMA: dict[str, pl.DataType] = {
     "sip_timestamp": TS,
@@ -72,7 +92,7 @@ QUOTES_SCHEMA: dict[str, pl.DataType] = {
     "quote_count": pl.UInt32(),
 }
 RAW_QUOTES_OUT_SCHEMA: dict[str, pl.DataType] = {
-    **{k: (TS if k.endswith("timestamp") else v) for k, v in RAW_QUOTES_SCHEMA.items()},
+    k: (TS if k.endswith("timestamp") else v) for k, v in RAW_QUOTES_SCHEMA.items()
 }
 QUOTE_FIELDS = ("bid_price", "ask_price", "bid_size", "ask_size", "bid_exchange", "ask_exchange")
 
