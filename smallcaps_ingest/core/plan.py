@@ -28,7 +28,6 @@ fall back to the market-wide prior (which made merged ranges look less over-fetc
 from __future__ import annotations
 
 import bisect
-import fcntl
 import functools
 import itertools
 import json
@@ -42,6 +41,11 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from smallcaps_ingest.core.trading_calendar import HOLIDAYS, is_trading_day
+
+try:  # POSIX: an exclusive lock while merging into the density file
+    import fcntl
+except ImportError:  # Windows: merged without a lock (the write itself stays atomic)
+    fcntl = None  # type: ignore[assignment]
 
 ET = ZoneInfo("America/New_York")
 NS = 1_000_000_000
@@ -271,12 +275,15 @@ class DensityStore:
                     cell[1] += secs
 
     def save(self) -> None:
-        """Merge this process's new observations into the file (atomic replace under flock)."""
+        """Merge this process's new observations into the file (atomic replace, under flock where
+        the platform has it; without it two hosts saving at the same instant may each miss the
+        other's latest increments, never corrupt the file: densities are estimates)."""
         if self.path is None or not self._pending:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
             on_disk = json.loads(self.path.read_text() or "{}") if self.path.exists() else {}
             for symbol, kinds in self._pending.items():
                 for kind, sessions in kinds.items():

@@ -28,15 +28,18 @@ RAW_TRADES_SCHEMA: dict[str, pl.DataType] = {
     "trf_id": pl.Int32(),
     "correction": pl.Int32(),
 }
-RAW_QUOTES_SCHEMA: dict[str, pl.DataType] = {
-    "sip_timestamp": pl.Int64(),
-    "participant_timestamp": pl.Int64(),
+NBBO_SCHEMA: dict[str, pl.DataType] = {  # a quote's fields, raw and stored alike
     "bid_price": pl.Float64(),
     "ask_price": pl.Float64(),
     "bid_size": pl.Float64(),
     "ask_size": pl.Float64(),
     "bid_exchange": pl.Int32(),
     "ask_exchange": pl.Int32(),
+}
+RAW_QUOTES_SCHEMA: dict[str, pl.DataType] = {
+    "sip_timestamp": pl.Int64(),
+    "participant_timestamp": pl.Int64(),
+    **NBBO_SCHEMA,
     "sequence_number": pl.Int64(),
     "tape": pl.Int32(),
     "conditions": pl.List(pl.Int32()),
@@ -49,52 +52,16 @@ TRADES_SCHEMA: dict[str, pl.DataType] = {
     k: (TS if k.endswith("timestamp") else v) for k, v in RAW_TRADES_SCHEMA.items()
 }
 QUOTES_SCHEMA: dict[str, pl.DataType] = {
-    "sip_timestamp": pl.Int64(),
-    "participant_timestamp": pl.Int64(),
-    "bid_price": pl.Float64(),
-    "ask_price": pl.Float64(),
-    "bid_size": pl.Float64(),
-    "ask_size": pl.Float64(),
-    "bid_exchange": pl.Int32(),
-    "ask_exchange": pl.Int32(),
-    "sequence_number": pl.Int64(),
-    "tape": pl.Int32(),
-    "conditions": pl.List(pl.Int32()),
-    "indicators": pl.List(pl.Int32()),
-}
-RAW_SCHEMAS = {"trades": RAW_TRADES_SCHEMA, "quotes": RAW_QUOTES_SCHEMA}
-
-# The documented, stable on-disk contract.
-TRADES_SCHEMA: dict[str, pl.DataType] = {
-    "sip_timestamp": TS,
-    "participant_timestamp": TS,
-    "price": pl.Float64(),
-    "size": pl.Float64(),
-    "exchange": pl.Int32(),
-    "tape": pl.Int32(),
-    "conditions": pl.List(pl.Int32()),
-    "sequence_number": pl.Int64(),
-    "id": pl.String(),
-    "trf_timestamp": TS,
-    "trf_id": pl.Int32(),
-    "correction": pl.Int32(),
-}
-QUOTES_SCHEMA: dict[str, pl.DataType] = {
     "ts": TS,
     "sip_timestamp": TS,
-    "bid_price": pl.Float64(),
-    "ask_price": pl.Float64(),
-    "bid_size": pl.Float64(),
-    "ask_size": pl.Float64(),
-    "bid_exchange": pl.Int32(),
-    "ask_exchange": pl.Int32(),
+    **NBBO_SCHEMA,
     "sequence_number": pl.Int64(),
     "quote_count": pl.UInt32(),
 }
 RAW_QUOTES_OUT_SCHEMA: dict[str, pl.DataType] = {
     k: (TS if k.endswith("timestamp") else v) for k, v in RAW_QUOTES_SCHEMA.items()
 }
-QUOTE_FIELDS = ("bid_price", "ask_price", "bid_size", "ask_size", "bid_exchange", "ask_exchange")
+QUOTE_FIELDS = tuple(NBBO_SCHEMA)
 
 
 def empty_raw(kind: str) -> pl.DataFrame:

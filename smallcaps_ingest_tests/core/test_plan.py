@@ -4,6 +4,7 @@ over real HTTP against the simulator."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 from pathlib import Path
@@ -265,3 +266,24 @@ def test_cumulative_rows_equal_the_session_sums() -> None:
         b = a + rng.choice((rng.randrange(0, 900), rng.randrange(0, 12 * 86_400))) * S
         want = sum(dens[s] * secs for s, secs in session_segments(a, b))
         assert at(b) - at(a) == pytest.approx(want, rel=1e-9, abs=1e-6)
+
+
+@pytest.mark.parametrize("with_flock", [True, False])
+def test_density_saves_merge_with_or_without_flock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_flock: bool
+) -> None:
+    """Two stores (two processes) save into one file: their counts add up. Where the platform has
+    no ``fcntl`` (Windows) the merge runs without the lock and gives the same file."""
+    from smallcaps_ingest.core import plan as plan_mod
+
+    if not with_flock:
+        monkeypatch.setattr(plan_mod, "fcntl", None)
+    path = tmp_path / "state" / "density.json"
+    start = et("2024-03-05", "10:00")
+    a, b = DensityStore(path), DensityStore(path)
+    a.observe("AAOI", "trades", start, start + 60 * 10**9, 600)
+    b.observe("AAOI", "trades", start, start + 60 * 10**9, 300)
+    a.save()
+    b.save()
+    assert json.loads(path.read_text()) == {"AAOI": {"trades": {"RTH": [900.0, 120.0]}}}
+    assert DensityStore(path).known("AAOI")
