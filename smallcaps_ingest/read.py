@@ -27,7 +27,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypedDict, Unpack
 
 import polars as pl
 
@@ -143,6 +143,18 @@ def _stat(path: str) -> tuple[int, int, int] | None:
         return compact.stat_key(os.stat(path))
     except FileNotFoundError:
         return None
+
+
+class Selection(TypedDict, total=False):
+    """The keywords that select events, shared by ``plan_windows`` and ``duckdb_connect``."""
+
+    symbols: str | Iterable[str] | None
+    event_types: str | Iterable[str] | None
+    start: datetime | None
+    end: datetime | None
+    sessions: str | Iterable[str] | None
+    on_missing: Literal["skip", "raise"]
+    use_compacted: bool
 
 
 def plan_windows(
@@ -323,27 +335,19 @@ def _view_sql(con: duckdb.DuckDBPyConnection, plan: ReadPlan) -> str:
 def duckdb_connect(
     data_dir: str | os.PathLike[str],
     con: duckdb.DuckDBPyConnection | None = None,
-    *,
-    symbols: str | Iterable[str] | None = None,
-    event_types: str | Iterable[str] | None = None,
-    start: datetime | None = None,
-    end: datetime | None = None,
-    sessions: str | Iterable[str] | None = None,
-    on_missing: Literal["skip", "raise"] = "skip",
-    use_compacted: bool = True,
+    **selection: Unpack[Selection],
 ) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection (``con`` or a new in-memory one) with views ``events`` (the selected
     complete events), ``trades`` and ``quotes`` (event columns, ``t_rel_ns`` BIGINT: the row's time
     minus the event time in nanoseconds, then the file's columns), built from the same plans as
-    ``load_windows``. Rows are in no particular order (SQL); ORDER BY what you need."""
+    ``load_windows``, selected by the same keywords (``Selection``). Rows are in no particular order
+    (SQL); ORDER BY what you need."""
     try:
         import duckdb
     except ImportError:  # pragma: no cover - depends on the environment
         raise ImportError("duckdb_connect needs duckdb: pip install 'smallcaps_ingest[duckdb]'") from None
     con = con if con is not None else duckdb.connect()
-    filters = dict(symbols=symbols, event_types=event_types, start=start, end=end, sessions=sessions,
-                   on_missing=on_missing, use_compacted=use_compacted)
-    plans = {k: plan_windows(data_dir, k, **filters) for k in KINDS}  # type: ignore[arg-type]
+    plans = {k: plan_windows(data_dir, k, **selection) for k in KINDS}
     con.register("_smallcaps_events", plans["trades"].events.to_arrow())
     con.execute("CREATE OR REPLACE VIEW events AS SELECT * FROM _smallcaps_events")
     for kind, plan in plans.items():
