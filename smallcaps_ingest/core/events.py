@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -200,13 +201,21 @@ def _check_nulls(df: pl.DataFrame, source: str) -> None:
 def _check_timestamp_range(df: pl.DataFrame, source: str) -> None:
     """Reject timestamps that cannot be represented as int64 nanoseconds (silent overflow otherwise)."""
     year = pl.col("timestamp").dt.convert_time_zone("UTC").dt.year()
-    found = _first_bad(df, (year < _NS_MIN_YEAR) | (year > _NS_MAX_YEAR), "timestamp")
+    _reject_first(
+        df, (year < _NS_MIN_YEAR) | (year > _NS_MAX_YEAR), "timestamp", source,
+        lambda v: f"value {v} is out of range (years {_NS_MIN_YEAR}..{_NS_MAX_YEAR})",
+    )
+
+
+def _reject_first(
+    df: pl.DataFrame, bad: pl.Expr, col: str, source: str, describe: Callable[[object], str]
+) -> None:
+    """Raise naming the first row where ``bad`` holds, its value and how many others there are."""
+    found = _first_bad(df, bad, col)
     if found is not None:
         row, value, count = found
-        raise EventsValidationError(
-            f"{source}: column 'timestamp', row {row}: value {value} is out of range "
-            f"(years {_NS_MIN_YEAR}..{_NS_MAX_YEAR}){_others(count)}"
-        )
+        where = f"{source}: column '{col}', row {row}"
+        raise EventsValidationError(f"{where}: {describe(value)}{_others(count)}")
 
 
 def _symbol_problem(value: str) -> str:
@@ -235,13 +244,9 @@ def _check_symbols(df: pl.DataFrame, source: str) -> None:
     bad_mask = (
         ~sym.str.contains(SYMBOL_RE.pattern) | sym.str.contains("..", literal=True) | sym.str.ends_with(".")
     )
-    found = _first_bad(df, bad_mask, "symbol")
-    if found is not None:
-        row, value, count = found
-        raise EventsValidationError(
-            f"{source}: column 'symbol', row {row}: invalid symbol {value!r}: "
-            f"{_symbol_problem(str(value))}{_others(count)}"
-        )
+    _reject_first(
+        df, bad_mask, "symbol", source, lambda v: f"invalid symbol {v!r}: {_symbol_problem(str(v))}"
+    )
 
 
 def _event_type_problem(value: str) -> str:
@@ -258,11 +263,8 @@ def _event_type_problem(value: str) -> str:
 
 def check_event_types(df: pl.DataFrame, source: str) -> None:
     """Every ``event_type`` matches ``EVENT_TYPE_RE`` (it is written into event ids as given)."""
-    found = _first_bad(df, ~pl.col("event_type").str.contains(EVENT_TYPE_RE.pattern), "event_type")
-    if found is not None:
-        row, value, count = found
-        raise EventsValidationError(
-            f"{source}: column 'event_type', row {row}: invalid event_type {value!r}: "
-            f"{_event_type_problem(str(value))} (event types must match {EVENT_TYPE_RE.pattern})"
-            f"{_others(count)}"
-        )
+    _reject_first(
+        df, ~pl.col("event_type").str.contains(EVENT_TYPE_RE.pattern), "event_type", source,
+        lambda v: f"invalid event_type {v!r}: {_event_type_problem(str(v))} "
+        f"(event types must match {EVENT_TYPE_RE.pattern})",
+    )
