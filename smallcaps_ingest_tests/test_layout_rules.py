@@ -44,8 +44,9 @@ def test_only_config_reads_the_environment() -> None:
     readers = set()
     for p in _modules():
         for node in ast.walk(ast.parse(p.read_text())):
-            is_os = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os"
-            if is_os and node.attr in ("environ", "getenv"):  # type: ignore[union-attr]
+            if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)):
+                continue
+            if node.value.id == "os" and node.attr in ("environ", "getenv"):
                 readers.add(str(p.relative_to(PKG)))
     assert readers == {"config.py", "__init__.py"}
 
