@@ -76,12 +76,22 @@ IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.D
                dg.DagsterRunStatus.STARTED]
 
 
-def manifest_read_version(instance: dg.DagsterInstance) -> str | None:
-    """The events file version the last manifest was built from (its ``events_version`` metadata)."""
+def manifest_read_version(instance: dg.DagsterInstance) -> tuple[str | None, float]:
+    """The events file version the last manifest was built from (its ``events_version`` metadata),
+    and when that manifest was recorded (0 if never)."""
     event = instance.get_latest_materialization_event(MANIFEST_KEY)
     mat = event.asset_materialization if event else None
     value = mat.metadata.get("events_version") if mat else None
-    return getattr(value, "value", value) if value is not None else None
+    read = getattr(value, "value", value) if value is not None else None
+    return read, (event.timestamp if event else 0.0)
+
+
+def observed_at(instance: dg.DagsterInstance, version: str) -> float | None:
+    """When ``events_file`` was last observed, if that observation carries ``version``."""
+    records = instance.fetch_observations(events_file.key, limit=1).records
+    if not records or records[0].asset_observation.tags.get(DATA_VERSION_TAG) != version:
+        return None
+    return records[0].timestamp
 
 
 def manifest_in_progress(instance: dg.DagsterInstance) -> bool:
@@ -98,9 +108,13 @@ def events_file_sensor(context: dg.SensorEvaluationContext, settings: IngestSett
         )
     # The race the conditions cannot see: a manifest run that started before the change finishes
     # after the observation, and its materialization counts as handling the change. Its metadata
-    # says which content it read; if that is not today's and nothing is running, run it again.
-    read = manifest_read_version(context.instance)
-    if read is None or read == version or manifest_in_progress(context.instance):
+    # says which content it read; if a manifest recorded after the observation read other content
+    # and nothing is running, run it again. (A manifest older than the observation is the
+    # conditions' to re-run: they have not reacted yet.)
+    read, recorded = manifest_read_version(context.instance)
+    seen = observed_at(context.instance, version)
+    if read is None or read == version or seen is None or recorded <= seen \
+            or manifest_in_progress(context.instance):
         return dg.SkipReason(f"events file unchanged ({version})")
     return dg.SensorResult(run_requests=[dg.RunRequest(run_key=f"manifest-{version}")], cursor=version)
 

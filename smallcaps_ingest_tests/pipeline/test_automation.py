@@ -122,42 +122,50 @@ def test_switch_off_by_default_on_when_asked() -> None:
 
 
 def test_change_during_a_manifest_run_is_not_lost(tmp_path: Path) -> None:
-    """The file changes while a manifest run reads it: the sensor has already observed the new
-    content (its cursor), the run finishes with the old content, and the conditions count that run
-    as handling the change. The sensor sees the manifest's recorded version lag the file and asks
-    for one more manifest run; once the manifest has read the current content, it asks for none."""
+    """The file changes while a manifest run reads it: the sensor observes the new content, the run
+    finishes after that with the old content, and the conditions count that run as handling the
+    change. The sensor sees a manifest recorded after the observation lag the file and asks for one
+    more manifest run. It asks for none while the observation is newer than the manifest (the
+    conditions have not reacted yet), nor once the manifest has read the current content."""
     from smallcaps_ingest.config import Config
-    from smallcaps_ingest.pipeline.automation import automation_sensors, file_version
+    from smallcaps_ingest.pipeline.automation import automation_sensors, file_version, manifest_read_version
     from smallcaps_ingest.pipeline.resources import IngestSettings
 
     events_file_sensor = automation_sensors(Config())[1]
-
     events = tmp_path / "events.parquet"
     initial = write_events_subset(events, INITIAL)
     env = cli_env(tmp_path, POLYGON_BASE_URL="simulator", SMALLCAPS_EVENTS=str(events))
-    materialize(env, "--select", "manifest")
-    read_v1 = file_version(str(events))
-    pl.concat([initial, write_events_subset(tmp_path / "add.parquet", [NEW])]).write_parquet(events)
-    v2 = file_version(str(events))
-    assert v2 != read_v1
     settings = IngestSettings(data_dir=str(tmp_path / "data"), events_path=str(events))
-    with cli_instance(env) as inst:
-        instance: dg.DagsterInstance = inst  # type: ignore[assignment]
-        from smallcaps_ingest.pipeline.automation import manifest_read_version
-
-        assert manifest_read_version(instance) == read_v1
-        # the change was observed during the run: the cursor already holds v2
-        ctx = dg.build_sensor_context(instance=instance, cursor=v2, resources={"settings": settings})
-        result = events_file_sensor(ctx)
-        assert isinstance(result, dg.SensorResult), result
-        assert [r.run_key for r in result.run_requests] == [f"manifest-{v2}"]
-        assert not result.asset_events
-        # a first look at a changed file observes it and requests nothing (the conditions do)
-        ctx = dg.build_sensor_context(instance=instance, cursor=read_v1, resources={"settings": settings})
-        result = events_file_sensor(ctx)
-        assert isinstance(result, dg.SensorResult) and not result.run_requests
-        assert [e.tags["dagster/data_version"] for e in result.asset_events] == [v2]
     materialize(env, "--select", "manifest")
+    v1 = file_version(str(events))
+    changed = pl.concat([initial, write_events_subset(tmp_path / "add.parquet", [NEW])])
+    changed.write_parquet(tmp_path / "v2.parquet")
+    v2 = file_version(str(tmp_path / "v2.parquet"))
+    assert v2 != v1
+
+    def tick(cursor: str) -> dg.SensorResult | dg.SkipReason:
+        with cli_instance(env) as inst:
+            ctx = dg.build_sensor_context(instance=inst, cursor=cursor, resources={"settings": settings})
+            return events_file_sensor(ctx)  # type: ignore[return-value]
+
+    # the file changes: the first look observes it and requests nothing (the conditions do)
+    os.replace(tmp_path / "v2.parquet", events)
+    first = tick(v1)
+    assert isinstance(first, dg.SensorResult) and not first.run_requests
+    assert [e.tags["dagster/data_version"] for e in first.asset_events] == [v2]
     with cli_instance(env) as inst:
-        ctx = dg.build_sensor_context(instance=inst, cursor=v2, resources={"settings": settings})
-        assert isinstance(events_file_sensor(ctx), dg.SkipReason)
+        inst.report_runless_asset_event(first.asset_events[0])  # what the daemon records
+    # next tick, the manifest is older than the observation: still the conditions' turn
+    assert isinstance(tick(v2), dg.SkipReason)
+    # the race: a manifest run that read the old content is recorded after the observation
+    write_events_subset(events, INITIAL)
+    materialize(env, "--select", "manifest")
+    changed.write_parquet(events)
+    with cli_instance(env) as inst:
+        assert manifest_read_version(inst)[0] == v1  # type: ignore[arg-type]
+    late = tick(v2)
+    assert isinstance(late, dg.SensorResult), late
+    assert [r.run_key for r in late.run_requests] == [f"manifest-{v2}"] and not late.asset_events
+    # once a manifest has read the current content, nothing more
+    materialize(env, "--select", "manifest")
+    assert isinstance(tick(v2), dg.SkipReason)
