@@ -85,7 +85,7 @@ class Config:
 
 
 def variables() -> list[tuple[str, str, object]]:
-    """(environment variable, field, default) of every setting, for the README and ``doctor``."""
+    """(environment variable, field, default) of every setting: the table the README documents."""
     return [(f.metadata["env"], f.name, f.default) for f in fields(Config)]
 
 

@@ -28,10 +28,12 @@ def _dump(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-def _config(args: argparse.Namespace) -> Config:
-    """The settings, ``--data-dir`` (made absolute) over ``SMALLCAPS_DATA_DIR``."""
+def _config(args: argparse.Namespace, **overrides: Any) -> Config:
+    """The settings, ``--data-dir`` (made absolute) over ``SMALLCAPS_DATA_DIR``, and ``overrides``."""
     data_dir = getattr(args, "data_dir", None)
-    return Config.from_env(data_dir=os.path.abspath(data_dir)) if data_dir else Config.from_env()
+    if data_dir:
+        overrides["data_dir"] = os.path.abspath(data_dir)
+    return Config.from_env(**overrides)
 
 
 def _open_instance(config: Config) -> tuple[Any, str | None]:
@@ -173,9 +175,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if not args.json:
             print(doctor.render(c), flush=True)
 
-    config = _config(args)
-    if args.max_rps:
-        config = Config.from_env(data_dir=config.data_dir, max_rps=args.max_rps)
+    config = _config(args, **({"max_rps": args.max_rps} if args.max_rps else {}))
     checks = doctor.run_checks(config, ticker=args.ticker, emit=emit)
     ok = all(c.ok for c in checks)
     if args.json:
