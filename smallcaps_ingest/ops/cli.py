@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from smallcaps_ingest.config import Config, ConfigError
@@ -26,6 +26,15 @@ def _err(msg: str) -> int:
 
 def _dump(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
+
+
+def _emit(args: argparse.Namespace, obj: Any, render_text: Callable[[Any], str]) -> int:
+    """``obj`` as JSON with ``--json``, else as ``render_text`` renders it for people; exit 0."""
+    if args.json:
+        _dump(obj)
+    else:
+        print(render_text(obj))
+    return 0
 
 
 def _config(args: argparse.Namespace, **overrides: Any) -> Config:
@@ -62,11 +71,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    if args.json:
-        _dump(result)
-    else:
-        print(render.render_text(result))
-    return 0
+    return _emit(args, result, render.render_text)
 
 
 def cmd_partition_range(args: argparse.Namespace) -> int:
@@ -118,11 +123,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         res = reconcile.reconcile(config.data_dir, instance, fix=args.fix)
     except StatusError as e:
         return _err(str(e))
-    if args.json:
-        _dump(res)
-    else:
-        print(reconcile.render_reconcile(res))
-    return 0
+    return _emit(args, res, reconcile.render_reconcile)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

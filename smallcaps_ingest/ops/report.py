@@ -40,20 +40,11 @@ TABLE_ROWS = 40  # symbols shown in the markdown table (least complete first)
 PLOT_SYMBOLS = 30
 
 TS = pl.Datetime("us", "UTC")
+_COUNTS = ("events", "complete", "partial", "missing", "extra", "empty", "unreadable",
+           "trades_rows", "quotes_rows", "rows", "files", "bytes")
 REPORT_SCHEMA: dict[str, pl.DataType] = {
     "symbol": pl.String(),
-    "events": pl.Int64(),
-    "complete": pl.Int64(),
-    "partial": pl.Int64(),
-    "missing": pl.Int64(),
-    "extra": pl.Int64(),
-    "empty": pl.Int64(),
-    "unreadable": pl.Int64(),
-    "trades_rows": pl.Int64(),
-    "quotes_rows": pl.Int64(),
-    "rows": pl.Int64(),
-    "files": pl.Int64(),
-    "bytes": pl.Int64(),
+    **{name: pl.Int64() for name in _COUNTS},
     "coverage": pl.Float64(),
     "first_event": TS,
     "last_event": TS,
