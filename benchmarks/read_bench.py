@@ -121,6 +121,14 @@ def _compact_share(data: Path, share: int, shares: int) -> None:
             compact.compact_symbol(data, sym, man)
 
 
+def compact_all(data: Path, workers: int) -> float:
+    """Compact every symbol (``workers`` processes); returns the seconds it took."""
+    t = time.perf_counter()
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:  # polars + fork hangs
+        list(pool.map(_compact_share, [data] * workers, range(workers), [workers] * workers))
+    return round(time.perf_counter() - t, 1)
+
+
 def generate(data: Path, n: int, per_symbol: int, types: int, workers: int) -> dict[str, float]:
     """The tree (``workers`` processes, each its share of the symbols), then its compaction."""
     t = time.perf_counter()
@@ -132,10 +140,7 @@ def generate(data: Path, n: int, per_symbol: int, types: int, workers: int) -> d
                                                  for i in range(workers)], strict=True)))
     gen_s = time.perf_counter() - t
     print(f"  {n:,} events written in {gen_s:.0f}s", flush=True)
-    t = time.perf_counter()
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:  # polars + fork hangs
-        list(pool.map(_compact_share, [data] * workers, range(workers), [workers] * workers))
-    return {"generate_s": round(gen_s, 1), "compact_s": round(time.perf_counter() - t, 1),
+    return {"generate_s": round(gen_s, 1), "compact_s": compact_all(data, workers),
             "bytes_written_now": size, "symbols": man["symbol"].n_unique(), "workers": workers}
 
 
@@ -186,6 +191,8 @@ def main() -> None:
     ap.add_argument("--generate-only", action="store_true", help="build (and keep) the tree, time nothing")
     ap.add_argument("--resume", action="store_true", help="finish an interrupted generation in --dir")
     ap.add_argument("--workers", type=int, default=2, help="processes that write and compact the tree")
+    ap.add_argument("--recompact", action="store_true", help="with --reuse: compact the kept tree again")
+    ap.add_argument("--skip-glob", action="store_true", help="time only (c) and (d)")
     args = ap.parse_args()
     base = args.dir or ROOT / "benchmarks" / "out" / f"read_{args.events}"
     data, info_file = base / "data", base / "info.json"
@@ -197,6 +204,9 @@ def main() -> None:
             shutil.rmtree(base, ignore_errors=True)
         print(f"generating {args.events:,} events under {base}", flush=True)
         info = generate(data, args.events, args.per_symbol, args.types, args.workers)
+        info_file.write_text(json.dumps(info))
+    if args.reuse and args.recompact:
+        info["compact_s"] = compact_all(data, args.workers)
         info_file.write_text(json.dumps(info))
     print(f"tree: {info}")
     if args.generate_only:
@@ -218,9 +228,12 @@ def main() -> None:
                 args.runs),
             "(d) load_windows, compacted": (
                 lambda k=kind, f=filters: read.load_windows(data, k, **f).collect(), args.runs),
-            "(a) polars hive glob": (lambda k=kind, w=where: glob_polars(data, k, w, man), args.runs_glob),
-            "(b) DuckDB hive glob": (lambda k=kind, w=where_sql: glob_duckdb(data, k, w), args.runs_glob),
         }
+        if not args.skip_glob:
+            methods["(a) polars hive glob"] = (
+                lambda k=kind, w=where: glob_polars(data, k, w, man), args.runs_glob)
+            methods["(b) DuckDB hive glob"] = (
+                lambda k=kind, w=where_sql: glob_duckdb(data, k, w), args.runs_glob)
         got: dict[str, float] = {}
         ref = None
         for name, (fn, runs) in methods.items():
@@ -230,9 +243,9 @@ def main() -> None:
             ref = key if ref is None else ref
             assert key.equals(ref), f"{name}: rows differ from (c) ({key.height} vs {ref.height})"
             print(f"  {label}: {name}: {secs:.3f}s, {df.height:,} rows", flush=True)
-        a = got["(a) polars hive glob"]
+        a = got.get("(a) polars hive glob")
         for name in sorted(got):
-            rows.append((label, name, f"{got[name]:.3f}", f"{a / got[name]:.1f}x"))
+            rows.append((label, name, f"{got[name]:.3f}", f"{a / got[name]:.1f}x" if a else "-"))
     print(table(["query", "method", "best s", "vs (a)"], rows, title="read_bench"))
     print(f"load average {load_average()}")
     if not args.keep:

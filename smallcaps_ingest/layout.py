@@ -4,7 +4,7 @@
       manifest.parquet                     the events to fetch (the manifest asset)
       _source.json                         which source filled the tree (real API or simulator)
       event_windows/symbol=SYM/event=EVENT_ID/{trades,quotes}.parquet
-      compacted/symbol=SYM/...             a symbol's events in two files (core/compact.py)
+      compacted/symbol=SYM/...             a symbol's events, a file per kind and type (core/compact.py)
       _state/                              small state files (density, status' lifetime sums)
       _reports/                            ingestion_report.{parquet,png}
     and anywhere: NAME.tmp.PID.NS          a write in flight, or an orphan of an interrupted one

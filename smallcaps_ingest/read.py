@@ -9,7 +9,8 @@ time minus the event time (Duration ns; ``sip_timestamp`` for trades and raw quo
 sampled quotes), then the file's own columns (or the ``columns`` asked for).
 
 A symbol whose compacted files (``compact.py``) are fresh for every selected event is read from
-those two files instead of its per-event files; the frame is the same either way (same rows,
+its files of the selected event types instead of its per-event files (whole files, unfiltered,
+where the selection holds all of a file's events); the frame is the same either way (same rows,
 order and types). Rows come in ``ORDER`` (symbol, event type, event time, event id) and, inside
 an event, in the file's own order.
 
@@ -64,11 +65,13 @@ class IncompleteEventsError(ValueError):
 
 @dataclass(frozen=True)
 class Piece:
-    """Consecutive symbols read the same way: from compacted files, or from per-event files."""
+    """Consecutive files read the same way: per-event files; compacted files holding only selected
+    events (``whole``: read unfiltered); or compacted files filtered to the selected events."""
 
     compacted: bool
     files: list[str]
     events: pl.DataFrame  # EVENT_COLUMNS (+ __path, one row per file, for per-event pieces), in ORDER
+    whole: bool = False
 
 
 @dataclass(frozen=True)
@@ -216,11 +219,31 @@ def plan_windows(
     pieces: list[Piece] = []
     for _, run in runs.group_by("__run", maintain_order=True):  # consecutive symbols read the same way
         if run["__c"][0]:
-            files = [sidecars[s].path(root, kind) for s in run["symbol"].unique(maintain_order=True)]
-            pieces.append(Piece(True, files, run.select(EVENT_COLUMNS)))
+            pieces.extend(_compacted_pieces(root, kind, run.select(EVENT_COLUMNS), sidecars))
         else:
             pieces.append(Piece(False, run[_PATH].to_list(), run.select(*EVENT_COLUMNS, _PATH)))
     return ReadPlan(kind, selected.select(EVENT_COLUMNS), missing, pieces)
+
+
+def _compacted_pieces(root: str, kind: str, events: pl.DataFrame,
+                      sidecars: dict[str, compact.Sidecar]) -> list[Piece]:
+    """Fresh symbols' selected events (in ORDER) as pieces over their (symbol, type) files:
+    consecutive files whose every event is selected form a ``whole`` piece, the rest filtered ones."""
+    keys = ["symbol", "event_type"]
+    groups = events.group_by(keys, maintain_order=True).len()
+    paths, whole = [], []
+    for symbol, event_type, n in groups.iter_rows():
+        side = sidecars[symbol]
+        paths.append(side.path(root, kind, event_type))
+        whole.append(side.counts[event_type] == n)  # the selection holds all of the file's events
+    flag = pl.Series("__whole", whole, dtype=pl.Boolean)
+    groups = groups.with_columns(pl.Series(_PATH, paths), flag, flag.rle_id().alias("__run"))
+    tagged = events.join(groups.select(*keys, "__run"), on=keys, how="left", maintain_order="left")
+    return [
+        Piece(True, g[_PATH].to_list(), e.drop("__run"), whole=bool(g["__whole"][0]))
+        for g, e in zip(groups.partition_by("__run", maintain_order=True),
+                        tagged.partition_by("__run", maintain_order=True), strict=True)
+    ]
 
 
 def _file_columns(plan: ReadPlan) -> dict[str, pl.DataType]:
@@ -254,13 +277,14 @@ def frame(plan: ReadPlan, columns: Sequence[str] | None = None) -> pl.LazyFrame:
     out = [*EVENT_COLUMNS, (pl.col(time_col) - pl.col("timestamp")).alias("t_rel"), *cols]
     parts: list[pl.LazyFrame] = []
     for p in plan.pieces:
-        if p.compacted:
+        if p.compacted and p.whole:
+            lf = pl.scan_parquet(p.files)
+        elif p.compacted:
             ns = p.events["timestamp"].dt.epoch("ns")  # integer bounds: a Python datetime stops at us
             lo, hi = (pl.lit(v).cast(p.events.schema["timestamp"]) for v in (ns.min(), ns.max()))
             lf = pl.scan_parquet(p.files).filter(
-                # coarse bounds first: one type's rows are contiguous, so row groups are skipped on
-                # their statistics; the id test then keeps exactly the selected, fresh events
-                pl.col("event_type").is_in(p.events["event_type"].unique().to_list()),
+                # coarse bounds first: a file's rows are sorted by event time, so row groups are
+                # skipped on their statistics; the id test then keeps exactly the selected events
                 pl.col("timestamp").is_between(lo, hi),
                 pl.col("event_id").is_in(p.events["event_id"].to_list()),
             )

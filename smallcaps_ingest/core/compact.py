@@ -1,25 +1,27 @@
-"""Compaction for reading: each symbol's complete events in one trades and one quotes file.
+"""Compaction for reading: each symbol's complete events in one trades and one quotes file per event type.
 
 The per-event tree (``event_windows/symbol=S/event=E/{trades,quotes}.parquet``) stays the ingest's
 contract; these files are a derived copy that is cheap to read: a hive glob over ~1.15 million
-small files spends its time opening and listing them, a symbol's two compacted files are opened
+small files spends its time opening and listing them, a symbol's compacted files are opened
 once. Layout::
 
-    compacted/symbol=S/trades.<generation>.parquet
-                      /quotes.<generation>.parquet
-                      /_compaction.json              # the sidecar: what the generation holds
+    compacted/symbol=S/trades.<generation>.<k>.parquet   # k: the event type's index in the sidecar
+                      /quotes.<generation>.<k>.parquet
+                      /_compaction.json                   # the sidecar: what the generation holds
 
 Rows carry the event columns (``read.EVENT_COLUMNS``) then the per-event file's own columns, in
 ``read.ORDER`` (event type, event time, event id) and, inside an event, the file's own order.
-Sorting by event type first keeps one type's rows together, so a filter on ``event_type`` (or on
-the event ``timestamp`` within a type) can skip row groups by their min/max statistics
-(polars 1.44 was measured not to on the strings: benchmarks/README.md, read_bench.py).
+One file per event type, because research reads by type: a type's rows are then whole files, read
+without a filter, where one file per symbol made every query of one type open and filter all of
+a symbol's rows (polars skips no row groups on string statistics; benchmarks/README.md, D14). Row
+groups are small and carry min/max statistics, so a filter on the event ``timestamp`` (sorted
+inside a file) skips most of a file.
 
-Freshness without Dagster: the sidecar records, for every event it holds, the (inode, size,
-mtime) of both per-event files as they were when read (``os.fstat`` of the open file, so a file
-replaced while compacting is caught). Every writer replaces a file by a rename, which gives it a
-new inode, so a reader comparing those fingerprints with the files on disk now knows whether the
-compacted rows are still exactly the per-event files' rows (``read.load_windows`` does this per
+Freshness without Dagster: the sidecar records, for every event it holds, its type and the (inode,
+size, mtime) of both per-event files as they were when read (``os.fstat`` of the open file, so a
+file replaced while compacting is caught). Every writer replaces a file by a rename, which gives
+it a new inode, so a reader comparing those fingerprints with the files on disk now knows whether
+the compacted rows are still exactly the per-event files' rows (``read.load_windows`` does this per
 event and falls back to the per-event files for a symbol when any differs or is not compacted).
 
 Files are written with ``store.atomic_write_parquet``/``atomic_write_bytes``: data files first
@@ -29,6 +31,8 @@ A crash at any point leaves the previous sidecar and the files it names intact. 
 
 from __future__ import annotations
 
+import collections
+import functools
 import io
 import os
 import time
@@ -44,7 +48,7 @@ from smallcaps_ingest.core import store
 
 COMPACT_DIR = layout.COMPACT_DIR
 SIDECAR = "_compaction.json"
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2
 # Small row groups so that one event type's rows (10 % of a symbol's, say) cost a few groups, not
 # the file; large enough that each group's fixed cost stays small (benchmarks/README.md).
 ROW_GROUP_ROWS = 8192
@@ -67,12 +71,18 @@ class Sidecar:
     """What one compaction generation of a symbol holds."""
 
     symbol: str
-    files: dict[str, str]  # kind -> file name inside the symbol's compacted directory
+    files: dict[str, dict[str, str]]  # kind -> event type -> file name in the symbol's directory
     events: dict[str, Fingerprint]  # event_id -> fingerprint of its per-event files
+    types: dict[str, str]  # event_id -> event type
     written_ns: int
 
-    def path(self, data_dir: str | os.PathLike[str], kind: str) -> str:
-        return str(symbol_compact_dir(data_dir, self.symbol) / self.files[kind])
+    def path(self, data_dir: str | os.PathLike[str], kind: str, event_type: str) -> str:
+        return str(symbol_compact_dir(data_dir, self.symbol) / self.files[kind][event_type])
+
+    @functools.cached_property
+    def counts(self) -> dict[str, int]:
+        """Events held per event type (a type's file holds exactly these events)."""
+        return dict(collections.Counter(self.types.values()))
 
 
 def read_sidecar(data_dir: str | os.PathLike[str], symbol: str) -> Sidecar | None:
@@ -83,10 +93,12 @@ def read_sidecar(data_dir: str | os.PathLike[str], symbol: str) -> Sidecar | Non
         return None
     if raw.get("version") != SIDECAR_VERSION or raw.get("symbol") != symbol:
         return None
+    types: list[str] = raw["types"]
     return Sidecar(
         symbol=symbol,
-        files=dict(raw["files"]),
+        files={kind: dict(zip(types, names, strict=True)) for kind, names in raw["files"].items()},
         events={e: tuple(fp) for e, fp in zip(raw["event_ids"], raw["fingerprints"], strict=True)},  # type: ignore[misc]
+        types={e: types[k] for e, k in zip(raw["event_ids"], raw["event_types"], strict=True)},
         written_ns=int(raw["written_ns"]),
     )
 
@@ -135,7 +147,9 @@ def compact_symbol(data_dir: str | os.PathLike[str], symbol: str, manifest: pl.D
             parts[kind].append(df.with_columns(pl.lit(i, pl.UInt32).alias("__i")))
     out = symbol_compact_dir(data_dir, symbol)
     generation = f"{time.time_ns():x}"
-    files = {kind: f"{kind}.{generation}.parquet" for kind in parts}
+    held = events.filter(pl.col("event_id").is_in(list(fingerprints)))
+    types = held["event_type"].unique(maintain_order=True).to_list()  # sorted: events are in ORDER
+    files = {kind: [f"{kind}.{generation}.{k}.parquet" for k in range(len(types))] for kind in parts}
     size = 0
     rows: dict[str, int] = {}
     if fingerprints:
@@ -147,21 +161,26 @@ def compact_symbol(data_dir: str | os.PathLike[str], symbol: str, manifest: pl.D
                 *EVENT_COLUMNS, pl.exclude([*EVENT_COLUMNS, "__i"])
             )
             rows[kind] = df.height
-            size += store.atomic_write_parquet(
-                df, out / files[kind], sync_dir=False, row_group_size=ROW_GROUP_ROWS,
-                dictionary=EVENT_COLUMNS[:4],
-            )
+            by_type = df.partition_by("event_type", maintain_order=True, as_dict=True)
+            for k, event_type in enumerate(types):  # a type whose windows are all empty: a 0-row file
+                size += store.atomic_write_parquet(
+                    by_type.get((event_type,), df.clear()), out / files[kind][k], sync_dir=False,
+                    row_group_size=ROW_GROUP_ROWS, dictionary=EVENT_COLUMNS[:4],
+                )
+    type_index = {t: k for k, t in enumerate(types)}
     sidecar = {
         "version": SIDECAR_VERSION,
         "symbol": symbol,
+        "types": types,
         "files": files if fingerprints else {},
         "written_ns": time.time_ns(),
         "event_ids": list(fingerprints),
+        "event_types": [type_index[t] for t in held["event_type"]],
         "fingerprints": list(fingerprints.values()),
     }
     out.mkdir(parents=True, exist_ok=True)
     store.atomic_write_bytes(orjson.dumps(sidecar), out / SIDECAR)  # fsyncs the directory: files too
-    keep = {*sidecar["files"].values(), SIDECAR}  # type: ignore[union-attr]
+    keep = {SIDECAR, *(n for names in files.values() for n in names)} if fingerprints else {SIDECAR}
     for old in out.iterdir():
         if old.name not in keep and not old.name.startswith(SIDECAR):
             old.unlink(missing_ok=True)  # earlier generations (a reader mid-scan of one may fail)

@@ -203,7 +203,8 @@ def _fetch(
     backfill_policy=dg.BackfillPolicy.single_run(),
     group_name="ingest",
     description=(
-        "Each symbol's complete events in one trades and one quotes file under compacted/symbol=SYM/, "
+        "Each symbol's complete events, one trades and one quotes file per event type, under "
+        "compacted/symbol=SYM/, "
         "for fast reading (smallcaps_ingest.read.load_windows uses them while they are fresh)."
     ),
 )

@@ -58,7 +58,10 @@ def test_compacted_windows_asset_after_event_windows(tmp_path: Path, sim: Simula
                               resources=resources, instance=instance).success
         for kind, want in per_event.items():
             plan = read.plan_windows(data, kind, symbols=["BRK.B", "XELB"])
-            assert all(p.compacted for p in plan.pieces) and len(plan.files) == 2
+            types = {s: set(side.types.values()) for s in ("BRK.B", "XELB")
+                     if (side := compact.read_sidecar(data, s)) is not None}
+            assert all(p.compacted and p.whole for p in plan.pieces)
+            assert len(plan.files) == sum(map(len, types.values())) == len(set(plan.files))  # one per type
             assert read.frame(plan).collect().equals(want), kind
         assert instance.get_materialized_partitions(dg.AssetKey("compacted_windows")) == {"BRK.B", "XELB"}
 
@@ -80,16 +83,23 @@ def test_a_new_generation_replaces_the_old_one(tmp_path: Path, sim: Simulator) -
     compact.compact_symbol(data, "AAOI", man)
     side2 = compact.read_sidecar(data, "AAOI")
     assert side2 is not None and side2.files != side1.files and side2.events == side1.events
+    aaoi = man.filter(pl.col("symbol") == "AAOI")
+    assert side2.types == dict(aaoi.select("event_id", "event_type").iter_rows())
     names = sorted(p.name for p in compact.symbol_compact_dir(data, "AAOI").iterdir())
-    assert names == sorted([compact.SIDECAR, *side2.files.values()])  # the old generation is gone
-    # rows sorted by event type, event time, event id; each row group carries min/max statistics
-    quotes = pl.read_parquet(side2.path(data, "quotes"))
-    assert quotes.select(compact.ORDER).equals(quotes.select(compact.ORDER).sort(compact.ORDER))
-    meta = pq.ParquetFile(side2.path(data, "quotes")).metadata
-    types = meta.schema.names.index("event_type")
-    groups = [meta.row_group(i).column(types).statistics for i in range(meta.num_row_groups)]
-    assert meta.num_row_groups == -(-quotes.height // compact.ROW_GROUP_ROWS) > 1
+    held = [n for by_type in side2.files.values() for n in by_type.values()]
+    assert names == sorted([compact.SIDECAR, *held])  # the old generation is gone
+    # one file per event type, each holding exactly that type's events, sorted by event time and
+    # id; every row group carries min/max statistics, so a time filter skips row groups
+    per_event = read.load_windows(data, "quotes", symbols="AAOI", use_compacted=False).collect()
+    for event_type, count in side2.counts.items():
+        quotes = pl.read_parquet(side2.path(data, "quotes", event_type))
+        assert quotes["event_id"].n_unique() <= count
+        assert quotes["event_type"].unique().to_list() == [event_type]
+        assert quotes.select(compact.ORDER).equals(quotes.select(compact.ORDER).sort(compact.ORDER))
+        assert quotes.equals(per_event.filter(pl.col("event_type") == event_type).select(quotes.columns))
+    metas = [pq.ParquetFile(side2.path(data, "quotes", t)).metadata for t in side2.counts]
+    meta = max(metas, key=lambda m: m.num_rows)
+    stamps = meta.schema.names.index("timestamp")
+    groups = [meta.row_group(i).column(stamps).statistics for i in range(meta.num_row_groups)]
+    assert meta.num_row_groups == -(-meta.num_rows // compact.ROW_GROUP_ROWS)
     assert all(g.has_min_max for g in groups)
-    # a type's row groups: the ones whose [min, max] can hold it (fewer than all: the filter skips)
-    rare = quotes["event_type"].value_counts().sort("count")["event_type"][0]
-    assert sum(g.min <= rare <= g.max for g in groups) < meta.num_row_groups

@@ -186,10 +186,21 @@ def test_compacted_files_give_identical_frames(tree) -> None:  # type: ignore[no
     cols = ["price", "size"]
     assert read.load_windows(data, "trades", columns=cols).collect().equals(
         read.load_windows(data, "trades", columns=cols, use_compacted=False).collect())
-    # compacted rows: sorted by event type, event time, id, then each file's own order; row groups
-    meta = __import__("pyarrow.parquet", fromlist=["x"]).ParquetFile(
-        read.plan_windows(data, "quotes", symbols="AAOI").files[0]).metadata
-    assert meta.num_row_groups > 1 and meta.row_group(0).column(0).statistics.has_min_max
+    # a selection of whole types reads whole files, unfiltered; a time range filters the files
+    assert all(p.whole for p in read.plan_windows(data, "quotes", event_types="news").pieces)
+    ranged = read.plan_windows(data, "quotes", **cases[3]).pieces
+    assert not all(p.whole for p in ranged)
+    # one file per (symbol, event type), sorted by event time, id, then each file's own order;
+    # every row group carries min/max statistics
+    pq = __import__("pyarrow.parquet", fromlist=["x"])
+    plan = read.plan_windows(data, "quotes", symbols="AAOI")
+    types = manifest.filter(pl.col("symbol") == "AAOI")["event_type"].unique().sort().to_list()
+    assert len(plan.files) == len(types) and len(set(plan.files)) == len(types)
+    for f, event_type in zip(plan.files, types, strict=True):
+        rows = pl.read_parquet(f)
+        assert rows["event_type"].unique().to_list() == [event_type]
+        assert rows.select(read.ORDER).equals(rows.select(read.ORDER).sort(read.ORDER))
+        assert pq.ParquetFile(f).metadata.row_group(0).column(0).statistics.has_min_max
 
 
 def test_stale_compaction_falls_back_to_per_event_files(tree) -> None:  # type: ignore[no-untyped-def]
