@@ -209,6 +209,10 @@ def test_helm_user_code_deployment() -> None:
     assert isinstance(dep["port"], int)  # values.yaml: deployments[].port
     assert dep["image"]["repository"] and dep["image"]["tag"]  # schema: Image
     assert dep["includeConfigInLaunchedRuns"] == {"enabled": True}  # subchart: "pods launched for runs"
+    # the run pods' size is the deployment's: its container context wins over the run launcher's
+    # default (subchart templates/_helpers.tpl, k8sContainerContext), so none is set there
+    assert dep["resources"]["requests"]["memory"]
+    assert "resources" not in _at(_values(), "runLauncher.config.k8sRunLauncher")
 
 
 def test_helm_secrets_are_referenced_never_inline() -> None:
