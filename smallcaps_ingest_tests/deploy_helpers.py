@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from smallcaps_ingest_tests.conftest import REPO
 from smallcaps_ingest_tests.resilience_helpers import group_pids, kill_group
@@ -112,3 +113,59 @@ class ProcfileHost(Webserver):
         for proc in self.procs.values():
             if proc.poll() is None or group_pids(proc.pid):
                 kill_group(proc)
+
+
+def chart_instance(values: Mapping[str, Any], pg: Mapping[str, Any]) -> dict[str, Any]:
+    """The instance dagster.yaml the Dagster chart writes from `values` (its
+    templates/configmap-instance.yaml with the helpers instance/_postgresql.tpl,
+    _run-coordinator.tpl and _concurrency.tpl, for the sections these values set), with the
+    database's coordinates `pg` (hostname, username, db_name, port) in place of the cluster's."""
+    pg_values = values["postgresql"]
+    postgres_db = {"username": pg["username"], "password": {"env": "DAGSTER_PG_PASSWORD"},
+                   "hostname": pg["hostname"], "db_name": pg["db_name"], "port": pg["port"],
+                   "params": pg_values.get("postgresqlParams") or {}}
+    if pg_values.get("postgresqlScheme"):
+        postgres_db["scheme"] = pg_values["postgresqlScheme"]
+    storage = {f"{kind}_storage": {"module": f"dagster_postgres.{module}", "class": cls,
+                                   "config": {"postgres_db": postgres_db}}
+               for kind, module, cls in (("run", "run_storage", "PostgresRunStorage"),
+                                         ("event_log", "event_log", "PostgresEventLogStorage"),
+                                         ("schedule", "schedule_storage", "PostgresScheduleStorage"))}
+    daemon, concurrency = values["dagsterDaemon"], values.get("concurrency", {})
+    out: dict[str, Any] = dict(storage)
+    coordinator = daemon["runCoordinator"]
+    if coordinator["enabled"]:
+        assert coordinator["type"] == "QueuedRunCoordinator"
+        queued = (coordinator.get("config") or {}).get("queuedRunCoordinator") or {}
+        config = {}
+        # written when concurrency is disabled, or when set (-1 if unset and concurrency disabled)
+        if not concurrency.get("enabled") or queued.get("maxConcurrentRuns") is not None:
+            config["max_concurrent_runs"] = queued.get("maxConcurrentRuns", -1)
+        out["run_coordinator"] = {"module": "dagster.core.run_coordinator",
+                                  "class": "QueuedRunCoordinator", **({"config": config} if config else {})}
+    if concurrency.get("enabled"):
+        pools, runs = concurrency.get("pools") or {}, concurrency.get("runs") or {}
+        keys = {"defaultLimit": "default_limit", "granularity": "granularity",
+                "opGranularityRunBuffer": "op_granularity_run_buffer"}
+        out["concurrency"] = {}
+        if rendered := {keys[k]: v for k, v in pools.items() if v is not None}:
+            out["concurrency"]["pools"] = rendered
+        if runs.get("maxConcurrentRuns") is not None:
+            out["concurrency"]["runs"] = {"max_concurrent_runs": runs["maxConcurrentRuns"]}
+    monitoring = daemon["runMonitoring"]
+    if monitoring.get("enabled"):
+        out["run_monitoring"] = {"enabled": True,
+                                 "start_timeout_seconds": monitoring["startTimeoutSeconds"],
+                                 "poll_interval_seconds": monitoring["pollIntervalSeconds"],
+                                 "free_slots_after_run_end_seconds":
+                                     monitoring["freeSlotsAfterRunEndSeconds"]}
+        for key, name in (("cancelTimeoutSeconds", "cancel_timeout_seconds"),
+                          ("maxResumeRunAttempts", "max_resume_run_attempts")):
+            if monitoring.get(key) is not None:
+                out["run_monitoring"][name] = monitoring[key]
+    retries = daemon["runRetries"]
+    if retries.get("enabled"):
+        out["run_retries"] = {"enabled": True, **({"max_retries": retries["maxRetries"]}
+                                                   if retries.get("maxRetries") else {})}
+    out["telemetry"] = {"enabled": values["telemetry"]["enabled"]}
+    return out

@@ -76,6 +76,7 @@ DOCUMENTED: dict[str, set[str]] = {
     # schema: Concurrency, ConcurrencyPools (subschema/concurrency.py); concurrency.tpl renders them
     "concurrency": {"enabled", "pools", "runs"},
     "concurrency.pools": {"defaultLimit", "granularity", "opGranularityRunBuffer"},
+    "concurrency.runs": {"maxConcurrentRuns", "tagConcurrencyLimits"},
     # values.yaml: dagster-user-deployments; schema: definitions.UserDeployments
     "dagster-user-deployments": {"enabled", "enableSubchart", "imagePullSecrets", "deployments"},
     # values.yaml: dagster-user-deployments.deployments[]; subchart: deployments[]
@@ -179,9 +180,10 @@ def test_helm_values_agree_with_the_team_instance() -> None:
     """The chart writes the instance's dagster.yaml itself: its run queue, pool, monitoring and
     retries must be deploy/dagster.yaml's (every key of those sections has its Helm value)."""
     values, instance = _values(), yaml.safe_load(INSTANCE.read_text())
-    queued = _at(values, "dagsterDaemon.runCoordinator.config.queuedRunCoordinator")
-    assert queued == {"maxConcurrentRuns": instance["concurrency"]["runs"]["max_concurrent_runs"]}
-    assert "runs" not in values["concurrency"]  # concurrency.tpl refuses it beside the queue's limit
+    assert _at(values, "concurrency.runs") == {
+        "maxConcurrentRuns": instance["concurrency"]["runs"]["max_concurrent_runs"]}
+    # Dagster refuses run_coordinator's limit beside `concurrency` (concurrency.tpl refuses both too)
+    assert "config" not in values["dagsterDaemon"]["runCoordinator"]
     pools = instance["concurrency"]["pools"]
     assert _at(values, "concurrency.pools") == {"defaultLimit": pools["default_limit"],
                                                 "granularity": pools["granularity"]}

@@ -7,6 +7,10 @@ daemon (backfill, run queue) and the code server (which launches the run); the t
 materialized, their files on disk equal the simulator's ground truth, and the processes stop on
 SIGTERM.
 
+Also: the instance the Dagster chart writes from deploy/helm/values.yaml, loaded by Dagster itself on
+a database of its own, resolves to the same run queue, pool, monitoring and retries as
+deploy/dagster.yaml (Dagster refuses some combinations the chart would happily write, dagster#31086).
+
 A missing PostgreSQL fails this test (connection refused), it never skips it.
 """
 
@@ -14,14 +18,17 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import polars as pl
+import yaml
 
 from smallcaps_ingest.simulator import SimConfig, Simulator
-from smallcaps_ingest_tests.conftest import TEST_KEY, cli_env
-from smallcaps_ingest_tests.deploy_helpers import ProcfileHost
+from smallcaps_ingest_tests.conftest import REPO, TEST_KEY, cli_env
+from smallcaps_ingest_tests.deploy_helpers import DEPLOY, ProcfileHost, chart_instance
 from smallcaps_ingest_tests.resilience_helpers import assert_dataset_exact, materialize
 from smallcaps_ingest_tests.team_helpers import (
     LOG_PROBLEMS,
@@ -96,3 +103,61 @@ def test_procfile_host_runs_a_backfill(tmp_path: Path) -> None:
         text = log.read_text(errors="replace")
         assert not [p for p in LOG_PROBLEMS if p in text], (name, text[-3000:])
         assert TEST_KEY not in text, f"the API key is in the {name} log"
+
+
+# What a process on the instance resolves (Dagster's own reading of dagster.yaml), and a query
+# of the storage (the database driver the URL or the scheme names must be installed).
+RESOLVED = """
+import json, dagster as dg
+with dg.DagsterInstance.get() as i:
+    c = i.get_concurrency_config()
+    print(json.dumps({
+        "max_concurrent_runs": c.run_queue_config.max_concurrent_runs,
+        "pool": [c.pool_config.default_pool_limit, str(c.pool_config.pool_granularity)],
+        "monitoring": [i.run_monitoring_enabled, i.run_monitoring_start_timeout_seconds,
+                       i.run_monitoring_cancel_timeout_seconds, i.run_monitoring_poll_interval_seconds,
+                       i.run_monitoring_max_resume_run_attempts,
+                       i.run_monitoring_settings.get("free_slots_after_run_end_seconds")],
+        "retries": [i.run_retries_enabled, i.run_retries_max_retries,
+                    i.run_retries_retry_on_asset_or_op_failure],
+        "runs": i.get_runs_count(),
+    }))
+"""
+
+
+def _resolved(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", RESOLVED], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_the_chart_instance_resolves_like_deploy_dagster_yaml(tmp_path: Path) -> None:
+    values = yaml.safe_load((DEPLOY / "helm" / "values.yaml").read_text())
+    with pg_database() as url:
+        team = cli_env(tmp_path / "team", **team_home(tmp_path / "team" / "home", url))
+        pg = {"hostname": "127.0.0.1", "username": "postgres", "db_name": url.rsplit("/", 1)[1],
+              "port": 5432}
+        chart_home = tmp_path / "chart"
+        chart_home.mkdir()
+        (chart_home / "dagster.yaml").write_text(yaml.safe_dump(chart_instance(values, pg)))
+        chart = {**team, "DAGSTER_HOME": str(chart_home), "DAGSTER_PG_PASSWORD": ""}  # trust auth
+        got = {}
+        for name, env in (("deploy/dagster.yaml", team), ("chart", chart)):
+            out = _resolved(env)
+            assert out.returncode == 0, (name, out.stderr[-3000:])
+            got[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got["chart"] == got["deploy/dagster.yaml"], got
+        assert got["chart"]["max_concurrent_runs"] == 4 and got["chart"]["pool"][0] == 2, got
+
+        # the two ways a chart's instance could go wrong here, each caught by Dagster itself:
+        # the queue's limit also in run_coordinator (refused beside `concurrency`) ...
+        values_both = {**values, "dagsterDaemon": {**values["dagsterDaemon"], "runCoordinator": {
+            "enabled": True, "type": "QueuedRunCoordinator",
+            "config": {"queuedRunCoordinator": {"maxConcurrentRuns": 4}}}}}
+        (chart_home / "dagster.yaml").write_text(yaml.safe_dump(chart_instance(values_both, pg)))
+        out = _resolved(chart)
+        assert out.returncode != 0 and "max_concurrent_runs" in out.stderr, out.stderr[-2000:]
+        # ... and a bare postgresql:// scheme (SQLAlchemy reads it as psycopg 3, not installed)
+        bare = {**values, "postgresql": {**values["postgresql"], "postgresqlScheme": ""}}
+        (chart_home / "dagster.yaml").write_text(yaml.safe_dump(chart_instance(bare, pg)))
+        out = _resolved(chart)
+        assert out.returncode != 0 and "psycopg" in out.stderr, out.stderr[-2000:]
