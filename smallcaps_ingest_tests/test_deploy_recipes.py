@@ -16,6 +16,8 @@ import copy
 import json
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import pytest
 import yaml
 
 from smallcaps_ingest.config import Config, variables
-from smallcaps_ingest_tests.conftest import REPO
+from smallcaps_ingest_tests.conftest import BIN, REPO
 from smallcaps_ingest_tests.deploy_helpers import DEPLOY, SYSTEMD, VARIABLE, env_file, procfile, unit_service
 
 VALUES = DEPLOY / "helm" / "values.yaml"
@@ -73,7 +75,8 @@ DOCUMENTED: dict[str, set[str]] = {
                                     "freeSlotsAfterRunEndSeconds"},
     # values.yaml: dagsterDaemon.runRetries (instance renders enabled and max_retries)
     "dagsterDaemon.runRetries": {"enabled", "maxRetries"},
-    # schema: Concurrency, ConcurrencyPools (subschema/concurrency.py); concurrency.tpl renders them
+    # schema: Concurrency, ConcurrencyPools, ConcurrencyRuns (subschema/concurrency.py);
+    # concurrency.tpl renders them
     "concurrency": {"enabled", "pools", "runs"},
     "concurrency.pools": {"defaultLimit", "granularity", "opGranularityRunBuffer"},
     "concurrency.runs": {"maxConcurrentRuns", "tagConcurrencyLimits"},
@@ -180,19 +183,23 @@ def test_helm_values_agree_with_the_team_instance() -> None:
     """The chart writes the instance's dagster.yaml itself: its run queue, pool, monitoring and
     retries must be deploy/dagster.yaml's (every key of those sections has its Helm value)."""
     values, instance = _values(), yaml.safe_load(INSTANCE.read_text())
+    # concurrency.runs.maxConcurrentRuns (schema: ConcurrencyRuns; concurrency.tpl: runs)
     assert _at(values, "concurrency.runs") == {
         "maxConcurrentRuns": instance["concurrency"]["runs"]["max_concurrent_runs"]}
     # Dagster refuses run_coordinator's limit beside `concurrency` (concurrency.tpl refuses both too)
     assert "config" not in values["dagsterDaemon"]["runCoordinator"]
     pools = instance["concurrency"]["pools"]
+    # concurrency.pools.defaultLimit, .granularity (schema: ConcurrencyPools; concurrency.tpl: pools)
     assert _at(values, "concurrency.pools") == {"defaultLimit": pools["default_limit"],
                                                 "granularity": pools["granularity"]}
+    # dagsterDaemon.runMonitoring.* (values.yaml: runMonitoring; instance: run_monitoring)
     camel = {k: re.sub(r"_(\w)", lambda m: m.group(1).upper(), k) for k in instance["run_monitoring"]}
     assert _at(values, "dagsterDaemon.runMonitoring") == {
         camel[k]: v for k, v in instance["run_monitoring"].items()}
     retries = dict(instance["run_retries"])
     # instance renders no key for it: the run retries daemon's default (true) applies
     assert retries.pop("retry_on_asset_or_op_failure") is True
+    # dagsterDaemon.runRetries.enabled, .maxRetries (values.yaml: runRetries; instance: run_retries)
     assert _at(values, "dagsterDaemon.runRetries") == {"enabled": retries.pop("enabled"),
                                                        "maxRetries": retries.pop("max_retries")}
     assert not retries, f"deploy/dagster.yaml's run_retries has keys the Helm values miss: {retries}"
@@ -322,3 +329,15 @@ def test_systemd_units_start_the_procfile_commands() -> None:
         assert exec_start[len(prefix):] == command, name
         files = [Path(f.lstrip("-")).name for f in service["EnvironmentFile"]]
         assert files == ["smallcaps.env", "secrets.env"], files
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    """systemd's own check of the units (syntax, directives, executables), with this checkout and
+    its virtualenv in place of /opt/smallcaps."""
+    for unit in SYSTEMD.glob("*.service"):
+        text = unit.read_text().replace("/opt/smallcaps/.venv/bin/", f"{BIN}/")
+        (tmp_path / unit.name).write_text(text.replace("/opt/smallcaps", str(REPO)))
+    out = subprocess.run(["systemd-analyze", "verify", *sorted(map(str, tmp_path.glob("*.service")))],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and not out.stderr.strip(), out.stderr
