@@ -64,27 +64,32 @@ def unit_service(path: Path) -> dict[str, list[str]]:
 
 
 class ProcfileHost(Webserver):
-    """Every process of deploy/Procfile, each as `sh -c COMMAND` in its own process group from the
-    repository's root (as honcho does), with `env`; the webserver is the GraphQL endpoint."""
+    """The processes of deploy/Procfile, each started by `start` as `sh -c COMMAND` in its own
+    process group from the repository's root (as honcho does), with `env`; the webserver is the
+    GraphQL endpoint."""
 
     def __init__(self, env: Mapping[str, str], logs: Path) -> None:
         self.commands = procfile()
         missing = {v for c in self.commands.values() for v in VARIABLE.findall(c)} - set(env)
         assert not missing, f"the Procfile uses variables the test does not set: {missing}"
+        self.env = dict(env)
         self.procs: dict[str, subprocess.Popen] = {}  # type: ignore[type-arg]
         self.logs = {name: logs / f"{name}.log" for name in self.commands}
-        for name, command in self.commands.items():
-            with open(self.logs[name], "wb") as out:
-                self.procs[name] = subprocess.Popen(
-                    ["/bin/sh", "-c", command], cwd=REPO, env=dict(env), stdin=subprocess.DEVNULL,
-                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                )
         self.url = f"http://{env['SMALLCAPS_WEBSERVER_HOST']}:{env['SMALLCAPS_WEBSERVER_PORT']}"
-        self.proc = self.procs["webserver"]
         self.log_path = self.logs["webserver"]
 
+    def start(self, name: str) -> None:
+        with open(self.logs[name], "wb") as out:
+            self.procs[name] = subprocess.Popen(
+                ["/bin/sh", "-c", self.commands[name]], cwd=REPO, env=self.env, stdin=subprocess.DEVNULL,
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        if name == "webserver":
+            self.proc = self.procs[name]
+
     def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(f"--- {name}:\n{tail(path, lines)}" for name, path in self.logs.items())
+        return "\n".join(f"--- {name}:\n{tail(path, lines)}" for name, path in self.logs.items()
+                         if name in self.procs)
 
     def _alive_or_fail(self) -> None:
         dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}

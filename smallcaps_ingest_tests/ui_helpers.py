@@ -75,14 +75,14 @@ class Webserver:
                 f"{self.proc.args} exited with {self.proc.returncode} before it was ready:\n{self.log_tail()}"
             )
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        """Until /server_info answers and the code location is loaded (needed by the mutations)."""
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        """Until /server_info answers (the code location may not be loaded yet)."""
         deadline = time.monotonic() + timeout
         while True:
             self._alive_or_fail()
             try:
                 requests.get(f"{self.url}/server_info", timeout=2).raise_for_status()
-                break
+                return
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
@@ -90,6 +90,11 @@ class Webserver:
                     f"{self.url}/server_info did not answer in {timeout:.0f}s:\n{self.log_tail()}"
                 )
             time.sleep(0.25)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until /server_info answers and the code location is loaded (needed by the mutations)."""
+        deadline = time.monotonic() + timeout
+        self.wait_serving(timeout)
         query = """{ workspaceOrError { __typename ... on Workspace { locationEntries {
             name loadStatus locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
         while True:

@@ -5,7 +5,7 @@ simulator on loopback. The manifest is materialized with the CLI, then a backfil
 of `event_windows` is launched through the webserver's GraphQL API and must succeed through the
 daemon (backfill, run queue) and the code server (which launches the run); the three partitions are
 materialized, their files on disk equal the simulator's ground truth, and the processes stop on
-SIGTERM.
+SIGTERM. The webserver and the daemon start before the code server, which must not matter.
 
 Also: the instance the Dagster chart writes from deploy/helm/values.yaml, loaded by Dagster itself on
 a database of its own, resolves to the same run queue, pool, monitoring and retries as
@@ -65,6 +65,13 @@ def test_procfile_host_runs_a_backfill(tmp_path: Path) -> None:
         t0 = time.monotonic()
         host = ProcfileHost(env, tmp_path)
         try:
+            # the webserver and the daemon first, serving before the code server exists: both must
+            # reach it by themselves once it serves (a code server restarted after an upgrade)
+            host.start("webserver")
+            host.start("daemon")
+            host.wait_serving(timeout=120)
+            host.start("codeserver")
+            assert set(host.procs) == set(host.commands)  # every process of the Procfile, no other
             host.wait_ready(timeout=180)
             timings["ready"] = time.monotonic() - t0
             t0 = time.monotonic()
