@@ -9,7 +9,8 @@ SIGTERM. The webserver and the daemon start before the code server, which must n
 
 Also: the instance the Dagster chart writes from deploy/helm/values.yaml, loaded by Dagster itself on
 a database of its own, resolves to the same run queue, pool, monitoring and retries as
-deploy/dagster.yaml (Dagster refuses some combinations the chart would happily write, dagster#31086).
+deploy/dagster.yaml (Dagster refuses some instances a values file can make the chart write:
+dagster#31086, dagster#33225).
 
 A missing PostgreSQL fails this test (connection refused), it never skips it.
 """
@@ -51,11 +52,13 @@ STOP_TIMEOUT_S = 60.0
 
 
 def test_procfile_host_runs_a_backfill(tmp_path: Path) -> None:
+    code_port = free_port()
+    web_port = next(p for p in iter(free_port, None) if p != code_port)
     with pg_database() as url, Simulator(SimConfig()) as sim:
         env = cli_env(
             tmp_path, POLYGON_BASE_URL=sim.base_url, POLYGON_API_KEY=TEST_KEY, POLYGON_MAX_RPS="40",
-            SMALLCAPS_CODE_SERVER_PORT=str(free_port()), SMALLCAPS_WEBSERVER_HOST="127.0.0.1",
-            SMALLCAPS_WEBSERVER_PORT=str(free_port()), PYTHONUNBUFFERED="1",
+            SMALLCAPS_CODE_SERVER_PORT=str(code_port), SMALLCAPS_WEBSERVER_HOST="127.0.0.1",
+            SMALLCAPS_WEBSERVER_PORT=str(web_port), PYTHONUNBUFFERED="1",
             **team_home(tmp_path / "home", url),
         )
         init_instance(env)  # README: once, before the first run
