@@ -58,7 +58,76 @@ def tail(path: Path, lines: int = 60) -> str:
         return "(no log)"
 
 
-class DagsterDev:
+class Webserver:
+    """A Dagster webserver at ``url`` whose process is ``proc`` (logging to ``log_path``): its
+    readiness and its GraphQL API. Subclasses start the processes."""
+
+    url: str
+    proc: subprocess.Popen  # type: ignore[type-arg]
+    log_path: Path
+
+    def log_tail(self, lines: int = 60) -> str:
+        return tail(self.log_path, lines)
+
+    def _alive_or_fail(self) -> None:
+        if self.proc.poll() is not None:
+            raise AssertionError(
+                f"{self.proc.args} exited with {self.proc.returncode} before it was ready:\n{self.log_tail()}"
+            )
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        """Until /server_info answers (the code location may not be loaded yet)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._alive_or_fail()
+            try:
+                requests.get(f"{self.url}/server_info", timeout=2).raise_for_status()
+                return
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{self.url}/server_info did not answer in {timeout:.0f}s:\n{self.log_tail()}"
+                )
+            time.sleep(0.25)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until /server_info answers and the code location is loaded (needed by the mutations)."""
+        deadline = time.monotonic() + timeout
+        self.wait_serving(timeout)
+        query = """{ workspaceOrError { __typename ... on Workspace { locationEntries {
+            name loadStatus locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
+        while True:
+            self._alive_or_fail()
+            entries = self.gql(query)["workspaceOrError"].get("locationEntries") or []
+            if entries and all(e["loadStatus"] == "LOADED" for e in entries):
+                errors = [
+                    e for e in entries if e["locationOrLoadError"]["__typename"] != "RepositoryLocation"
+                ]
+                # a code server of its own that is not serving yet (deploy/workspace.yaml's): the
+                # webserver reconnects by itself once it is; any other error is final
+                if not errors:
+                    return
+                if not all("DagsterUserCodeUnreachableError" in str(e["locationOrLoadError"])
+                           for e in errors):
+                    raise AssertionError(f"code location failed to load: {errors}")
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"code location not loaded in {timeout:.0f}s: {entries}\n{self.log_tail()}"
+                )
+            time.sleep(0.25)
+
+    def gql(self, query: str, variables: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        payload = {"query": query, "variables": dict(variables or {})}
+        r = requests.post(f"{self.url}/graphql", json=payload, timeout=30)
+        r.raise_for_status()
+        body = r.json()
+        if body.get("errors"):
+            raise AssertionError(f"GraphQL errors: {body['errors']}")
+        return body["data"]
+
+
+class DagsterDev(Webserver):
     """``dagster dev`` (webserver + daemon + code server) in its own process group.
 
     ``target``: the code location arguments (``benchmarks/backfill_bench.py`` passes ``-f FILE``)."""
@@ -84,57 +153,6 @@ class DagsterDev:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop() signals every child too
         )
-
-    def log_tail(self, lines: int = 60) -> str:
-        return tail(self.log_path, lines)
-
-    def _alive_or_fail(self) -> None:
-        if self.proc.poll() is not None:
-            raise AssertionError(
-                f"dagster dev exited with {self.proc.returncode} before it was ready:\n{self.log_tail()}"
-            )
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        """Until /server_info answers and the code location is loaded (needed by the mutations)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self._alive_or_fail()
-            try:
-                requests.get(f"{self.url}/server_info", timeout=2).raise_for_status()
-                break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"{self.url}/server_info did not answer in {timeout:.0f}s:\n{self.log_tail()}"
-                )
-            time.sleep(0.25)
-        query = """{ workspaceOrError { __typename ... on Workspace { locationEntries {
-            name loadStatus locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
-        while True:
-            self._alive_or_fail()
-            entries = self.gql(query)["workspaceOrError"].get("locationEntries") or []
-            if entries and all(e["loadStatus"] == "LOADED" for e in entries):
-                errors = [
-                    e for e in entries if e["locationOrLoadError"]["__typename"] != "RepositoryLocation"
-                ]
-                if errors:
-                    raise AssertionError(f"code location failed to load: {errors}")
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"code location not loaded in {timeout:.0f}s: {entries}\n{self.log_tail()}"
-                )
-            time.sleep(0.25)
-
-    def gql(self, query: str, variables: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        payload = {"query": query, "variables": dict(variables or {})}
-        r = requests.post(f"{self.url}/graphql", json=payload, timeout=30)
-        r.raise_for_status()
-        body = r.json()
-        if body.get("errors"):
-            raise AssertionError(f"GraphQL errors: {body['errors']}")
-        return body["data"]
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM the whole group, then SIGKILL whatever is left (the code server may linger)."""
@@ -190,7 +208,7 @@ query RunErrors($runId: ID!) {
 
 
 def launch_backfill(
-    dev: DagsterDev, asset: str, partitions: Sequence[str], title: str = "test_ui_browser"
+    dev: Webserver, asset: str, partitions: Sequence[str], title: str = "test_ui_browser"
 ) -> str:
     params = {
         "partitionNames": list(partitions),
@@ -204,7 +222,7 @@ def launch_backfill(
     return str(out["backfillId"])
 
 
-def _run_errors(dev: DagsterDev, run_id: str) -> list[str]:
+def _run_errors(dev: Webserver, run_id: str) -> list[str]:
     logs = dev.gql(RUN_ERRORS, {"runId": run_id})["logsForRun"]
     return [
         f"[{e.get('stepKey') or '-'}] {e['message'][:500]}"
@@ -225,13 +243,13 @@ query AssetPartitions($path: [String!]!) {
 """
 
 
-def materialized_partitions(dev: DagsterDev, asset: str) -> set[str]:
+def materialized_partitions(dev: Webserver, asset: str) -> set[str]:
     nodes = dev.gql(ASSET_PARTITIONS, {"path": [asset]})["assetNodes"]
     return set(nodes[0]["assetPartitionStatuses"].get("materializedPartitions") or [])
 
 
 def wait_backfill(
-    dev: DagsterDev, backfill_id: str, asset: str, partitions: Sequence[str], timeout: float = 120.0
+    dev: Webserver, backfill_id: str, asset: str, partitions: Sequence[str], timeout: float = 120.0
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Poll until the backfill is done; fail with its error, its failed runs' errors and the log.
 
@@ -245,7 +263,7 @@ def wait_backfill(
     last: dict[str, Any] = {}
     while True:
         if dev.proc.poll() is not None:
-            raise AssertionError(f"dagster dev died during the backfill:\n{dev.log_tail()}")
+            raise AssertionError(f"{dev.proc.args} died during the backfill:\n{dev.log_tail()}")
         last = dev.gql(BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"]
         if last["__typename"] != "PartitionBackfill":
             raise AssertionError(f"backfill {backfill_id}: {last}")
@@ -298,7 +316,7 @@ query CheckStatuses($path: [String!]!) {
 """
 
 
-def check_partition_statuses(dev: DagsterDev, asset: str) -> dict[str, dict[str, list[str]]]:
+def check_partition_statuses(dev: Webserver, asset: str) -> dict[str, dict[str, list[str]]]:
     """{check name: {status field: [partition, ...]}} as the UI's Partitions view reads it."""
     nodes = dev.gql(CHECK_PARTITION_STATUSES, {"path": [asset]})["assetNodes"]
     checks = nodes[0]["assetChecksOrError"]["checks"]
@@ -319,14 +337,14 @@ query ($path: [String!]!, $check: String!, $partition: String) {
 """
 
 
-def latest_check_execution(dev: DagsterDev, asset: str, check: str, partition: str) -> dict[str, Any] | None:
+def latest_check_execution(dev: Webserver, asset: str, check: str, partition: str) -> dict[str, Any] | None:
     """The newest execution of one check on one partition, as the check's Execution history shows it."""
     got = dev.gql(CHECK_EXECUTIONS, {"path": [asset], "check": check, "partition": partition})
     rows = got["assetCheckExecutions"]
     return rows[0] if rows else None
 
 
-def dismiss_nux(page: Any, dev: DagsterDev, timeout_ms: float = 30_000) -> bool:
+def dismiss_nux(page: Any, dev: Webserver, timeout_ms: float = 30_000) -> bool:
     """Skip the "Join the Dagster community" modal of a fresh DAGSTER_HOME, if the server will show it.
 
     The modal pops up asynchronously after the first page load; the webserver says beforehand
