@@ -234,7 +234,7 @@ def _compacted_pieces(root: str, kind: str, events: pl.DataFrame,
     paths, whole = [], []
     for symbol, event_type, n in groups.iter_rows():
         side = sidecars[symbol]
-        paths.append(side.path(root, kind, event_type))
+        paths.append(side.path(kind, event_type))
         whole.append(side.counts[event_type] == n)  # the selection holds all of the file's events
     flag = pl.Series("__whole", whole, dtype=pl.Boolean)
     groups = groups.with_columns(pl.Series(_PATH, paths), flag, flag.rle_id().alias("__run"))

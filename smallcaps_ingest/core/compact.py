@@ -75,9 +75,10 @@ class Sidecar:
     events: dict[str, Fingerprint]  # event_id -> fingerprint of its per-event files
     types: dict[str, str]  # event_id -> event type
     written_ns: int
+    directory: str  # the symbol's compacted directory
 
-    def path(self, data_dir: str | os.PathLike[str], kind: str, event_type: str) -> str:
-        return str(symbol_compact_dir(data_dir, self.symbol) / self.files[kind][event_type])
+    def path(self, kind: str, event_type: str) -> str:
+        return f"{self.directory}/{self.files[kind][event_type]}"
 
     @functools.cached_property
     def counts(self) -> dict[str, int]:
@@ -87,8 +88,9 @@ class Sidecar:
 
 def read_sidecar(data_dir: str | os.PathLike[str], symbol: str) -> Sidecar | None:
     """The symbol's current sidecar, or None when there is none (or it is not one we wrote)."""
+    directory = symbol_compact_dir(data_dir, symbol)
     try:
-        raw: dict[str, Any] = orjson.loads((symbol_compact_dir(data_dir, symbol) / SIDECAR).read_bytes())
+        raw: dict[str, Any] = orjson.loads((directory / SIDECAR).read_bytes())
     except FileNotFoundError:
         return None
     if raw.get("version") != SIDECAR_VERSION or raw.get("symbol") != symbol:
@@ -100,6 +102,7 @@ def read_sidecar(data_dir: str | os.PathLike[str], symbol: str) -> Sidecar | Non
         events={e: tuple(fp) for e, fp in zip(raw["event_ids"], raw["fingerprints"], strict=True)},  # type: ignore[misc]
         types={e: types[k] for e, k in zip(raw["event_ids"], raw["event_types"], strict=True)},
         written_ns=int(raw["written_ns"]),
+        directory=str(directory),
     )
 
 

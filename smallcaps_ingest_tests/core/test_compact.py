@@ -92,12 +92,12 @@ def test_a_new_generation_replaces_the_old_one(tmp_path: Path, sim: Simulator) -
     # id; every row group carries min/max statistics, so a time filter skips row groups
     per_event = read.load_windows(data, "quotes", symbols="AAOI", use_compacted=False).collect()
     for event_type, count in side2.counts.items():
-        quotes = pl.read_parquet(side2.path(data, "quotes", event_type))
+        quotes = pl.read_parquet(side2.path("quotes", event_type))
         assert quotes["event_id"].n_unique() <= count
         assert quotes["event_type"].unique().to_list() == [event_type]
         assert quotes.select(compact.ORDER).equals(quotes.select(compact.ORDER).sort(compact.ORDER))
         assert quotes.equals(per_event.filter(pl.col("event_type") == event_type).select(quotes.columns))
-    metas = [pq.ParquetFile(side2.path(data, "quotes", t)).metadata for t in side2.counts]
+    metas = [pq.ParquetFile(side2.path("quotes", t)).metadata for t in side2.counts]
     meta = max(metas, key=lambda m: m.num_rows)
     stamps = meta.schema.names.index("timestamp")
     groups = [meta.row_group(i).column(stamps).statistics for i in range(meta.num_row_groups)]
