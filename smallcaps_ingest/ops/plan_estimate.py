@@ -1,0 +1,435 @@
+"""The cost preview's estimate over a whole manifest: the engine's plan, without a Python object
+per event where no merge is possible.
+
+The engine walks :func:`plan.plan_groups` per symbol: a probe of a symbol never observed, then
+heads of ``PLAN_HORIZON`` windows, each split by :func:`plan.partition` into ranges, its last group
+held back to be planned with what follows. Here:
+
+* every window's expected rows (hence bytes) and every block's rows come from
+  :func:`plan_many.cumulative_rows_many`, the planner's own sums over arrays;
+* gaps that no run could bridge (:func:`plan_many.mergeable_gaps`) cut a symbol into components;
+  a component of one block is one range per endpoint (its pages), with nothing to decide;
+* every other component is split by the planner (:func:`plan.plan_runs`, the call
+  :func:`plan.plan_kind` makes), on the same heads, truncations and held-back groups as
+  ``plan_groups`` (``_Walk``), identical inputs planned once;
+* a probe that is not a lone block, and a symbol where a head would be one group, are planned by
+  ``plan_groups`` itself (:func:`walk_symbol`, the per-event walk, which ``test_plan_estimate``
+  also uses as the reference the fast path must equal).
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, bisect_right
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from smallcaps_ingest.config import Config
+from smallcaps_ingest.core.plan import (
+    KINDS,
+    NS,
+    PAGE_ROWS,
+    PLAN_HORIZON,
+    DensityStore,
+    Window,
+    cumulative_rows,
+    overfetch_allowance,
+    plan_groups,
+    plan_runs,
+)
+from smallcaps_ingest.core.plan_many import DayTable, cumulative_rows_many, mergeable_gaps
+
+SESSIONS = ("PM", "RTH", "AH", "OFF")
+# Bytes of a written file: a fixed part (footer, schema, empty pages) and a part per row, fitted on
+# the simulator's ticks as store.encode_parquet writes them (benchmarks/plan_accuracy.py checks them).
+FILE_BYTES = {"trades": 2_900, "quotes": 600}
+ROW_BYTES = {"trades": 13.7, "quotes": 14.8}
+
+
+@dataclass
+class Tally:
+    """Figures of one session (or of the total). Requests are fractional per session: a range's
+    pages are shared equally among the events it serves."""
+
+    events_to_fetch: int = 0
+    requests: dict[str, float] = field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
+    rows: dict[str, float] = field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
+    bytes: float = 0.0
+
+    def as_dict(self, max_rps: float) -> dict[str, Any]:
+        total = sum(self.requests.values())
+        return {
+            "events_to_fetch": self.events_to_fetch,
+            "requests": {**{k: round(v) for k, v in self.requests.items()}, "total": round(total)},
+            "seconds": round(total / max_rps, 1),
+            "rows": {**{k: round(v) for k, v in self.rows.items()}, "total": round(sum(self.rows.values()))},
+            "bytes": round(self.bytes),
+        }
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The engine's planning settings, from ``Config`` (as the run would use them)."""
+
+    max_rps: float
+    max_overfetch: float = 4.0
+    overfetch_rows: int | None = None  # None: plan.overfetch_allowance(max_rps)
+    quotes_hz: float = 1.0
+
+    @classmethod
+    def from_config(cls, config: Config, max_rps: float | None = None) -> Settings:
+        return cls(
+            max_rps=max_rps if max_rps is not None else config.max_rps,
+            max_overfetch=config.max_overfetch,
+            overfetch_rows=config.overfetch_rows,
+            quotes_hz=config.quotes_hz,
+        )
+
+    @property
+    def allowance(self) -> int:
+        if self.overfetch_rows is None:
+            return overfetch_allowance(self.max_rps)
+        return max(0, self.overfetch_rows)
+
+
+def _quote_rows(seconds: float, raw: float, hz: float) -> float:
+    """Expected rows of a quotes file whose window of ``seconds`` holds ``raw`` quotes: the grid's
+    buckets from the window's first quote on (those before it are left out); with hz 0, the raw
+    quotes."""
+    if hz <= 0:
+        return raw
+    if raw <= 0 or seconds <= 0:
+        return 0.0
+    return max(0.0, seconds - seconds / raw) * hz
+
+
+def _quote_rows_many(seconds: np.ndarray, raw: np.ndarray, hz: float) -> np.ndarray:
+    if hz <= 0:
+        return raw
+    ok = (raw > 0) & (seconds > 0)
+    safe = np.where(ok, raw, 1.0)
+    return np.where(ok, np.maximum(0.0, seconds - seconds / safe) * hz, 0.0)
+
+
+def _pages(rows: np.ndarray) -> np.ndarray:
+    return np.maximum(1, np.ceil(rows / PAGE_ROWS)).astype(np.int64)
+
+
+def walk_symbol(
+    symbol: str,
+    todo: Sequence[tuple[Window, str]],
+    density: DensityStore,
+    settings: Settings,
+    total: Tally,
+    sessions: dict[str, Tally],
+) -> None:
+    """One symbol's figures by walking ``plan_groups`` event by event, as the engine would (a
+    probe's ranges are recorded in ``density`` as the priors predict them)."""
+    session_of = {w.event_id: s for w, s in todo}
+    at = {k: cumulative_rows(density.densities(symbol, k)) for k in KINDS}
+    for windows, ranges, probe in plan_groups(
+        symbol, [w for w, _ in todo], density, settings.max_overfetch, overfetch_rows=settings.allowance
+    ):
+        for w in windows:
+            tally = sessions.setdefault(session_of[w.event_id], Tally())
+            secs = (w.end_ns - w.start_ns) / NS
+            trades = at["trades"](w.end_ns) - at["trades"](w.start_ns)
+            quotes = _quote_rows(secs, at["quotes"](w.end_ns) - at["quotes"](w.start_ns), settings.quotes_hz)
+            size = sum(FILE_BYTES.values()) + ROW_BYTES["trades"] * trades + ROW_BYTES["quotes"] * quotes
+            for t in (tally, total):
+                t.events_to_fetch += 1
+                t.rows["trades"] += trades
+                t.rows["quotes"] += quotes
+                t.bytes += size
+        for r in ranges:
+            rows = at[r.kind](r.end_ns) - at[r.kind](r.start_ns)
+            pages = max(1, math.ceil(rows / PAGE_ROWS))
+            total.requests[r.kind] += pages
+            share = pages / len(r.events)
+            for w in r.events:
+                sessions[session_of[w.event_id]].requests[r.kind] += share
+            if probe:  # the engine learns the symbol's level from its probe: here, the prior's
+                density.observe(symbol, r.kind, r.start_ns, r.end_ns, round(rows))
+        if probe:
+            at = {k: cumulative_rows(density.densities(symbol, k)) for k in KINDS}
+
+
+class _Fallback(Exception):
+    """A head that would be one group with windows left: planned by ``plan_groups`` itself."""
+
+
+def _dens_arrays(per_symbol: Sequence[Mapping[str, float]], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Each instant's densities (by segment) from its symbol's (``rows``: the symbol of each)."""
+    return {s: np.array([d[s] for d in per_symbol], dtype=np.float64)[rows] for s in per_symbol[0]}
+
+
+@dataclass
+class _Blocks:
+    """Blocks (overlapping or touching windows unioned) of windows sorted in ``time_order`` within
+    each symbol: first window, window count, and each endpoint's expected rows at its edges."""
+
+    sym: np.ndarray
+    first: np.ndarray
+    count: np.ndarray
+    at_s: dict[str, np.ndarray]
+    at_e: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, sym: np.ndarray, start: np.ndarray, end: np.ndarray, ws: Mapping, we: Mapping) -> _Blocks:
+        prev_end = (
+            pl.DataFrame({"s": sym, "e": end})
+            .select(pl.col("e").cum_max().shift(1).over("s"))
+            .to_series()
+            .fill_null(np.iinfo(np.int64).min)
+            .to_numpy()
+        )
+        new = np.r_[True, sym[1:] != sym[:-1]] | (start > prev_end)
+        first = np.flatnonzero(new)
+        count = np.diff(np.r_[first, len(sym)])
+        return cls(sym[first], first, count, {k: ws[k][first] for k in KINDS},
+                   {k: np.maximum.reduceat(we[k], first) for k in KINDS})  # fmt: skip
+
+    def need(self, k: str) -> np.ndarray:
+        return self.at_e[k] - self.at_s[k]
+
+    def gap(self, k: str) -> np.ndarray:
+        return np.r_[self.at_s[k][1:] - self.at_e[k][:-1], 0.0]
+
+    def mergeable(self, settings: Settings, allowance: float) -> np.ndarray:
+        return np.logical_or.reduce(
+            [
+                mergeable_gaps(self.sym, self.need(k), self.gap(k), settings.max_overfetch, allowance)
+                for k in KINDS
+            ]
+        )
+
+
+class _Walk:
+    """``plan_groups``' heads over one symbol's components (after its probe), with the planner's
+    split (:func:`plan.plan_runs`) for every piece of a component that is not a lone block. Block
+    indices are the symbol's own; ``W[b]`` = windows before block b."""
+
+    def __init__(self, settings: Settings, allowance: float):
+        self.settings, self.allowance = settings, allowance
+        self.memo: dict[tuple[str, tuple[float, ...]], list[tuple[int, int]]] = {}
+
+    def piece(self, at_s: Mapping, at_e: Mapping, x: int, y: int, last_end: Mapping | None = None):
+        """Groups [(first, end)] and ranges [(kind, first, end)] of blocks x..y-1 planned together
+        (``last_end``: the rows at the end of a last block the head cuts short)."""
+        starts: set[int] | None = None
+        ranges = []
+        for k in KINDS:
+            s, e, o = at_s[k], at_e[k], at_s[k][x]
+            cum = [v for b in range(x, y) for v in (s[b] - o, e[b] - o)]
+            if last_end is not None:
+                cum[-1] = last_end[k] - o
+            key = (k, tuple(cum))
+            runs = self.memo.get(key)
+            if runs is None:
+                need = [cum[2 * i + 1] - cum[2 * i] for i in range(y - x)]
+                runs = plan_runs(k, need, lambda i, j, c=cum: c[2 * j - 1] - c[2 * i],
+                                 self.settings.max_overfetch, self.allowance)  # fmt: skip
+                self.memo[key] = runs
+            ranges += [(k, x + i, x + j) for i, j in runs]
+            st = {x + i for i, _ in runs}
+            starts = st if starts is None else starts & st
+        cuts = sorted(starts or {x})
+        return list(zip(cuts, [*cuts[1:], y], strict=True)), ranges
+
+    def symbol(self, W: list[int], lo: list[int], hi: list[int], at_s: Mapping, at_e: Mapping, cut_end):
+        """The ranges [(kind, first, end)] the engine yields for the blocks of components of more
+        than one block; ``lo``/``hi``: each block's component; ``cut_end(b, w)``: rows at the end of
+        block b's windows before window w."""
+        nb, m, horizon = len(lo), W[-1], PLAN_HORIZON
+        soft = sorted({lo[b] for b in range(nb) if hi[b] - lo[b] > 1})
+        out: list[tuple[str, int, int]] = []
+
+        def whole(a: int, b: int) -> None:  # components from block a (a piece if mid-component) to b
+            if a < b and (hi[a] - lo[a] > 1):
+                out.extend(self.piece(at_s, at_e, a, hi[a])[1])
+                a = hi[a]
+            for c in soft[bisect_left(soft, a) : bisect_left(soft, b)]:
+                out.extend(self.piece(at_s, at_e, c, hi[c])[1])
+
+        pos = 0
+        while pos < nb:
+            end_w = W[pos] + horizon
+            if end_w >= m:
+                whole(pos, nb)
+                break
+            bl = bisect_right(W, end_w - 1) - 1
+            cut = W[bl + 1] > end_w
+            first = max(pos, lo[bl])
+            trunc = cut or hi[bl] > bl + 1
+            y = bl + 1 if trunc else hi[bl]
+            if hi[bl] - lo[bl] == 1:
+                groups, ranges = [(bl, bl + 1)], []
+            else:
+                groups, ranges = self.piece(at_s, at_e, first, y, cut_end(bl, end_w) if cut else None)
+            if first == pos and len(groups) == 1:
+                if trunc:
+                    raise _Fallback
+                out.extend(ranges)
+                pos = y
+                continue
+            whole(pos, first)
+            g = groups[-1][0]
+            out.extend(r for r in ranges if r[2] <= g)
+            pos = g
+        return out
+
+
+def estimate_frame(todo: pl.DataFrame, density: DensityStore, settings: Settings) -> dict[str, Any]:
+    """The figures of ``plan`` for the events of ``todo`` (columns ``event_id``, ``symbol``,
+    ``start_ns``, ``end_ns``, ``session``); ``density`` is a scratch copy (probes are recorded)."""
+    df = todo.sort("symbol", "start_ns", "end_ns", "event_id")
+    n, total, sessions = df.height, Tally(), {}
+    names = df["symbol"].unique(maintain_order=True).to_list()
+    code = (df["symbol"].rank("dense").cast(pl.Int64).to_numpy() - 1) if n else np.zeros(0, np.int64)
+    first = np.searchsorted(code, np.arange(len(names)))
+    rank = np.arange(n) - first[code]
+    start, end = df["start_ns"].to_numpy(), df["end_ns"].to_numpy()
+    known = np.array([density.known(s) for s in names], dtype=bool)
+    allowance, horizon = settings.allowance, PLAN_HORIZON
+    ws = {k: np.zeros(n) for k in KINDS}  # expected rows at each window's start and end
+    we = {k: np.zeros(n) for k in KINDS}
+    share = {k: np.zeros(n) for k in KINDS}  # each window's part of its ranges' pages
+    pages = dict.fromkeys(KINDS, 0)
+    probe_len = np.zeros(len(names), dtype=np.int64)
+    table = DayTable(np.r_[start, end]) if n else None
+
+    def rows_at(idx: np.ndarray, dens: Mapping[str, np.ndarray]) -> None:
+        for k in KINDS:
+            ws[k][idx] = cumulative_rows_many(start[idx], dens[k], table)
+            we[k][idx] = cumulative_rows_many(end[idx], dens[k], table)
+
+    def windows(lo: int, hi: int) -> list[Window]:
+        return [Window(*t) for t in zip(df["event_id"][lo:hi].to_list(), start[lo:hi].tolist(),
+                                        end[lo:hi].tolist(), strict=True)]  # fmt: skip
+
+    cold = np.flatnonzero(~known)
+    if cold.size:  # probes, planned at the priors with no allowance (plan_kind's rule)
+        prior = {k: density.densities(names[cold[0]], k) for k in KINDS}
+        head = np.flatnonzero(~known[code] & (rank < horizon))
+        rows_at(head, {k: {s: np.full(head.size, v) for s, v in prior[k].items()} for k in KINDS})
+        blk = _Blocks.of(code[head], start[head], end[head], {k: ws[k][head] for k in KINDS},
+                         {k: we[k][head] for k in KINDS})  # fmt: skip
+        merge = blk.mergeable(settings, 0.0)
+        alone = ~merge & (blk.count < horizon)
+        b0 = np.searchsorted(blk.sym, cold)
+        for s, b in zip(cold.tolist(), b0.tolist(), strict=True):
+            sym, w0 = names[s], int(first[s])
+            if alone[b]:
+                hi = w0 + int(blk.count[b])
+                for k in KINDS:
+                    rows = blk.at_e[k][b] - blk.at_s[k][b]
+                    p = max(1, math.ceil(rows / PAGE_ROWS))
+                    pages[k] += p
+                    share[k][w0:hi] = p / (hi - w0)
+                    density.observe(sym, k, int(start[w0]), int(end[w0:hi].max()), round(rows))
+                probe_len[s] = hi - w0
+                continue
+            c = b + int(np.argmin(merge[b:]))  # the component's last block (a symbol's last is False)
+            ws_list = windows(w0, w0 + min(horizon, int(blk.first[c] + blk.count[c] - blk.first[b])))
+            pos = {w.event_id: w0 + i for i, w in enumerate(ws_list)}
+            group, ranges, _ = next(plan_groups(sym, ws_list, density, settings.max_overfetch,
+                                                overfetch_rows=allowance))  # fmt: skip
+            at = {k: cumulative_rows(prior[k]) for k in KINDS}
+            for r in ranges:
+                rows = at[r.kind](r.end_ns) - at[r.kind](r.start_ns)
+                p = max(1, math.ceil(rows / PAGE_ROWS))
+                pages[r.kind] += p
+                for w in r.events:
+                    share[r.kind][pos[w.event_id]] += p / len(r.events)
+                density.observe(sym, r.kind, r.start_ns, r.end_ns, round(rows))
+            probe_len[s] = len(group)
+
+    # the rest of every symbol, at its densities (after its probe, as the engine plans it)
+    rest = np.flatnonzero(rank >= probe_len[code])
+    if not rest.size:
+        return _figures(
+            df, np.ones(n, dtype=bool), ws, we, share, pages, total, sessions, settings, names, known
+        )
+    dens = {k: [density.densities(s, k) for s in names] for k in KINDS}
+    rows_at(rest, {k: _dens_arrays(dens[k], code[rest]) for k in KINDS})
+    blk = _Blocks.of(code[rest], start[rest], end[rest], {k: ws[k][rest] for k in KINDS},
+                     {k: we[k][rest] for k in KINDS})  # fmt: skip
+    merge = blk.mergeable(settings, allowance)
+    comp = np.cumsum(np.r_[True, ~merge[:-1]]) - 1  # component of each block
+    comp_lo = np.searchsorted(comp, comp)  # its first block, and the one past its last
+    comp_hi = np.searchsorted(comp, comp, side="right")
+    lone = comp_hi - comp_lo == 1
+    for k in KINDS:  # a lone block is one range per endpoint
+        p = _pages(blk.need(k))
+        pages[k] += int(p[lone].sum())
+        share[k][rest] = np.repeat(np.where(lone, p / blk.count, 0.0), blk.count)
+    vec = np.ones(n, dtype=bool)  # windows whose figures are summed here (not by walk_symbol)
+    walk = _Walk(settings, allowance)
+    busy = np.unique(blk.sym[~lone | (blk.count >= horizon)])
+    sym_lo = np.searchsorted(blk.sym, busy)
+    sym_hi = np.searchsorted(blk.sym, busy, side="right")
+    at_s = {k: blk.at_s[k].tolist() for k in KINDS}
+    at_e = {k: blk.at_e[k].tolist() for k in KINDS}
+    for s, b0, b1 in zip(busy.tolist(), sym_lo.tolist(), sym_hi.tolist(), strict=True):
+        w0 = int(first[s] + probe_len[s])  # the symbol's first window after its probe
+
+        def cut_end(b: int, w: int, b0: int = b0, w0: int = w0) -> dict[str, float]:
+            lo = w0 + int(blk.first[b0 + b] - blk.first[b0])
+            return {k: float(we[k][lo : w0 + w].max()) for k in KINDS}
+
+        W = (blk.first[b0:b1] - blk.first[b0]).tolist() + [
+            int(blk.first[b1 - 1] + blk.count[b1 - 1] - blk.first[b0])
+        ]
+        try:
+            if (blk.count[b0:b1] >= horizon).any():
+                raise _Fallback
+            got = walk.symbol(W, (comp_lo[b0:b1] - b0).tolist(), (comp_hi[b0:b1] - b0).tolist(),
+                              {k: v[b0:b1] for k, v in at_s.items()}, {k: v[b0:b1] for k, v in at_e.items()},
+                              cut_end)  # fmt: skip
+        except _Fallback:
+            hi = int(first[s + 1]) if s + 1 < len(names) else n
+            for k in KINDS:
+                share[k][w0:hi] = 0.0
+                pages[k] -= int(_pages(blk.need(k)[b0:b1])[lone[b0:b1]].sum())
+            vec[w0:hi] = False
+            todo_s = list(zip(windows(w0, hi), df["session"][w0:hi].to_list(), strict=True))
+            walk_symbol(names[s], todo_s, density, settings, total, sessions)
+            continue
+        for k, a, b in got:
+            rows = at_e[k][b0 + b - 1] - at_s[k][b0 + a]
+            p = max(1, math.ceil(rows / PAGE_ROWS))
+            pages[k] += p
+            share[k][w0 + W[a] : w0 + W[b]] = p / (W[b] - W[a])
+    return _figures(df, vec, ws, we, share, pages, total, sessions, settings, names, known)
+
+
+def _figures(df, vec, ws, we, share, pages, total, sessions, settings, names, known) -> dict[str, Any]:
+    """The result: every window's rows and bytes, its share of requests, summed by session."""
+    secs = (df["end_ns"].to_numpy() - df["start_ns"].to_numpy()) / NS
+    trades = we["trades"] - ws["trades"]
+    quotes = _quote_rows_many(secs, we["quotes"] - ws["quotes"], settings.quotes_hz)
+    size = sum(FILE_BYTES.values()) + ROW_BYTES["trades"] * trades + ROW_BYTES["quotes"] * quotes
+    frame = pl.DataFrame({"session": df["session"], "t": trades, "q": quotes, "b": size,
+                          "st": share["trades"], "sq": share["quotes"]}).filter(pl.Series(vec))  # fmt: skip
+    by = frame.group_by("session").agg(pl.len(), pl.col("t", "q", "b", "st", "sq").sum())
+    for row in by.iter_rows(named=True):
+        for t in (sessions.setdefault(row["session"], Tally()), total):
+            t.events_to_fetch += row["len"]
+            t.rows["trades"] += row["t"]
+            t.rows["quotes"] += row["q"]
+            t.bytes += row["b"]
+        sessions[row["session"]].requests["trades"] += row["st"]
+        sessions[row["session"]].requests["quotes"] += row["sq"]
+    for k in KINDS:
+        total.requests[k] += pages[k]
+    out = total.as_dict(settings.max_rps)
+    out["max_rps"] = settings.max_rps
+    order = [s for s in SESSIONS if s in sessions] + sorted(set(sessions) - set(SESSIONS))
+    out["sessions"] = {s: sessions[s].as_dict(settings.max_rps) for s in order}
+    out["symbols_to_fetch"] = len(names)
+    out["symbols_without_density"] = int((~known).sum())
+    return out
