@@ -69,38 +69,46 @@ def day_rows(dens: Mapping[str, np.ndarray]) -> np.ndarray:
 
 
 def cumulative_rows_many(
-    t_ns: np.ndarray, dens: Mapping[str, np.ndarray], table: DayTable | None = None
-) -> np.ndarray:
-    """``cumulative_rows(d)(t)`` for every instant ``t_ns[i]`` at densities ``dens[s][i]`` (an
-    array per session segment, one value per instant), bit for bit."""
+    t_ns: np.ndarray, *dens: Mapping[str, np.ndarray], table: DayTable | None = None
+) -> list[np.ndarray]:
+    """``cumulative_rows(d)(t)`` for every instant ``t_ns[i]``, for each set of densities ``d`` in
+    ``dens`` (an array per session segment, one value per instant): bit for bit the scalar sums."""
     t = np.asarray(t_ns, dtype=np.int64)
     if t.size == 0:
-        return np.zeros(0)
-    if np.any(dens.get("OFF", 0.0)):
+        return [np.zeros(0) for _ in dens]
+    if any(np.any(d.get("OFF", 0.0)) for d in dens):
         raise ValueError("cumulative_rows assumes no ticks outside the sessions")
     table = table or DayTable(t)
-    d = table.day_of(t)
-    rows = day_rows(dens) * table.days_before[d]
-    active = table.trading[d]
+    day = table.day_of(t)
+    out = [day_rows(d) * table.days_before[day] for d in dens]
+    # the scalar loop adds each segment ended before t, then t's part of its own, then stops; here
+    # every segment adds its clipped part: those after t (and a closed day's padding) add 0.0 exactly
     for k, name in enumerate(DAY_SEGMENTS):
-        start, end = table.edges[d, k], table.edges[d, k + 1]
-        full = t >= end
-        rows = np.where(
-            active & full,
-            rows + dens[name] * (end - start) / NS,
-            np.where(active, rows + dens[name] * (t - start) / NS, rows),
-        )
-        active = active & full
-    return rows
+        start = table.edges[day, k]
+        inside = np.clip(t, start, table.edges[day, k + 1]) - start
+        for i, d in enumerate(dens):
+            out[i] = out[i] + d[name] * inside / NS
+    return out
+
+
+def _segmented(values: np.ndarray, seg: np.ndarray, accumulate: np.ufunc) -> np.ndarray:
+    """``accumulate`` (maximum or minimum) restarted at every segment (``seg`` non-decreasing):
+    each segment is shifted past the previous ones, so a running extreme never reaches back."""
+    if values.size == 0:
+        return values
+    big = 2.0 * float(np.abs(values).max()) + 1.0
+    sign = 1.0 if accumulate is np.maximum else -1.0
+    shift = sign * big * (seg - seg[0])
+    return accumulate.accumulate(values + shift) - shift
 
 
 def mergeable_gaps(
     symbol: np.ndarray, need: np.ndarray, gap: np.ndarray, max_overfetch: float, overfetch_rows: float
 ) -> np.ndarray:
-    """For blocks in time order (``symbol[b]`` groups them; ``need[b]`` their rows, ``gap[b]`` the
-    rows between block b and the next of its symbol), whether some run of blocks across the gap
-    after block b could be within :func:`plan.within_bound`; False means the planner's partition
-    cannot put blocks b and b+1 in one range (and the last block of a symbol is False).
+    """For blocks in time order (``symbol[b]``: non-decreasing codes that group them; ``need[b]``
+    their rows, ``gap[b]`` the rows between block b and the next of its symbol), whether some run
+    of blocks across the gap after block b could be within :func:`plan.within_bound`; False means
+    the planner's partition cannot put blocks b and b+1 in one range (a symbol's last block: False).
 
     A run [i, j) fetches its blocks' rows N plus the gaps G between them, and ``within_bound``
     holds when G <= (max_overfetch - 1) N or G <= overfetch_rows (up to its 1e-9 tolerance):
@@ -110,28 +118,31 @@ def mergeable_gaps(
       gap b qualifies exactly when the smallest A[j] after it is within the largest B[i] before it.
 
     Runs longer than the planner looks (``MAX_RUN_BLOCKS``, its horizon) are counted too, and the
-    tolerances are wide (one row plus 1e-6 of the sums): a gap marked mergeable may still not be
-    merged, never the reverse (``test_plan_many`` checks this against ``partition``)."""
+    tolerances are wide (one row plus 1e-6 of the symbol's rows): a gap marked mergeable may still
+    not be merged, never the reverse (``test_plan_many`` checks this against ``partition``)."""
     n = len(need)
     if n == 0:
         return np.zeros(0, dtype=bool)
     symbol = np.asarray(symbol)
-    last = np.r_[symbol[1:] != symbol[:-1], True]
+    first = np.r_[True, symbol[1:] != symbol[:-1]]
+    last = np.r_[first[1:], True]
+    starts = np.flatnonzero(first)
+    seg = np.cumsum(first) - 1
     gap = np.where(last, 0.0, gap)
     r1 = max_overfetch - 1.0
-    frame = pl.DataFrame({"s": symbol, "need": need, "gap": gap}).with_columns(
-        pn=pl.col("need").cum_sum().over("s") - pl.col("need"),  # need before block b
-        pg=pl.col("gap").cum_sum().over("s") - pl.col("gap"),  # gaps before block b
-    )
-    frame = frame.with_columns(
-        b=pl.col("pg") - r1 * pl.col("pn"),  # B[b]: a run starting at block b
-        a=pl.col("pg") - r1 * (pl.col("pn") + pl.col("need")),  # A[b+1]: a run ending with block b
-        scale=pl.col("need").sum().over("s") * max(1.0, r1) + pl.col("gap").sum().over("s"),
-    ).with_columns(
-        best_b=pl.col("b").cum_max().over("s"),
-        best_a=pl.col("a").reverse().cum_min().reverse().over("s").shift(-1),
-    )
-    tol = 1.0 + 1e-6 * frame["scale"].to_numpy()
-    ratio = (frame["best_a"] - frame["best_b"]).fill_null(np.inf).to_numpy() <= tol
+
+    def before(v: np.ndarray) -> np.ndarray:  # sums over the symbol's earlier blocks
+        c = np.cumsum(v) - v
+        return c - c[starts][seg]
+
+    pn, pg = before(need), before(gap)
+    b = pg - r1 * pn  # B[b]: a run starting at block b
+    a = pg - r1 * (pn + need)  # A[b + 1]: a run ending with block b
+    best_b = _segmented(b, seg, np.maximum)
+    best_a = _segmented(a[::-1], seg[::-1][0] - seg[::-1], np.minimum)[::-1]  # from block b on
+    best_a = np.r_[best_a[1:], np.inf]  # from block b + 1 on (the last block's is unused)
+    scale = (np.add.reduceat(need, starts) * max(1.0, r1) + np.add.reduceat(gap, starts))[seg]
+    tol = 1.0 + 1e-6 * scale
+    ratio = best_a - best_b <= tol
     allowance = gap <= overfetch_rows * (1 + 1e-6) + tol
     return ~last & (ratio | allowance)

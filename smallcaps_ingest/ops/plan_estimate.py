@@ -19,6 +19,7 @@ held back to be planned with what follows. Here:
 
 from __future__ import annotations
 
+import itertools
 import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, Sequence
@@ -209,78 +210,132 @@ class _Blocks:
 
 
 class _Walk:
-    """``plan_groups``' heads over one symbol's components (after its probe), with the planner's
-    split (:func:`plan.plan_runs`) for every piece of a component that is not a lone block. Block
-    indices are the symbol's own; ``W[b]`` = windows before block b."""
+    """``plan_groups``' heads over each symbol's blocks after its probe, with the planner's split
+    (:func:`plan.plan_runs`) for every piece of a component that is not a lone block. Blocks are
+    numbered across symbols: ``W[b]`` = windows before block b, ``lo[b]``/``hi[b]`` its component."""
 
-    def __init__(self, settings: Settings, allowance: float):
-        self.settings, self.allowance = settings, allowance
-        self.memo: dict[tuple[str, tuple[float, ...]], list[tuple[int, int]]] = {}
-
-    def piece(self, at_s: Mapping, at_e: Mapping, x: int, y: int, last_end: Mapping | None = None):
-        """Groups [(first, end)] and ranges [(kind, first, end)] of blocks x..y-1 planned together
-        (``last_end``: the rows at the end of a last block the head cuts short)."""
-        starts: set[int] | None = None
-        ranges = []
+    def __init__(self, settings: Settings, allowance: float, blk: _Blocks, lo: np.ndarray, hi: np.ndarray,
+                 we: Mapping[str, np.ndarray]):  # fmt: skip
+        self.settings, self.allowance, self.we = settings, allowance, we
+        self.memo: dict[tuple[bytes, ...], int] = {}  # planner input -> its index in self.plans
+        self.plans: list[tuple[list[tuple[int, int, int]], list[int]]] = []
+        self.blk, self.lo, self.hi = blk, lo.tolist(), hi.tolist()
+        self.W = [*blk.first.tolist(), int(blk.first[-1] + blk.count[-1])]
+        self.soft = np.unique(lo[hi - lo > 1]).tolist()
+        self.ranges: list[tuple[int, int, int]] = []  # (kind index, first block, end block)
+        self.wholes: list[tuple[int, int]] = []  # (first block, plan): a component planned whole
+        # every block's edges relative to its component's start: a whole component's planner
+        # input is a slice of these (its bytes key identical inputs, planned once)
+        rel = []
         for k in KINDS:
-            s, e, o = at_s[k], at_e[k], at_s[k][x]
-            cum = [v for b in range(x, y) for v in (s[b] - o, e[b] - o)]
-            if last_end is not None:
-                cum[-1] = last_end[k] - o
-            key = (k, tuple(cum))
-            runs = self.memo.get(key)
-            if runs is None:
-                need = [cum[2 * i + 1] - cum[2 * i] for i in range(y - x)]
-                runs = plan_runs(k, need, lambda i, j, c=cum: c[2 * j - 1] - c[2 * i],
-                                 self.settings.max_overfetch, self.allowance)  # fmt: skip
-                self.memo[key] = runs
-            ranges += [(k, x + i, x + j) for i, j in runs]
-            st = {x + i for i, _ in runs}
+            r = np.empty(2 * len(lo))
+            r[0::2] = blk.at_s[k] - blk.at_s[k][lo]
+            r[1::2] = blk.at_e[k] - blk.at_s[k][lo]
+            rel.append(r.tobytes())
+        self.rel_t, self.rel_q = rel
+
+    def _plan(self, key: tuple[bytes, ...]) -> int:
+        """The planner's ranges (blocks relative to the piece) for one input, where its groups
+        start; planned once per distinct input."""
+        got = self.memo.get(key)
+        if got is not None:
+            return got
+        ranges: list[tuple[int, int, int]] = []
+        starts: set[int] | None = None
+        for ki, (k, raw) in enumerate(zip(KINDS, key, strict=True)):
+            cum = np.frombuffer(raw).tolist()
+            need = [cum[2 * i + 1] - cum[2 * i] for i in range(len(cum) // 2)]
+            runs = plan_runs(k, need, lambda i, j, c=cum: c[2 * j - 1] - c[2 * i],
+                             self.settings.max_overfetch, self.allowance)  # fmt: skip
+            ranges += [(ki, i, j) for i, j in runs]
+            st = {i for i, _ in runs}
             starts = st if starts is None else starts & st
-        cuts = sorted(starts or {x})
-        return list(zip(cuts, [*cuts[1:], y], strict=True)), ranges
+        self.plans.append((ranges, sorted(starts or {0})))
+        self.memo[key] = len(self.plans) - 1
+        return self.memo[key]
 
-    def symbol(self, W: list[int], lo: list[int], hi: list[int], at_s: Mapping, at_e: Mapping, cut_end):
-        """The ranges [(kind, first, end)] the engine yields for the blocks of components of more
-        than one block; ``lo``/``hi``: each block's component; ``cut_end(b, w)``: rows at the end of
-        block b's windows before window w."""
-        nb, m, horizon = len(lo), W[-1], PLAN_HORIZON
-        soft = sorted({lo[b] for b in range(nb) if hi[b] - lo[b] > 1})
-        out: list[tuple[str, int, int]] = []
+    def piece(self, x: int, y: int, cut_w: int | None = None) -> list[tuple[int, int]]:
+        """Plan blocks x..y-1 together (``cut_w``: the head ends before this window, inside block
+        y-1); returns the groups [(first, end)], and keeps the ranges in ``self.last``."""
+        if cut_w is None and x == self.lo[x] and y == self.hi[x]:
+            key = (self.rel_t[16 * x : 16 * y], self.rel_q[16 * x : 16 * y])
+        else:
+            keys = []
+            for k in KINDS:
+                cum = np.empty(2 * (y - x))
+                o = self.blk.at_s[k][x]
+                cum[0::2] = self.blk.at_s[k][x:y] - o
+                cum[1::2] = self.blk.at_e[k][x:y] - o
+                if cut_w is not None:
+                    cum[-1] = self.we[k][self.W[y - 1] : cut_w].max() - o
+                keys.append(cum.tobytes())
+            key = tuple(keys)
+        ranges, cuts = self.plans[self._plan(key)]
+        self.last = [(ki, x + i, x + j) for ki, i, j in ranges]
+        return [(x + i, x + j) for i, j in itertools.pairwise([*cuts, y - x])]
 
-        def whole(a: int, b: int) -> None:  # components from block a (a piece if mid-component) to b
-            if a < b and (hi[a] - lo[a] > 1):
-                out.extend(self.piece(at_s, at_e, a, hi[a])[1])
-                a = hi[a]
-            for c in soft[bisect_left(soft, a) : bisect_left(soft, b)]:
-                out.extend(self.piece(at_s, at_e, c, hi[c])[1])
+    def whole(self, a: int, b: int) -> None:
+        """Keep the ranges of the components from block a (a piece, if mid-component) to b."""
+        lo, hi = self.lo, self.hi
+        if a < b and hi[a] - lo[a] > 1:
+            if lo[a] == a:
+                self.wholes.append((a, self._plan((self.rel_t[16 * a : 16 * hi[a]], self.rel_q[16 * a : 16 * hi[a]]))))
+            else:
+                self.piece(a, hi[a])
+                self.ranges += self.last
+            a = hi[a]
+        rel_t, rel_q, plan, keep = self.rel_t, self.rel_q, self._plan, self.wholes.append
+        for c in self.soft[bisect_left(self.soft, a) : bisect_left(self.soft, b)]:
+            keep((c, plan((rel_t[16 * c : 16 * hi[c]], rel_q[16 * c : 16 * hi[c]]))))
 
-        pos = 0
-        while pos < nb:
+    def all_ranges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(kind index, first block, end block) of every range kept."""
+        rows = list(self.ranges)
+        if self.wholes:
+            first, plan = (np.array(c, dtype=np.int64) for c in zip(*self.wholes, strict=True))
+            flat = [np.array(p[0], dtype=np.int64).reshape(-1, 3) for p in self.plans]
+            size = np.array([len(f) for f in flat])
+            offs = np.r_[0, np.cumsum(size)[:-1]]
+            table = np.concatenate(flat)
+            n = size[plan]
+            idx = np.repeat(offs[plan] - np.r_[0, np.cumsum(n)[:-1]], n) + np.arange(n.sum())
+            got = table[idx] + np.c_[np.zeros(len(idx), np.int64), np.repeat(first, n), np.repeat(first, n)]
+            if rows:
+                got = np.r_[got, np.array(rows, dtype=np.int64)]
+            return got[:, 0], got[:, 1], got[:, 2]
+        got = np.array(rows, dtype=np.int64).reshape(-1, 3)
+        return got[:, 0], got[:, 1], got[:, 2]
+
+    def symbol(self, b0: int, b1: int) -> None:
+        """Keep the ranges the engine yields for blocks b0..b1-1 (one symbol's) that are in a
+        component of more than one block."""
+        W, lo, hi, horizon = self.W, self.lo, self.hi, PLAN_HORIZON
+        pos = b0
+        while pos < b1:
             end_w = W[pos] + horizon
-            if end_w >= m:
-                whole(pos, nb)
-                break
-            bl = bisect_right(W, end_w - 1) - 1
+            if end_w >= W[b1]:
+                self.whole(pos, b1)
+                return
+            bl = bisect_right(W, end_w - 1, pos, b1) - 1
             cut = W[bl + 1] > end_w
             first = max(pos, lo[bl])
             trunc = cut or hi[bl] > bl + 1
             y = bl + 1 if trunc else hi[bl]
             if hi[bl] - lo[bl] == 1:
-                groups, ranges = [(bl, bl + 1)], []
+                groups, last = [(bl, bl + 1)], []
             else:
-                groups, ranges = self.piece(at_s, at_e, first, y, cut_end(bl, end_w) if cut else None)
+                groups = self.piece(first, y, end_w if cut else None)
+                last = self.last
             if first == pos and len(groups) == 1:
                 if trunc:
                     raise _Fallback
-                out.extend(ranges)
+                self.ranges += last
                 pos = y
                 continue
-            whole(pos, first)
+            self.whole(pos, first)
             g = groups[-1][0]
-            out.extend(r for r in ranges if r[2] <= g)
+            self.ranges += [r for r in last if r[2] <= g]
             pos = g
-        return out
 
 
 def estimate_frame(todo: pl.DataFrame, density: DensityStore, settings: Settings) -> dict[str, Any]:
@@ -302,10 +357,10 @@ def estimate_frame(todo: pl.DataFrame, density: DensityStore, settings: Settings
     probe_len = np.zeros(len(names), dtype=np.int64)
     table = DayTable(np.r_[start, end]) if n else None
 
-    def rows_at(idx: np.ndarray, dens: Mapping[str, np.ndarray]) -> None:
-        for k in KINDS:
-            ws[k][idx] = cumulative_rows_many(start[idx], dens[k], table)
-            we[k][idx] = cumulative_rows_many(end[idx], dens[k], table)
+    def rows_at(idx: np.ndarray, dens: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        for t, out in ((start, ws), (end, we)):
+            for k, v in zip(KINDS, cumulative_rows_many(t[idx], *(dens[k] for k in KINDS), table=table), strict=True):
+                out[k][idx] = v
 
     def windows(lo: int, hi: int) -> list[Window]:
         return [Window(*t) for t in zip(df["event_id"][lo:hi].to_list(), start[lo:hi].tolist(),
@@ -368,29 +423,20 @@ def estimate_frame(todo: pl.DataFrame, density: DensityStore, settings: Settings
         pages[k] += int(p[lone].sum())
         share[k][rest] = np.repeat(np.where(lone, p / blk.count, 0.0), blk.count)
     vec = np.ones(n, dtype=bool)  # windows whose figures are summed here (not by walk_symbol)
-    walk = _Walk(settings, allowance)
+    walk = _Walk(settings, allowance, blk, comp_lo, comp_hi, {k: we[k][rest] for k in KINDS})
     busy = np.unique(blk.sym[~lone | (blk.count >= horizon)])
     sym_lo = np.searchsorted(blk.sym, busy)
     sym_hi = np.searchsorted(blk.sym, busy, side="right")
-    at_s = {k: blk.at_s[k].tolist() for k in KINDS}
-    at_e = {k: blk.at_e[k].tolist() for k in KINDS}
+    big = set(blk.sym[blk.count >= horizon].tolist())
     for s, b0, b1 in zip(busy.tolist(), sym_lo.tolist(), sym_hi.tolist(), strict=True):
-        w0 = int(first[s] + probe_len[s])  # the symbol's first window after its probe
-
-        def cut_end(b: int, w: int, b0: int = b0, w0: int = w0) -> dict[str, float]:
-            lo = w0 + int(blk.first[b0 + b] - blk.first[b0])
-            return {k: float(we[k][lo : w0 + w].max()) for k in KINDS}
-
-        W = (blk.first[b0:b1] - blk.first[b0]).tolist() + [
-            int(blk.first[b1 - 1] + blk.count[b1 - 1] - blk.first[b0])
-        ]
+        kept = len(walk.ranges), len(walk.wholes)
         try:
-            if (blk.count[b0:b1] >= horizon).any():
+            if s in big:
                 raise _Fallback
-            got = walk.symbol(W, (comp_lo[b0:b1] - b0).tolist(), (comp_hi[b0:b1] - b0).tolist(),
-                              {k: v[b0:b1] for k, v in at_s.items()}, {k: v[b0:b1] for k, v in at_e.items()},
-                              cut_end)  # fmt: skip
+            walk.symbol(b0, b1)
         except _Fallback:
+            del walk.ranges[kept[0] :], walk.wholes[kept[1] :]
+            w0 = int(first[s] + probe_len[s])
             hi = int(first[s + 1]) if s + 1 < len(names) else n
             for k in KINDS:
                 share[k][w0:hi] = 0.0
@@ -398,12 +444,16 @@ def estimate_frame(todo: pl.DataFrame, density: DensityStore, settings: Settings
             vec[w0:hi] = False
             todo_s = list(zip(windows(w0, hi), df["session"][w0:hi].to_list(), strict=True))
             walk_symbol(names[s], todo_s, density, settings, total, sessions)
-            continue
-        for k, a, b in got:
-            rows = at_e[k][b0 + b - 1] - at_s[k][b0 + a]
-            p = max(1, math.ceil(rows / PAGE_ROWS))
-            pages[k] += p
-            share[k][w0 + W[a] : w0 + W[b]] = p / (W[b] - W[a])
+    kind, a, b = walk.all_ranges()
+    if kind.size:  # the planner's ranges: their pages, shared among their windows
+        lo_w, hi_w = rest[blk.first[a]], rest[blk.first[b - 1]] + blk.count[b - 1]
+        for ki, k in enumerate(KINDS):
+            mine = kind == ki
+            p = _pages(blk.at_e[k][b[mine] - 1] - blk.at_s[k][a[mine]])
+            pages[k] += int(p.sum())
+            length = (hi_w - lo_w)[mine]
+            idx = np.repeat(lo_w[mine] - np.r_[0, np.cumsum(length)[:-1]], length) + np.arange(length.sum())
+            share[k][idx] = np.repeat(p / length, length)
     return _figures(df, vec, ws, we, share, pages, total, sessions, settings, names, known)
 
 
