@@ -375,7 +375,11 @@ def partition(
 
 
 def plan_runs(
-    kind: str, need: Sequence[float], span: Callable[[int, int], float], max_overfetch: float, overfetch_rows: float
+    kind: str,
+    need: Sequence[float],
+    span: Callable[[int, int], float],
+    max_overfetch: float,
+    overfetch_rows: float,
 ) -> list[tuple[int, int]]:
     """One endpoint's blocks split into ranges (:func:`partition` at the planner's cost): what
     :func:`plan_kind` and the cost preview (``ops.plan_estimate``) both call."""

@@ -69,10 +69,11 @@ def day_rows(dens: Mapping[str, np.ndarray]) -> np.ndarray:
 
 
 def cumulative_rows_many(
-    t_ns: np.ndarray, *dens: Mapping[str, np.ndarray], table: DayTable | None = None
+    t_ns: np.ndarray, *dens: Mapping[str, np.ndarray | float], table: DayTable | None = None
 ) -> list[np.ndarray]:
     """``cumulative_rows(d)(t)`` for every instant ``t_ns[i]``, for each set of densities ``d`` in
-    ``dens`` (an array per session segment, one value per instant): bit for bit the scalar sums."""
+    ``dens`` (per session segment: one value per instant, or one for all): bit for bit the scalar
+    sums (the same operations in the same order; buffers reused, since these arrays are large)."""
     t = np.asarray(t_ns, dtype=np.int64)
     if t.size == 0:
         return [np.zeros(0) for _ in dens]
@@ -80,14 +81,20 @@ def cumulative_rows_many(
         raise ValueError("cumulative_rows assumes no ticks outside the sessions")
     table = table or DayTable(t)
     day = table.day_of(t)
-    out = [day_rows(d) * table.days_before[day] for d in dens]
+    out = [np.multiply(day_rows(d), table.days_before[day], dtype=np.float64) for d in dens]
     # the scalar loop adds each segment ended before t, then t's part of its own, then stops; here
     # every segment adds its clipped part: those after t (and a closed day's padding) add 0.0 exactly
+    lo, hi, inside, part = np.empty_like(t), np.empty_like(t), np.empty_like(t), np.empty(t.size)
+    edges = np.ascontiguousarray(table.edges.T)
     for k, name in enumerate(DAY_SEGMENTS):
-        start = table.edges[day, k]
-        inside = np.clip(t, start, table.edges[day, k + 1]) - start
+        np.take(edges[k], day, out=lo)
+        np.take(edges[k + 1], day, out=hi)
+        np.clip(t, lo, hi, out=inside)
+        np.subtract(inside, lo, out=inside)
         for i, d in enumerate(dens):
-            out[i] = out[i] + d[name] * inside / NS
+            np.multiply(d[name], inside, out=part)
+            np.divide(part, NS, out=part)
+            np.add(out[i], part, out=out[i])
     return out
 
 

@@ -279,7 +279,8 @@ class _Walk:
         lo, hi = self.lo, self.hi
         if a < b and hi[a] - lo[a] > 1:
             if lo[a] == a:
-                self.wholes.append((a, self._plan((self.rel_t[16 * a : 16 * hi[a]], self.rel_q[16 * a : 16 * hi[a]]))))
+                key = (self.rel_t[16 * a : 16 * hi[a]], self.rel_q[16 * a : 16 * hi[a]])
+                self.wholes.append((a, self._plan(key)))
             else:
                 self.piece(a, hi[a])
                 self.ranges += self.last
@@ -359,7 +360,8 @@ def estimate_frame(todo: pl.DataFrame, density: DensityStore, settings: Settings
 
     def rows_at(idx: np.ndarray, dens: Mapping[str, Mapping[str, np.ndarray]]) -> None:
         for t, out in ((start, ws), (end, we)):
-            for k, v in zip(KINDS, cumulative_rows_many(t[idx], *(dens[k] for k in KINDS), table=table), strict=True):
+            got = cumulative_rows_many(t[idx], *(dens[k] for k in KINDS), table=table)
+            for k, v in zip(KINDS, got, strict=True):
                 out[k][idx] = v
 
     def windows(lo: int, hi: int) -> list[Window]:
@@ -370,24 +372,30 @@ def estimate_frame(todo: pl.DataFrame, density: DensityStore, settings: Settings
     if cold.size:  # probes, planned at the priors with no allowance (plan_kind's rule)
         prior = {k: density.densities(names[cold[0]], k) for k in KINDS}
         head = np.flatnonzero(~known[code] & (rank < horizon))
-        rows_at(head, {k: {s: np.full(head.size, v) for s, v in prior[k].items()} for k in KINDS})
+        rows_at(head, prior)
         blk = _Blocks.of(code[head], start[head], end[head], {k: ws[k][head] for k in KINDS},
                          {k: we[k][head] for k in KINDS})  # fmt: skip
         merge = blk.mergeable(settings, 0.0)
         alone = ~merge & (blk.count < horizon)
         b0 = np.searchsorted(blk.sym, cold)
-        for s, b in zip(cold.tolist(), b0.tolist(), strict=True):
+        lone = alone[b0]  # a probe that is one block: one range per endpoint, its pages
+        syms, blocks = cold[lone], b0[lone]
+        count, w0 = blk.count[blocks], first[syms]
+        idx = np.repeat(w0 - np.r_[0, np.cumsum(count)[:-1]], count) + np.arange(count.sum())
+        probe_len[syms] = count
+        edges = (start[w0].tolist(), np.maximum.reduceat(end[head], blk.first)[blocks].tolist())
+        seen = []
+        for k in KINDS:
+            rows = blk.at_e[k][blocks] - blk.at_s[k][blocks]
+            p = _pages(rows)
+            pages[k] += int(p.sum())
+            share[k][idx] = np.repeat(p / count, count)
+            seen.append([round(v) for v in rows.tolist()])
+        for sym, a, b, *got in zip([names[i] for i in syms.tolist()], *edges, *seen, strict=True):
+            for k, v in zip(KINDS, got, strict=True):  # the engine learns the level from its probe
+                density.observe(sym, k, a, b, v)
+        for s, b in zip(cold[~lone].tolist(), b0[~lone].tolist(), strict=True):
             sym, w0 = names[s], int(first[s])
-            if alone[b]:
-                hi = w0 + int(blk.count[b])
-                for k in KINDS:
-                    rows = blk.at_e[k][b] - blk.at_s[k][b]
-                    p = max(1, math.ceil(rows / PAGE_ROWS))
-                    pages[k] += p
-                    share[k][w0:hi] = p / (hi - w0)
-                    density.observe(sym, k, int(start[w0]), int(end[w0:hi].max()), round(rows))
-                probe_len[s] = hi - w0
-                continue
             c = b + int(np.argmin(merge[b:]))  # the component's last block (a symbol's last is False)
             ws_list = windows(w0, w0 + min(horizon, int(blk.first[c] + blk.count[c] - blk.first[b])))
             pos = {w.event_id: w0 + i for i, w in enumerate(ws_list)}
