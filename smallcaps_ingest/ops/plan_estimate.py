@@ -394,22 +394,25 @@ def estimate_frame(todo: pl.DataFrame, density: DensityStore, settings: Settings
         for sym, a, b, *got in zip([names[i] for i in syms.tolist()], *edges, *seen, strict=True):
             for k, v in zip(KINDS, got, strict=True):  # the engine learns the level from its probe
                 density.observe(sym, k, a, b, v)
+        # any other probe: the first group of the planner's split of its head's first component
+        comp = np.cumsum(np.r_[True, ~merge[:-1]]) - 1
+        lo, hi = np.searchsorted(comp, comp), np.searchsorted(comp, comp, side="right")
+        walk = _Walk(settings, 0.0, blk, lo, hi, {})
+        edge_s, edge_e = start[head][blk.first].tolist(), np.maximum.reduceat(end[head], blk.first).tolist()
         for s, b in zip(cold[~lone].tolist(), b0[~lone].tolist(), strict=True):
-            sym, w0 = names[s], int(first[s])
-            c = b + int(np.argmin(merge[b:]))  # the component's last block (a symbol's last is False)
-            ws_list = windows(w0, w0 + min(horizon, int(blk.first[c] + blk.count[c] - blk.first[b])))
-            pos = {w.event_id: w0 + i for i, w in enumerate(ws_list)}
-            group, ranges, _ = next(plan_groups(sym, ws_list, density, settings.max_overfetch,
-                                                overfetch_rows=allowance))  # fmt: skip
-            at = {k: cumulative_rows(prior[k]) for k in KINDS}
-            for r in ranges:
-                rows = at[r.kind](r.end_ns) - at[r.kind](r.start_ns)
+            g = walk.piece(b, int(hi[b]))[0][1]
+            w0 = int(first[s])
+            for ki, x, y in walk.last:
+                if y > g:
+                    continue
+                k = KINDS[ki]
+                rows = float(blk.at_e[k][y - 1] - blk.at_s[k][x])
                 p = max(1, math.ceil(rows / PAGE_ROWS))
-                pages[r.kind] += p
-                for w in r.events:
-                    share[r.kind][pos[w.event_id]] += p / len(r.events)
-                density.observe(sym, r.kind, r.start_ns, r.end_ns, round(rows))
-            probe_len[s] = len(group)
+                pages[k] += p
+                w_lo, w_hi = w0 + walk.W[x] - walk.W[b], w0 + walk.W[y] - walk.W[b]
+                share[k][w_lo:w_hi] = p / (w_hi - w_lo)
+                density.observe(names[s], k, edge_s[x], edge_e[y - 1], round(rows))
+            probe_len[s] = walk.W[g] - walk.W[b]
 
     # the rest of every symbol, at its densities (after its probe, as the engine plans it)
     rest = np.flatnonzero(rank >= probe_len[code])
