@@ -342,7 +342,10 @@ class _Walk:
 def estimate_frame(todo: pl.DataFrame, density: DensityStore, settings: Settings) -> dict[str, Any]:
     """The figures of ``plan`` for the events of ``todo`` (columns ``event_id``, ``symbol``,
     ``start_ns``, ``end_ns``, ``session``); ``density`` is a scratch copy (probes are recorded)."""
-    df = todo.sort("symbol", "start_ns", "end_ns", "event_id")
+    df = todo.sort("symbol", "start_ns", "end_ns")  # time_order; the event id only breaks ties
+    keys = pl.col("symbol", "start_ns", "end_ns")
+    if df.select(pl.all_horizontal(keys == keys.shift(1)).any()).item():
+        df = todo.sort("symbol", "start_ns", "end_ns", "event_id")
     n, total, sessions = df.height, Tally(), {}
     names = df["symbol"].unique(maintain_order=True).to_list()
     code = (df["symbol"].rank("dense").cast(pl.Int64).to_numpy() - 1) if n else np.zeros(0, np.int64)

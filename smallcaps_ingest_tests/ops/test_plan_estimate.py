@@ -36,6 +36,7 @@ def _manifest() -> list[tuple[str, str, int, int, str]]:
     rows: list[tuple[str, int, int]] = []
     for d in range(4, 16):  # ISO: one 10-minute window a day at 15:00 UTC (lone blocks, weekends OFF)
         rows.append(("ISO", _utc(d, 15), _utc(d, 15, 10)))
+    rows.append(("ISO", _utc(6, 15), _utc(6, 15, 10)))  # the same window twice (ids break the tie)
     for d in (5, 6, 8):  # CLU: clusters of overlapping and nearby windows (its probe is not one block)
         for m in (0, 4, 9, 30, 33, 80, 200):
             rows.append(("CLU", _utc(d, 15, m), _utc(d, 15, m + 10)))
