@@ -1,20 +1,21 @@
 """The cost preview's estimate over a whole manifest: the engine's plan, without a Python object
 per event where no merge is possible.
 
-The engine walks :func:`plan.plan_groups` per symbol: a probe of a symbol never observed, then
-heads of ``PLAN_HORIZON`` windows, each split by :func:`plan.partition` into ranges, its last group
-held back to be planned with what follows. Here:
+The engine walks :func:`plan.plan_groups` per symbol: a probe of a symbol never observed (the
+first group of its first head, planned at the priors with no allowance), then heads of
+``PLAN_HORIZON`` windows, each split by :func:`plan.partition` into ranges, its last group held back
+to be planned with what follows. Here:
 
 * every window's expected rows (hence bytes) and every block's rows come from
   :func:`plan_many.cumulative_rows_many`, the planner's own sums over arrays;
 * gaps that no run could bridge (:func:`plan_many.mergeable_gaps`) cut a symbol into components;
   a component of one block is one range per endpoint (its pages), with nothing to decide;
-* every other component is split by the planner (:func:`plan.plan_runs`, the call
-  :func:`plan.plan_kind` makes), on the same heads, truncations and held-back groups as
-  ``plan_groups`` (``_Walk``), identical inputs planned once;
-* a probe that is not a lone block, and a symbol where a head would be one group, are planned by
-  ``plan_groups`` itself (:func:`walk_symbol`, the per-event walk, which ``test_plan_estimate``
-  also uses as the reference the fast path must equal).
+* every other component, and every probe that is not one block, is split by the planner
+  (:func:`plan.plan_runs`, the call :func:`plan.plan_kind` makes) on the same heads, truncated
+  blocks and held-back groups as ``plan_groups`` (``_Walk``), each distinct input planned once;
+* a symbol with a block longer than a head, or a head that would be one group with windows left,
+  is walked through ``plan_groups`` itself (:func:`walk_symbol`, event by event, which
+  ``test_plan_estimate`` also uses as the reference the fast path must equal exactly).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """``smallcaps-ingest plan``: what an ingest will cost, before any request.
 
-From the manifest, the tree and the learned densities (``_state/density.json``), it walks the
+From the manifest, the tree and the learned densities (``_state/density.json``), it follows the
 engine's own planner (:func:`plan.plan_groups`, the same sequence ``FetchEngine`` follows) over
 every event the engine would fetch (complete events on disk are left out, found by the status
 scanner, ``layout.scan_symbol_dir``) and adds up the expected pages of every planned
-range: requests by endpoint, rows and bytes written, and wall time at a request rate.
+range: requests by endpoint, rows and bytes written, and wall time at a request rate. The
+arithmetic runs over the whole manifest at once (:mod:`plan_estimate`).
 
 What it cannot know: a symbol with no learned density is planned on the priors (``PRIOR_DENSITY``),
 and the engine's probe of such a symbol is taken to return what the priors predict (so the rest of
