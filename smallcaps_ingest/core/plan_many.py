@@ -69,11 +69,15 @@ def day_rows(dens: Mapping[str, np.ndarray]) -> np.ndarray:
 
 
 def cumulative_rows_many(
-    t_ns: np.ndarray, *dens: Mapping[str, np.ndarray | float], table: DayTable | None = None
+    t_ns: np.ndarray,
+    *dens: Mapping[str, np.ndarray | float],
+    table: DayTable | None = None,
+    index: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """``cumulative_rows(d)(t)`` for every instant ``t_ns[i]``, for each set of densities ``d`` in
-    ``dens`` (per session segment: one value per instant, or one for all): bit for bit the scalar
-    sums (the same operations in the same order; buffers reused, since these arrays are large)."""
+    ``dens`` (per session segment: one value for all instants, one per instant, or with ``index``
+    one per symbol, instant i taking ``d[s][index[i]]``): bit for bit the scalar sums (the same
+    operations in the same order; buffers reused, since these arrays are large)."""
     t = np.asarray(t_ns, dtype=np.int64)
     if t.size == 0:
         return [np.zeros(0) for _ in dens]
@@ -81,10 +85,14 @@ def cumulative_rows_many(
         raise ValueError("cumulative_rows assumes no ticks outside the sessions")
     table = table or DayTable(t)
     day = table.day_of(t)
-    out = [np.multiply(day_rows(d), table.days_before[day], dtype=np.float64) for d in dens]
+    out = [day_rows(d) for d in dens]
+    if index is not None:
+        out = [np.take(r, index) for r in out]
+    out = [np.multiply(r, table.days_before[day], dtype=np.float64) for r in out]
     # the scalar loop adds each segment ended before t, then t's part of its own, then stops; here
     # every segment adds its clipped part: those after t (and a closed day's padding) add 0.0 exactly
     lo, hi, inside, part = np.empty_like(t), np.empty_like(t), np.empty_like(t), np.empty(t.size)
+    rate = np.empty(t.size) if index is not None else None
     edges = np.ascontiguousarray(table.edges.T)
     for k, name in enumerate(DAY_SEGMENTS):
         np.take(edges[k], day, out=lo)
@@ -92,7 +100,7 @@ def cumulative_rows_many(
         np.clip(t, lo, hi, out=inside)
         np.subtract(inside, lo, out=inside)
         for i, d in enumerate(dens):
-            np.multiply(d[name], inside, out=part)
+            np.multiply(d[name] if rate is None else np.take(d[name], index, out=rate), inside, out=part)
             np.divide(part, NS, out=part)
             np.add(out[i], part, out=out[i])
     return out

@@ -164,11 +164,6 @@ class _Fallback(Exception):
     """A head that would be one group with windows left: planned by ``plan_groups`` itself."""
 
 
-def _dens_arrays(per_symbol: Sequence[Mapping[str, float]], rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Each instant's densities (by segment) from its symbol's (``rows``: the symbol of each)."""
-    return {s: np.array([d[s] for d in per_symbol], dtype=np.float64)[rows] for s in per_symbol[0]}
-
-
 @dataclass
 class _Blocks:
     """Blocks (overlapping or touching windows unioned) of windows sorted in ``time_order`` within
@@ -362,9 +357,10 @@ def estimate_frame(todo: pl.DataFrame, density: DensityStore, settings: Settings
     probe_len = np.zeros(len(names), dtype=np.int64)
     table = DayTable(np.r_[start, end]) if n else None
 
-    def rows_at(idx: np.ndarray, dens: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    def rows_at(idx: np.ndarray, dens: Mapping[str, Mapping], by_symbol: bool = False) -> None:
         for t, out in ((start, ws), (end, we)):
-            got = cumulative_rows_many(t[idx], *(dens[k] for k in KINDS), table=table)
+            got = cumulative_rows_many(t[idx], *(dens[k] for k in KINDS), table=table,
+                                       index=code[idx] if by_symbol else None)  # fmt: skip
             for k, v in zip(KINDS, got, strict=True):
                 out[k][idx] = v
 
@@ -425,7 +421,7 @@ def estimate_frame(todo: pl.DataFrame, density: DensityStore, settings: Settings
             df, np.ones(n, dtype=bool), ws, we, share, pages, total, sessions, settings, names, known
         )
     dens = {k: [density.densities(s, k) for s in names] for k in KINDS}
-    rows_at(rest, {k: _dens_arrays(dens[k], code[rest]) for k in KINDS})
+    rows_at(rest, {k: {s: np.array([d[s] for d in dens[k]]) for s in dens[k][0]} for k in KINDS}, True)
     blk = _Blocks.of(code[rest], start[rest], end[rest], {k: ws[k][rest] for k in KINDS},
                      {k: we[k][rest] for k in KINDS})  # fmt: skip
     merge = blk.mergeable(settings, allowance)

@@ -48,6 +48,9 @@ def test_cumulative_rows_many_equal_the_scalar_bit_for_bit() -> None:
     want_mixed = [at_l(x) if c else at_p(x) for x, c in zip(t.tolist(), choose.tolist(), strict=True)]
     assert got_mixed.tolist() == want_mixed  # exact floats, not approximately
     assert got_prior.tolist() == [at_p(x) for x in t.tolist()]
+    by_symbol = {s: np.array([learned[s], prior[s]]) for s in learned}  # symbol 0 learned, 1 not
+    (got_indexed,) = cumulative_rows_many(t, by_symbol, index=np.where(choose, 0, 1))
+    assert got_indexed.tolist() == want_mixed
 
 
 def _runs_cross(runs: list[tuple[int, int]], b: int) -> bool:
