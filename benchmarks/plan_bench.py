@@ -12,8 +12,9 @@ split in two halves per symbol (earlier days: run A, later days: run B, same sym
 The allowance is the engine's default at 90 req/s (11,111 rows) in both estimate and runs.
 
 Timing (``--timing``): a 572,850-event manifest from status_bench (150 events per symbol, one a
-day), the CLI in a fresh process: on a tree with nothing fetched (everything is planned) and on
-a tree where 99 % is complete (status run first, so the scan reuses its cache).
+day), the CLI in a fresh process, three runs each, wall and CPU (user + system) seconds: on a tree
+with nothing fetched (everything is planned) and on a tree where 99 % is complete (status run
+first, so the tree's directories are in the OS cache when plan walks them).
 
     python benchmarks/plan_bench.py                       # accuracy, ~3 min
     python benchmarks/plan_bench.py --timing --events 572850
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -33,7 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
-from _common import run_ours, table
+from _common import load_average, run_ours, table
 from manifests import Event, describe, make
 
 from smallcaps_ingest.core.plan import DensityStore, et_day, overfetch_allowance
@@ -92,22 +94,30 @@ def accuracy() -> None:
     print(table(heads, rows, "plan: estimated vs made requests"))
 
 
-def _time_cli(data_dir: Path, runs: int = 3) -> tuple[list[float], dict]:
-    out: list[float] = []
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _time_cli(data_dir: Path, runs: int = 3) -> tuple[list[tuple[float, float]], dict]:
+    """(wall s, CPU s of the process: user + system) of each run, and the last run's figures."""
+    out: list[tuple[float, float]] = []
     res: dict = {}
     env = {**os.environ, "POLYGON_MAX_RPS": "90"}
     for _ in range(runs):
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), _cpu()
         p = subprocess.run([str(CLI), "plan", "--json", "--data-dir", str(data_dir)], env=env,
                            capture_output=True, text=True, check=True)  # fmt: skip
-        out.append(time.perf_counter() - t)
+        out.append((time.perf_counter() - t, _cpu() - cpu))
         res = json.loads(p.stdout)
     return out, res
 
 
-def _line(res: dict, secs: list[float]) -> str:
-    walls = ", ".join(f"{s:.2f}" for s in secs)
-    return f"{res['events_to_fetch']} events to fetch, {res['requests']['total']} requests; wall s {walls}"
+def _line(res: dict, secs: list[tuple[float, float]]) -> str:
+    walls = ", ".join(f"{w:.2f}" for w, _ in secs)
+    cpus = ", ".join(f"{c:.2f}" for _, c in secs)
+    return (f"{res['events_to_fetch']} events to fetch, {res['requests']['total']} requests; wall s {walls}; "
+            f"CPU s {cpus}; load average {load_average()}")  # fmt: skip
 
 
 def timing(n: int) -> None:
@@ -117,7 +127,7 @@ def timing(n: int) -> None:
         empty = Path(tmp) / "empty"
         empty.mkdir()
         event_ids(n, 150).write_parquet(empty / "manifest.parquet")
-        secs, res = _time_cli(empty, runs=1)
+        secs, res = _time_cli(empty)
         print(f"nothing fetched: {_line(res, secs)}")
         full = Path(tmp) / "full"
         generate(full, n, 150, placeholders=True)

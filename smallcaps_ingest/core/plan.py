@@ -374,6 +374,18 @@ def partition(
     return runs[::-1]
 
 
+def plan_runs(
+    kind: str,
+    need: Sequence[float],
+    span: Callable[[int, int], float],
+    max_overfetch: float,
+    overfetch_rows: float,
+) -> list[tuple[int, int]]:
+    """One endpoint's blocks split into ranges (:func:`partition` at the planner's cost): what
+    :func:`plan_kind` and the cost preview (``ops.plan_estimate``) both call."""
+    return partition(need, span, max_overfetch, _pages, overfetch_rows)
+
+
 def plan_kind(
     symbol: str,
     kind: str,
@@ -399,7 +411,7 @@ def plan_kind(
     origin = at(edges[0])
     cum = [at(x) - origin for x in edges]
     need = [cum[2 * i + 1] - cum[2 * i] for i in range(len(blocks))]
-    runs = partition(need, lambda i, j: cum[2 * j - 1] - cum[2 * i], max_overfetch, _pages, overfetch_rows)
+    runs = plan_runs(kind, need, lambda i, j: cum[2 * j - 1] - cum[2 * i], max_overfetch, overfetch_rows)
     return [
         RequestRange(
             kind, blocks[i].start_ns, blocks[j - 1].end_ns, [w for b in blocks[i:j] for w in b.events]
