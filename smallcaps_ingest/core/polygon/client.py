@@ -391,6 +391,7 @@ class PolygonClient:
             raw += page.height
             if keep is not None and page.height:
                 page = page.filter(_inside(keep))
+            stats.add(rows_inside=page.height)
             frames.append(page)
             url = self._same_host(next_url) if next_url else None
             params = None
