@@ -6,7 +6,8 @@ that is expected to need fewer pages. The blocks are partitioned optimally (a sm
 programme over contiguous runs of blocks), not merged greedily, so a dense block is left on its
 own while its sparse neighbours still share a range.
 
-Over-fetch is bounded two ways, and a merged range must satisfy one of them:
+Over-fetch is bounded two ways, and a merged range must satisfy one of them (and, given a
+``merge_rule``, hold no more rows than keep the budget the bottleneck: ``cost.TransferModel``):
 
 * a ratio: at most ``max_overfetch`` times the rows its events need (a bound on the density's
   *shape* over the day, not on its level, since both sides scale with it); this is what lets
@@ -40,6 +41,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from smallcaps_ingest.core.cost import PAGE_ROWS, PAGES_ONLY, MergeRule
 from smallcaps_ingest.core.trading_calendar import HOLIDAYS, is_trading_day
 
 try:  # POSIX: an exclusive lock while merging into the density file
@@ -49,7 +51,6 @@ except ImportError:  # Windows: merged without a lock (the write itself stays at
 
 ET = ZoneInfo("America/New_York")
 NS = 1_000_000_000
-PAGE_ROWS = 50_000
 KINDS = ("trades", "quotes")
 # Priors for a symbol never seen before (ticks per second by session); deliberately moderate.
 # The first and last half hour of RTH (OPEN, CLOSE) are kept apart: they are about twice as dense,
@@ -298,10 +299,6 @@ class DensityStore:
             self._pending = {}
 
 
-def _pages(rows: float) -> int:
-    return max(1, math.ceil(rows / PAGE_ROWS))
-
-
 def _blocks(kind: str, windows: Sequence[Window]) -> list[RequestRange]:
     """Overlapping or touching windows unioned (exact, no over-fetch), in time order."""
     blocks: list[RequestRange] = []
@@ -323,9 +320,12 @@ def overfetch_allowance(max_rps: float) -> int:
     return int(min(PAGE_ROWS, PARSE_ROWS_PER_CPU_SECOND / max_rps))
 
 
-def within_bound(rows: float, need: float, max_overfetch: float, overfetch_rows: float) -> bool:
-    """Whether a range of ``rows`` serving windows that need ``need`` rows respects the bound."""
-    return rows <= max(max_overfetch * need, need + overfetch_rows) * (1 + 1e-9)
+def within_bound(
+    rows: float, need: float, max_overfetch: float, overfetch_rows: float, *, max_rows: float = math.inf
+) -> bool:
+    """Whether a range of ``rows`` serving windows that need ``need`` rows respects the bound, and
+    holds at most ``max_rows`` (what keeps the budget the bottleneck: ``cost.TransferModel``)."""
+    return rows <= max_rows and rows <= max(max_overfetch * need, need + overfetch_rows) * (1 + 1e-9)
 
 
 def partition(
@@ -335,10 +335,13 @@ def partition(
     cost: Callable[[float], float],
     overfetch_rows: float = 0.0,
     max_run: int = MAX_RUN_BLOCKS,
+    *,
+    max_rows: float = math.inf,
 ) -> list[tuple[int, int]]:
     """Cheapest split of n blocks into contiguous runs [i, j): the total of ``cost(span(i, j))``,
     then the fewest rows; a run of several blocks only if ``span(i, j)`` is within the bound
-    (:func:`within_bound`) of the rows its blocks need, and at most ``max_run`` blocks long.
+    (:func:`within_bound`, ``max_rows`` included) of the rows its blocks need, and at most
+    ``max_run`` blocks long.
     ``need[k]`` = rows of block k, ``span(i, j)`` = rows from block i's start to block j-1's end.
     (Contiguous runs lose nothing: a range spanning blocks covers those between.)
     """
@@ -358,8 +361,8 @@ def partition(
         for i in range(j - 1, lo - 1, -1):
             inside += need[i]
             rows = span(i, j)
-            if j - i > 1 and not within_bound(rows, inside, max_overfetch, overfetch_rows):
-                if rows - inside > never:
+            if j - i > 1 and not within_bound(rows, inside, max_overfetch, overfetch_rows, max_rows=max_rows):
+                if rows - inside > never or rows > max_rows:  # span only grows further back
                     break
                 continue
             pages, fetched = best[i][0] + cost(rows), best[i][1] + rows
@@ -381,10 +384,13 @@ def plan_kind(
     density: DensityStore,
     max_overfetch: float = 4.0,
     overfetch_rows: float = 0.0,
+    *,
+    rule: MergeRule = PAGES_ONLY,
 ) -> list[RequestRange]:
     """Ranges for one endpoint: overlapping/adjacent windows always merge; separated windows share
-    a range when that lowers the expected page count and keeps over-fetch within the bound (the
-    best such partition of all the blocks, across days when the allowance permits)."""
+    a range when that lowers the expected cost (``rule``: pages, by default), keeps over-fetch
+    within the bound and holds at most ``rule.max_rows`` rows (the best such partition of all the
+    blocks, across days when the allowance permits)."""
     blocks = _blocks(kind, windows)
     if len(blocks) <= 1:
         return blocks
@@ -399,7 +405,8 @@ def plan_kind(
     origin = at(edges[0])
     cum = [at(x) - origin for x in edges]
     need = [cum[2 * i + 1] - cum[2 * i] for i in range(len(blocks))]
-    runs = partition(need, lambda i, j: cum[2 * j - 1] - cum[2 * i], max_overfetch, _pages, overfetch_rows)
+    runs = partition(need, lambda i, j: cum[2 * j - 1] - cum[2 * i], max_overfetch, rule.cost, overfetch_rows,
+                     max_rows=rule.max_rows)
     return [
         RequestRange(
             kind, blocks[i].start_ns, blocks[j - 1].end_ns, [w for b in blocks[i:j] for w in b.events]
@@ -415,9 +422,14 @@ def plan_symbol(
     max_overfetch: float = 4.0,
     kinds: Sequence[str] = KINDS,
     overfetch_rows: float = 0.0,
+    *,
+    merge_rule: Callable[[str], MergeRule] | None = None,
 ) -> list[RequestRange]:
-    ws = list(windows)
-    return [r for kind in kinds for r in plan_kind(symbol, kind, ws, density, max_overfetch, overfetch_rows)]
+    """Every endpoint's ranges (:func:`plan_kind`); ``merge_rule(kind)``: how that endpoint's
+    ranges may merge (``cost.TransferModel.rule``; None: fewest pages, no limit in rows)."""
+    ws, rule = list(windows), merge_rule or (lambda _kind: PAGES_ONLY)
+    return [r for kind in kinds
+            for r in plan_kind(symbol, kind, ws, density, max_overfetch, overfetch_rows, rule=rule(kind))]
 
 
 def components(
@@ -454,6 +466,8 @@ def plan_groups(
     max_overfetch: float = 4.0,
     overfetch_rows: float = 0.0,
     horizon: int = PLAN_HORIZON,
+    *,
+    merge_rule: Callable[[str], MergeRule] | None = None,
 ) -> Iterator[tuple[list[Window], list[RequestRange], bool]]:
     """A symbol's groups (windows, ranges, probe?) in time order, planned ``horizon`` windows at a
     time, lazily: the engine fetches each group before asking for the next, and ``plan`` (the cost
@@ -463,12 +477,15 @@ def plan_groups(
     is planned only when the caller resumes, once the probe's rows have taught ``density`` the
     symbol's level (only then may ranges use the over-fetch allowance). The last group of a head
     is held back while windows remain beyond the horizon: its ranges might still merge with them.
+    ``merge_rule`` (see :func:`plan_symbol`) is asked again for every head, so it follows what
+    the responses so far taught it.
     """
     rest = sorted(todo, key=time_order)  # components() returns groups in this order
     while rest:
         probe = not density.known(symbol)
         head = rest[:horizon]
-        ranges = plan_symbol(symbol, head, density, max_overfetch, overfetch_rows=overfetch_rows)
+        ranges = plan_symbol(symbol, head, density, max_overfetch, overfetch_rows=overfetch_rows,
+                             merge_rule=merge_rule)
         groups = components(head, ranges)
         if probe and len(groups) > 1:
             del groups[1:]

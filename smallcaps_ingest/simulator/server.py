@@ -212,25 +212,11 @@ def _frame(
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1"), body
 
 
-#: Bytes a paced body is written in at a time (``SimConfig.transfer_bytes_per_s``).
-PACE_CHUNK = 64 * 1024
-
-
 def _send(h: _Handler, head: bytes, body: bytes, rate: float | None = None) -> None:
-    """Write a response; ``rate`` (bytes/s): the body goes out in chunks, each no earlier than its
-    last byte is due at that rate since the head was written, so the last byte leaves at
-    ``len(body) / rate`` or later and the client waits for it as it would over a real link."""
+    """Write a response; ``rate`` (bytes/s): the body at that rate (``faults.paced_write``)."""
     if rate and body:
         h.wfile.write(head)
-        t0 = time.monotonic()
-        view = memoryview(body)
-        for at in range(0, len(body), PACE_CHUNK):
-            chunk = view[at : at + PACE_CHUNK]
-            due = t0 + (at + len(chunk)) / rate
-            wait = due - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            h.wfile.write(chunk)
+        faults.paced_write(h.wfile.write, body, rate)
         return
     if len(body) < 65536:
         h.wfile.write(head + body)  # one segment for small responses
