@@ -155,6 +155,7 @@ class OursRun:
     rows_kept: int
     budget_wait_s: float
     errors: int
+    rows_inside: int = 0  # raw rows inside the event windows
 
 
 def run_ours(base_url: str, events: Sequence[Event], budget_rps: float, workdir: str | Path, *,
@@ -191,7 +192,7 @@ def run_engine(base_url: str, work: Mapping[str, Sequence[Window]], budget_rps: 
     for o in errors[:3]:
         print(f"  ! {label}: {o.symbol}: {o.error!r}")
     return OursRun(outcomes, seconds, sum(o.written for o in outcomes), st.total_requests, st.throttled,
-                   st.rows_raw, st.rows_kept, st.budget_wait_s, len(errors))
+                   st.rows_raw, st.rows_kept, st.budget_wait_s, len(errors), st.rows_inside)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,9 +293,9 @@ class SimHost:
         first asked for during a measured run is generated then, on the same two cores as the client:
         in the first in_play run at 50 req/s the simulator used 0.57 of a core against 0.10 in a second
         run of the same manifest, and ours reached 0.90 of the budget against 0.98."""
-        keys = ("latency_ms", "latency_jitter_ms", "rate_limit_rps")
+        keys = ("latency_ms", "latency_jitter_ms", "rate_limit_rps", "transfer_bytes_per_s")
         saved = {k: v for k, v in self._call("config").items() if k in keys}
-        self.set(latency_ms=0.0, latency_jitter_ms=0.0, rate_limit_rps=None)
+        self.set(latency_ms=0.0, latency_jitter_ms=0.0, rate_limit_rps=None, transfer_bytes_per_s=None)
         try:
             run = run_ours(self.base_url, events, 10_000.0, workdir, workers=workers,
                            overfetch_rows=overfetch_allowance(budget_rps), label="warm-up")

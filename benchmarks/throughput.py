@@ -1,13 +1,15 @@
 """Throughput at a request budget: our FetchEngine vs the official ``massive`` client vs a naive loop.
 
-The simulator runs in its own process with 100 ms +- 20 ms latency per request and, by default, a
-server-side rate limit equal to the budget (``--server-limit``). Its tick data for the whole
-manifest is generated before any clock starts, so the server is never the bottleneck: the event
-windows (all that massive and naive ask for), then, per budget, whatever our engine's ranges reach
-between events, by one unthrottled run of ours without latency (``SimHost.warm_ours``; without it
-the simulator generated those gap minutes during ours' measured run, on the same two cores). For each
-budget, every client gets the same manifest (sized so ours takes about ``--seconds`` at the
-budget); massive and naive stop starting new events after ``--cap`` x ``--seconds``.
+The simulator runs in its own process with 100 ms +- 20 ms latency per request, each response body
+sent at 25 MB/s (``--transfer-mb-s``: a 50,000-row page, ~12 MB, takes ~0.5 s to arrive, as over a
+real link) and, by default, a server-side rate limit equal to the budget (``--server-limit``). Its
+tick data for the whole manifest is generated before any clock starts, so the server is never the
+bottleneck: the event windows (all that massive and naive ask for), then, per budget, whatever our
+engine's ranges reach between events, by one unthrottled run of ours without latency
+(``SimHost.warm_ours``; without it the simulator generated those gap minutes during ours' measured
+run, on the same two cores). For each budget, every client gets the same manifest (sized so ours
+takes about ``--seconds`` at the budget); massive and naive stop starting new events after ``--cap``
+x ``--seconds``.
 
 * ours    ``FetchEngine`` (its defaults for the budget: workers ceil(0.4 s x budget) in [12, 32], over-fetch
           allowance min(50,000, 10^6 / budget) rows; hz 1, ratio bound 4, cold ``DensityStore``)
@@ -26,10 +28,13 @@ budget); massive and naive stop starting new events after ``--cap`` x ``--second
 
 Figures per run, from the simulator's request log: utilization = 200s per second over the active
 interval / budget; 429 count; the most requests that arrived in any 1-s sliding window; requests
-per event; events per minute (events completed / run wall time). Then ours/massive and ours/naive,
-and a ground-truth check of a sample of ours' output files.
+per event; bytes downloaded (the simulator's) and bytes per kept row (a kept row: a raw tick inside
+an event window; the rest of what a merged range fetched is its gaps); events per minute (events
+completed / run wall time). Then ours/massive and ours/naive, and a ground-truth check of a sample
+of ours' output files. ``--manifest`` takes several manifests, run one after another in one sitting.
 
     python benchmarks/throughput.py                               # clustered, budgets 10,50,100 (~5 min)
+    python benchmarks/throughput.py --manifest in_play,clustered --budgets 20,50 --clients ours,massive
     python benchmarks/throughput.py --seconds 8 --budgets 10,50   # quick
     python benchmarks/throughput.py --server-limit 40 --budgets 50
 """
@@ -52,7 +57,7 @@ import requests
 from _common import API_KEY, SimHost, load_average, run_ours, served_rate, table, verify_outputs
 from manifests import KINDS, Event, describe, make, to_work
 
-from smallcaps_ingest.core.engine import default_workers
+from smallcaps_ingest.core.cost import default_workers
 from smallcaps_ingest.core.plan import DensityStore, plan_symbol
 from smallcaps_ingest.core.polygon import budget as budget_mod
 
@@ -88,6 +93,8 @@ class Result:
     note: str = ""
     cpu_client: float = 0.0  # CPU seconds of this process during the run (all threads)
     cpu_sim: float = 0.0  # CPU seconds of the simulator's process during the run
+    bytes: int = 0  # response bytes the simulator sent during the run
+    rows_inside: int = 0  # raw rows inside the event windows that the client received
 
 
 def proc_cpu(pid: int) -> float:
@@ -171,15 +178,19 @@ def planned_rpe(kind: str) -> float:
     return ranges / len(events)
 
 
-def measure(sim: SimHost, name: str, fn: Callable[[], tuple[int, int, float]]) -> Result:
+def measure(sim: SimHost, name: str, fn: Callable[[], tuple[int, int, float]],
+            inside: Callable[[list], int] | None = None) -> Result:
+    """One timed run; ``inside`` gives the rows inside the event windows it received (default:
+    every row served, which is right for clients that ask for the windows alone)."""
     time.sleep(1.2)  # let the server's rate-limit window drain from the previous run
     sim.reset()
     c0, s0 = time.process_time(), proc_cpu(sim.pid)
     events, failed, seconds = fn()
     c1, s1 = time.process_time(), proc_cpu(sim.pid)
     log = sim.log()
+    rows = inside(log) if inside else sum(x[6] for x in log if x[1] == 200)
     return Result(name, events, seconds, failed, log, sim.max_in_window(1.0), cpu_client=c1 - c0,
-                  cpu_sim=s1 - s0)
+                  cpu_sim=s1 - s0, bytes=sim.counters()["bytes"], rows_inside=rows)
 
 
 def row(budget: float, server_limit: float | None, r: Result) -> tuple[object, ...]:
@@ -191,8 +202,9 @@ def row(budget: float, server_limit: float | None, r: Result) -> tuple[object, .
     epm = r.events / r.seconds * 60 if r.seconds > 0 else math.nan
     util_server = rate / server_limit if server_limit else math.nan
     cores = f"{r.cpu_client / r.seconds:.2f} / {r.cpu_sim / r.seconds:.2f}" if r.seconds else "-"
+    per_row = r.bytes / r.rows_inside if r.rows_inside else math.nan
     return (f"{budget:g}", r.client, r.events, r.failed, reqs, f"{span:.1f}", rate, rate / budget,
-            util_server, n429, other, r.max_1s, rpe, epm, cores)
+            util_server, n429, other, r.max_1s, rpe, r.bytes / 1e6, per_row, epm, cores)
 
 
 def run_client(sim: SimHost, client: str, events: Sequence[Event], budget: float, a: argparse.Namespace,
@@ -200,11 +212,14 @@ def run_client(sim: SimHost, client: str, events: Sequence[Event], budget: float
     """One measured run of one client; for ours also the ground-truth check of a sample of events."""
     cap = a.seconds * a.cap
     if client == "ours":
+        got: list[int] = []
+
         def go() -> tuple[int, int, float]:
             run = run_ours(sim.base_url, events, budget, out, workers=a.workers or default_workers(budget))
+            got.append(run.rows_inside)
             return run.events, run.errors, run.seconds
 
-        r = measure(sim, client, go)
+        r = measure(sim, client, go, inside=lambda _log: got[0])
         step = max(1, len(events) // max(1, a.verify))
         checked = verify_outputs(out / "data", events[::step][: a.verify])
         bad = [x for x in checked if not x[-1]]
@@ -220,7 +235,8 @@ def run_client(sim: SimHost, client: str, events: Sequence[Event], budget: float
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budgets", default="10,50,100", help="request budgets (req/s), comma-separated")
-    p.add_argument("--manifest", choices=KINDS, default="clustered")
+    p.add_argument("--manifest", default="clustered",
+                   help=f"manifests, comma-separated, run in this order: {', '.join(KINDS)}")
     p.add_argument("--seconds", type=float, default=20.0, help="target duration of ours' run at the budget")
     p.add_argument("--cap", type=float, default=1.4, help="massive/naive stop starting events after "
                    "cap x seconds")
@@ -230,6 +246,8 @@ def main() -> None:
     p.add_argument("--verify", type=int, default=24, help="ours' events checked against ground truth")
     p.add_argument("--latency-ms", type=float, default=100.0)
     p.add_argument("--jitter-ms", type=float, default=20.0)
+    p.add_argument("--transfer-mb-s", type=float, default=25.0,
+                   help="each response body is sent at this many MB/s (0: loopback speed)")
     p.add_argument(
         "--workers", type=int, default=None, help="ours' worker threads (default: the engine's, per budget)"
     )
@@ -251,80 +269,94 @@ def main() -> None:
     budgets = [float(x) for x in a.budgets.split(",") if x.strip()]
     clients = [c.strip() for c in a.clients.split(",") if c.strip()]
 
-    rpe = planned_rpe(a.manifest)
-    sizes = {b: max(10, round(b * a.seconds / rpe)) for b in budgets}
-    manifests = {b: make(a.manifest, n) for b, n in sizes.items()}
-    largest = max(manifests.values(), key=len)
-    print(f"manifest {a.manifest}: planner predicts {rpe:.2f} req/event; per budget: "
-          + ", ".join(f"{b:g} req/s -> {len(m)} events" for b, m in manifests.items()))
-    print(f"largest: {describe(largest)}")
-
     t_start = time.monotonic()
     print(f"load average at start: {load_average()}")
+    rate = a.transfer_mb_s * 1e6 if a.transfer_mb_s > 0 else None
     rows: list[tuple[object, ...]] = []
     ratio_rows: list[tuple[object, ...]] = []
     checks: list[str] = []
-    with SimHost(latency_ms=a.latency_ms, latency_jitter_ms=a.jitter_ms) as sim, \
+    with SimHost(latency_ms=a.latency_ms, latency_jitter_ms=a.jitter_ms, transfer_bytes_per_s=rate) as sim, \
             tempfile.TemporaryDirectory(prefix="bench-tp-") as tmp:
-        rows_warm, cpu, minutes, nbytes = sim.warm(largest)
-        print(f"simulator warmed: {rows_warm:,} rows in {minutes:,} minutes ({nbytes / 2**30:.2f} GiB) in "
-              f"{cpu:.1f} s CPU", flush=True)
-        for b in budgets:
-            limit = b if a.server_limit == "budget" else None if a.server_limit == "none" else float(
-                a.server_limit)
-            events = manifests[b]
-            if "ours" in clients:  # the gap minutes its ranges reach, generated before the clock starts
-                secs = sim.warm_ours(events, b, Path(tmp) / f"warm-{b:g}", a.workers or default_workers(b))
-                print(f"  budget {b:g} req/s: simulator warmed for ours' ranges by an unthrottled run "
-                      f"({secs:.1f} s)", flush=True)
-            sim.set(rate_limit_rps=limit)
-            results: dict[str, Result] = {}
-            for c in clients:
-                print(f"  budget {b:g} req/s, server limit {limit}, {c}: {len(events)} events ...", end="",
-                      flush=True)
-                r, check = run_client(sim, c, events, b, a, Path(tmp) / f"ours-{b:g}")
-                if check:
-                    checks.append(check)
-                results[c] = r
-                print(f" {r.events} events in {r.seconds:.1f} s", flush=True)
-                rows.append(row(b, limit, r))
-            if "ours" in results:
-                o = results["ours"]
-                o_rate = served_rate(o.log)[0]
-                o_epm = o.events / o.seconds * 60
-                for c in ("massive", "naive"):
-                    if c in results:
-                        x = results[c]
-                        x_rate = served_rate(x.log)[0]
-                        x_epm = x.events / x.seconds * 60 if x.seconds else math.nan
-                        x_rpe = len(x.log) / x.events if x.events else math.nan
-                        o_rpe = len(o.log) / o.events
-                        ratio_rows.append((f"{b:g}", f"ours/{c}", o_rate / x_rate if x_rate else math.nan,
-                                           o_epm / x_epm if x_epm else math.nan, o_rpe / x_rpe))
+        for manifest in [m.strip() for m in a.manifest.split(",") if m.strip()]:
+            run_manifest(sim, Path(tmp) / manifest, manifest, budgets, clients, a, rows, ratio_rows, checks)
+            print(f"  load average after {manifest}: {load_average()}", flush=True)
 
     print()
     print(table(
-        ["budget", "client", "events", "failed", "requests", "active s", "served/s", "util", "util(srv)",
-         "429s", "other", "max 1s", "req/event", "events/min", "cores client/sim"],
+        ["manifest", "budget", "client", "events", "failed", "requests", "active s", "served/s", "util",
+         "util(srv)", "429s", "other", "max 1s", "req/event", "MB", "B/kept row", "events/min",
+         "cores client/sim"],
         rows,
-        title=f"Throughput, manifest {a.manifest}, latency {a.latency_ms:g}+-{a.jitter_ms:g} ms, "
-              f"server limit {a.server_limit}, ours with {a.workers or 'ceil(0.4 s x budget) in [12, 32]'} "
-              "workers"
+        title=f"Throughput, latency {a.latency_ms:g}+-{a.jitter_ms:g} ms, transfer "
+              f"{f'{a.transfer_mb_s:g} MB/s per response' if rate else 'off'}, "
+              f"server limit {a.server_limit}, "
+              f"ours with {a.workers or 'ceil(0.4 s x budget) in [12, 32]'} workers"
               + (f" [WHAT-IF {'; '.join(what_if)}]" if what_if else ""),
     ))
     if ratio_rows:
         print()
-        print(table(["budget", "ratio", "served/s", "events/min", "req/event"], ratio_rows,
-                    title="Ratios (ours / other)"))
+        print(table(["manifest", "budget", "ratio", "served/s", "events/min", "req/event", "B/kept row"],
+                    ratio_rows, title="Ratios (ours / other)"))
     if checks:
         print()
         print("Ground truth (trades by sequence number, sum of 1 Hz quote_count = raw quotes):")
         for c in checks:
             print(f"  {c}")
     print(f"\n(util = 200s per second over the active interval / budget; util(srv) = the same / server "
-          f"limit; max 1s = most arrivals in any 1-s sliding window at the server; cores client/sim = CPU "
-          f"seconds per wall second of the client's and the simulator's process; load average at end "
-          f"{load_average()}; total {time.monotonic() - t_start:.0f} s)")
+          f"limit; max 1s = most arrivals in any 1-s sliding window at the server; MB = response bytes "
+          f"sent by the simulator; B/kept row = those bytes / raw rows inside the event windows; cores "
+          f"client/sim = CPU seconds per wall second of the client's and the simulator's process; load "
+          f"average at end {load_average()}; total {time.monotonic() - t_start:.0f} s)")
+
+
+def run_manifest(sim: SimHost, tmp: Path, manifest: str, budgets: Sequence[float], clients: Sequence[str],
+                 a: argparse.Namespace, rows: list, ratio_rows: list, checks: list) -> None:
+    """Every client at every budget on one manifest (sized per budget); rows appended to the tables."""
+    rpe = planned_rpe(manifest)
+    sizes = {b: max(10, round(b * a.seconds / rpe)) for b in budgets}
+    manifests = {b: make(manifest, n) for b, n in sizes.items()}
+    largest = max(manifests.values(), key=len)
+    print(f"manifest {manifest}: planner predicts {rpe:.2f} req/event; per budget: "
+          + ", ".join(f"{b:g} req/s -> {len(m)} events" for b, m in manifests.items()))
+    print(f"largest: {describe(largest)}")
+    rows_warm, cpu, minutes, nbytes = sim.warm(largest)
+    print(f"simulator warmed: {rows_warm:,} rows in {minutes:,} minutes ({nbytes / 2**30:.2f} GiB) in "
+          f"{cpu:.1f} s CPU", flush=True)
+    for b in budgets:
+        limit = b if a.server_limit == "budget" else None if a.server_limit == "none" else float(
+            a.server_limit)
+        events = manifests[b]
+        if "ours" in clients:  # the gap minutes its ranges reach, generated before the clock starts
+            secs = sim.warm_ours(events, b, tmp / f"warm-{b:g}", a.workers or default_workers(b))
+            print(f"  budget {b:g} req/s: simulator warmed for ours' ranges by an unthrottled run "
+                  f"({secs:.1f} s)", flush=True)
+        sim.set(rate_limit_rps=limit)
+        results: dict[str, Result] = {}
+        for c in clients:
+            print(f"  budget {b:g} req/s, server limit {limit}, {c}: {len(events)} events ...", end="",
+                  flush=True)
+            r, check = run_client(sim, c, events, b, a, tmp / f"ours-{b:g}")
+            if check:
+                checks.append(f"{manifest} {check}")
+            results[c] = r
+            print(f" {r.events} events in {r.seconds:.1f} s", flush=True)
+            rows.append((manifest, *row(b, limit, r)))
+        if "ours" in results:
+            o = results["ours"]
+            o_rate = served_rate(o.log)[0]
+            o_epm = o.events / o.seconds * 60
+            o_bpr = o.bytes / o.rows_inside if o.rows_inside else math.nan
+            for c in ("massive", "naive"):
+                if c in results:
+                    x = results[c]
+                    x_rate = served_rate(x.log)[0]
+                    x_epm = x.events / x.seconds * 60 if x.seconds else math.nan
+                    x_rpe = len(x.log) / x.events if x.events else math.nan
+                    x_bpr = x.bytes / x.rows_inside if x.rows_inside else math.nan
+                    o_rpe = len(o.log) / o.events
+                    ratio_rows.append((manifest, f"{b:g}", f"ours/{c}",
+                                       o_rate / x_rate if x_rate else math.nan,
+                                       o_epm / x_epm if x_epm else math.nan, o_rpe / x_rpe, o_bpr / x_bpr))
 
 
 if __name__ == "__main__":

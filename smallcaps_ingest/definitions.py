@@ -9,7 +9,7 @@ from __future__ import annotations
 import dagster as dg
 
 from smallcaps_ingest.config import Config
-from smallcaps_ingest.core.engine import default_workers
+from smallcaps_ingest.core.cost import default_workers
 from smallcaps_ingest.pipeline.assets import compacted_windows, event_windows, manifest, symbol_events
 from smallcaps_ingest.pipeline.automation import automation_sensors, events_file
 from smallcaps_ingest.pipeline.checks import event_windows_checks

@@ -10,7 +10,6 @@ job's ranges arrived it is shaped and written on a small pool of its own. The ru
 from __future__ import annotations
 
 import ctypes
-import math
 import sys
 import threading
 import time
@@ -21,6 +20,8 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from smallcaps_ingest.core import shape, store
+from smallcaps_ingest.core.cost import MergeRule
+from smallcaps_ingest.core.feed import Feed as _Feed
 from smallcaps_ingest.core.plan import (
     DensityStore,
     RequestRange,
@@ -33,19 +34,9 @@ from smallcaps_ingest.core.polygon.client import PolygonAuthError, PolygonClient
 from smallcaps_ingest.core.polygon.stats import FetchStats
 from smallcaps_ingest.core.polygon.transport import abort_requests
 
-# Seconds a worker spends per request (round trip + parse), for sizing the pool (Little's law).
-REQUEST_SECONDS = 0.4
-MAX_DEFAULT_WORKERS = 32
 # New jobs wait while fetched-but-unwritten rows exceed this (with at most 2x workers ranges).
 FRAME_BYTES_HELD = 24 * 1024 * 1024
 WRITERS = 2
-
-
-def default_workers(max_rps: float) -> int:
-    """Workers that keep ``max_rps`` busy: requests in flight = rate x seconds per request, never
-    fewer than 12 and at most 32 (each worker adds to peak RSS). The seconds per request are
-    those of a multi-day range's large page, not of a small page (benchmarks/throughput.py)."""
-    return min(MAX_DEFAULT_WORKERS, max(12, math.ceil(max_rps * REQUEST_SECONDS)))
 
 
 @dataclass
@@ -129,49 +120,6 @@ def tune_malloc() -> bool:
         for param, value in ((m_arena_max, 2), (m_mmap_threshold, 1 << 20), (m_trim_threshold, 1 << 20))
     )
     return _MALLOC_TUNED
-
-
-class _Feed:
-    """Hands out jobs symbol after symbol, each symbol's in time order.
-
-    ``next()`` gives a :class:`_Job`; a symbol's name once all its jobs were handed out; ``None``
-    when nothing can be handed out until a probe is written; :data:`_Feed.END` once every job was.
-    A symbol whose plan yields a probe's ``done`` event is parked on it and the next symbol goes
-    on; parked symbols resume, first come first, as soon as their probe is written, so the rest
-    of a symbol is planned on what its probe taught (see ``plan.plan_groups``)."""
-
-    END = object()
-
-    def __init__(self, jobs_of: Callable[[str], Iterator[_Job | threading.Event]], symbols: Iterable[str]):
-        self._jobs_of = jobs_of
-        self._upcoming = iter(list(symbols))
-        self._parked: list[tuple[threading.Event, str, Iterator[_Job | threading.Event]]] = []
-        self._items = self._generate()
-
-    def next(self) -> _Job | str | None | object:
-        return next(self._items, self.END)
-
-    def _generate(self) -> Iterator[_Job | str | None]:
-        while True:
-            ready = next((p for p in self._parked if p[0].is_set()), None)
-            if ready is not None:
-                self._parked.remove(ready)
-                _, symbol, jobs = ready
-            else:
-                symbol = next(self._upcoming, None)
-                if symbol is None:
-                    if not self._parked:
-                        return
-                    yield None
-                    continue
-                jobs = self._jobs_of(symbol)
-            for item in jobs:
-                if isinstance(item, threading.Event):
-                    self._parked.append((item, symbol, jobs))
-                    break
-                yield item
-            else:
-                yield symbol  # every job of the symbol was handed out
 
 
 class _Run:
@@ -363,7 +311,9 @@ class FetchEngine:
 
     ``overfetch_rows`` (None: :func:`plan.overfetch_allowance` of the budget's rate) lets a range
     fetch that many rows beyond what its windows need, which is what merges a sparse name's
-    events across days.
+    events across days. ``time_cost``: no merged range holds more rows than the workers transfer
+    and decode in the budget's time for them (``cost.TransferModel``, learned from the client's
+    responses); False plans the fewest pages within the over-fetch bound alone.
 
     :meth:`stop` (from any thread) ends a run promptly: no further request, page or retry is
     sent, queued ranges are cancelled, jobs whose ranges were all fetched are still written (each
@@ -381,6 +331,7 @@ class FetchEngine:
         max_overfetch: float = 4.0,
         overfetch_rows: int | None = None,
         density: DensityStore | None = None,
+        time_cost: bool = True,
     ):
         self.client = client
         self.data_dir = data_dir
@@ -391,6 +342,7 @@ class FetchEngine:
             overfetch_allowance(client.budget.max_rps) if overfetch_rows is None else max(0, overfetch_rows)
         )
         self.density = density or DensityStore(None)
+        self.time_cost = time_cost
         tune_malloc()
         self._source_checked = False
         self._lock = threading.Lock()
@@ -431,6 +383,11 @@ class FetchEngine:
                 [(w.start_ns, w.end_ns) for w in rng.events],
             )
 
+    def _merge_rule(self, kind: str) -> MergeRule:
+        """How ranges may merge at this engine's workers and budget, as the client's responses so
+        far taught (``cost.TransferModel.rule``)."""
+        return self.client.timing.rule(kind, self.workers, self.client.budget.max_rps)
+
     @staticmethod
     def _stopped_error(symbol: str) -> StopRequested:
         return StopRequested(
@@ -450,7 +407,8 @@ class FetchEngine:
         """The symbol's jobs in time order (``plan.plan_groups``); after a probe, its ``done``
         event, so the rest is planned on what the probe taught. Stops once the symbol has failed."""
         for windows, rngs, probe in plan_groups(
-            symbol, todo, self.density, self.max_overfetch, overfetch_rows=self.overfetch_rows
+            symbol, todo, self.density, self.max_overfetch, overfetch_rows=self.overfetch_rows,
+            merge_rule=self._merge_rule if self.time_cost else None,
         ):
             if outcome.error is not None:
                 return

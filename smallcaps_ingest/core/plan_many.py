@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 import polars as pl
 
-from smallcaps_ingest.core.plan import NS, SESSION_BOUNDS, _hour_day
+from smallcaps_ingest.core.density import NS, SESSION_BOUNDS, _hour_day
 
 _HOUR_NS = 3600 * NS
 # the segments of a trading day, from midnight (the names _hour_day gives a trading day)
@@ -27,7 +27,7 @@ DAY_SEGMENTS = tuple(name for _, _, name in SESSION_BOUNDS)
 class DayTable:
     """The ET days holding a set of instants, as arrays: each day's segment edges (ns, midnight
     first; a closed day's one OFF segment is padded with its end), trading days before it, and
-    whether it is one; built from :func:`plan._hour_day` once per day (not per instant)."""
+    whether it is one; built from :func:`density._hour_day` once per day (not per instant)."""
 
     def __init__(self, t_ns: np.ndarray):
         hours = np.asarray(t_ns, dtype=np.int64) // _HOUR_NS

@@ -1,21 +1,18 @@
 """The cost preview's estimate over a whole manifest: the engine's plan, without a Python object
 per event where no merge is possible.
 
-The engine walks :func:`plan.plan_groups` per symbol: a probe of a symbol never observed (the
-first group of its first head, planned at the priors with no allowance), then heads of
-``PLAN_HORIZON`` windows, each split by :func:`plan.partition` into ranges, its last group held back
-to be planned with what follows. Here:
-
-* every window's expected rows (hence bytes) and every block's rows come from
-  :func:`plan_many.cumulative_rows_many`, the planner's own sums over arrays;
-* gaps that no run could bridge (:func:`plan_many.mergeable_gaps`) cut a symbol into components;
-  a component of one block is one range per endpoint (its pages), with nothing to decide;
-* every other component, and every probe that is not one block, is split by the planner
-  (:func:`plan.plan_runs`, the call :func:`plan.plan_kind` makes) on the same heads, truncated
+The engine walks :func:`plan.plan_groups` per symbol: a probe of a symbol never observed (its
+first head's first group, at the priors with no allowance), then heads of ``PLAN_HORIZON``
+windows split into ranges, each head's last group held back to be planned with what follows. Here:
+* rows of every window and block come from :func:`plan_many.cumulative_rows_many` (the planner's
+  own sums over arrays); gaps no run could bridge (:func:`plan_many.mergeable_gaps`) cut a symbol
+  into components, and a component of one block is one range per endpoint (its pages);
+* every other component, and every probe that is not one block, is split by :func:`plan.plan_runs`
+  (what :func:`plan.plan_kind` calls, at the engine's merge rule) on the same heads, truncated
   blocks and held-back groups as ``plan_groups`` (``_Walk``), each distinct input planned once;
 * a symbol with a block longer than a head, or a head that would be one group with windows left,
-  is walked through ``plan_groups`` itself (:func:`walk_symbol`, event by event, which
-  ``test_plan_estimate`` also uses as the reference the fast path must equal exactly).
+  goes through ``plan_groups`` itself (:func:`walk_symbol`, the reference ``test_plan_estimate``
+  holds the fast path to, exactly).
 """
 
 from __future__ import annotations
@@ -31,6 +28,7 @@ import numpy as np
 import polars as pl
 
 from smallcaps_ingest.config import Config
+from smallcaps_ingest.core.cost import MergeRule, TransferModel, default_workers
 from smallcaps_ingest.core.plan import (
     KINDS,
     NS,
@@ -81,6 +79,7 @@ class Settings:
     max_overfetch: float = 4.0
     overfetch_rows: int | None = None  # None: plan.overfetch_allowance(max_rps)
     quotes_hz: float = 1.0
+    workers: int | None = None  # None: engine.default_workers(max_rps), as definitions.py
 
     @classmethod
     def from_config(cls, config: Config, max_rps: float | None = None) -> Settings:
@@ -89,7 +88,12 @@ class Settings:
             max_overfetch=config.max_overfetch,
             overfetch_rows=config.overfetch_rows,
             quotes_hz=config.quotes_hz,
+            workers=config.workers,
         )
+
+    def rule(self, kind: str) -> MergeRule:
+        """The engine's merge rule at the start of a run (the transfer model's priors)."""
+        return TransferModel().rule(kind, self.workers or default_workers(self.max_rps), self.max_rps)
 
     @property
     def allowance(self) -> int:
@@ -134,7 +138,8 @@ def walk_symbol(
     session_of = {w.event_id: s for w, s in todo}
     at = {k: cumulative_rows(density.densities(symbol, k)) for k in KINDS}
     for windows, ranges, probe in plan_groups(
-        symbol, [w for w, _ in todo], density, settings.max_overfetch, overfetch_rows=settings.allowance
+        symbol, [w for w, _ in todo], density, settings.max_overfetch, overfetch_rows=settings.allowance,
+        merge_rule=settings.rule,
     ):
         for w in windows:
             tally = sessions.setdefault(session_of[w.event_id], Tally())
@@ -231,8 +236,7 @@ class _Walk:
         self.rel_t, self.rel_q = rel
 
     def _plan(self, key: tuple[bytes, ...]) -> int:
-        """The planner's ranges (blocks relative to the piece) for one input, where its groups
-        start; planned once per distinct input."""
+        """The planner's ranges (blocks relative to the piece) and group starts, once per input."""
         got = self.memo.get(key)
         if got is not None:
             return got
@@ -242,7 +246,7 @@ class _Walk:
             cum = np.frombuffer(raw).tolist()
             need = [cum[2 * i + 1] - cum[2 * i] for i in range(len(cum) // 2)]
             runs = plan_runs(k, need, lambda i, j, c=cum: c[2 * j - 1] - c[2 * i],
-                             self.settings.max_overfetch, self.allowance)  # fmt: skip
+                             self.settings.max_overfetch, self.allowance, self.settings.rule(k))  # fmt: skip
             ranges += [(ki, i, j) for i, j in runs]
             st = {i for i, _ in runs}
             starts = st if starts is None else starts & st

@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--latency-ms", type=float, default=0.0)
     p.add_argument("--jitter-ms", type=float, default=0.0)
+    p.add_argument("--transfer-mb-s", type=float, default=None,
+                   help="send each response body at this many MB/s (default: loopback speed)")
     p.add_argument("--rate-limit-rps", type=float, default=None)
     p.add_argument("--no-retry-after", action="store_true")
     p.add_argument("--error-5xx-rate", type=float, default=0.0)
@@ -57,6 +59,7 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace) -> SimConfig:
     return SimConfig(
         latency_ms=a.latency_ms,
         latency_jitter_ms=a.jitter_ms,
+        transfer_bytes_per_s=a.transfer_mb_s * 1e6 if a.transfer_mb_s else None,
         rate_limit_rps=a.rate_limit_rps,
         rate_limit_retry_after=not a.no_retry_after,
         error_5xx_rate=a.error_5xx_rate,

@@ -16,6 +16,9 @@ class SimConfig:
     # ---- faults (faults.py) ----
     latency_ms: float = 0.0
     latency_jitter_ms: float = 0.0
+    #: bytes per second each response's body is sent at (its own link, streamed in chunks, so a
+    #: big page takes bytes / rate to arrive as over a real network); None: as fast as loopback
+    transfer_bytes_per_s: float | None = None
     # ---- API (api.py): requests per second before a 429, and whether it says when to retry ----
     rate_limit_rps: float | None = None
     rate_limit_retry_after: bool = True

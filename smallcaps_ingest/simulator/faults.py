@@ -1,9 +1,10 @@
 """The faults a production client must survive, drawn per request from seeded streams.
 
-The API's own failures: latency, 5xx JSON errors, connection resets, truncated bodies. And what a
-proxy in front of an API produces: nginx's HTML 502/504 pages, requests read and never answered,
-and bodies that stall mid-way. The knobs are the ``*_rate`` and ``latency_*`` fields of
-``SimConfig``; 429 rate limiting is the API's own behaviour and lives in ``api.py``.
+The API's own failures: latency, a bounded transfer rate (``paced_write``), 5xx JSON errors,
+connection resets, truncated bodies. And what a proxy in front of an API produces: nginx's HTML
+502/504 pages, requests read and never answered, and bodies that stall mid-way. The knobs are the
+``*_rate`` and ``latency_*`` fields of ``SimConfig``; 429 rate limiting is the API's own behaviour
+and lives in ``api.py``.
 
 Every request takes its draws when it arrives (``FaultDice.roll``, under the server's lock) from a
 stream seeded by ``SimConfig.seed``, so a run's faults repeat. The proxy faults draw from a second
@@ -16,6 +17,8 @@ import random
 import select
 import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import NamedTuple
@@ -140,3 +143,21 @@ def hold_open(conn: socket.socket, stopping: threading.Event) -> None:
             return
         if readable:  # the client sent more (a pipelined request): it stays unanswered
             stopping.wait(0.1)
+
+
+#: Bytes a paced body is written in at a time (``SimConfig.transfer_bytes_per_s``).
+PACE_CHUNK = 64 * 1024
+
+
+def paced_write(write: Callable[[memoryview], object], body: bytes, rate: float) -> None:
+    """Write ``body`` in chunks, each no earlier than its last byte is due at ``rate`` bytes/s from
+    the start: the last byte leaves at ``len(body) / rate`` or later, and the client waits for it
+    as over a real link of that speed."""
+    t0 = time.monotonic()
+    view = memoryview(body)
+    for at in range(0, len(body), PACE_CHUNK):
+        chunk = view[at : at + PACE_CHUNK]
+        wait = t0 + (at + len(chunk)) / rate - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        write(chunk)

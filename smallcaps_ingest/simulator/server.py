@@ -212,7 +212,12 @@ def _frame(
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1"), body
 
 
-def _send(h: _Handler, head: bytes, body: bytes) -> None:
+def _send(h: _Handler, head: bytes, body: bytes, rate: float | None = None) -> None:
+    """Write a response; ``rate`` (bytes/s): the body at that rate (``faults.paced_write``)."""
+    if rate and body:
+        h.wfile.write(head)
+        faults.paced_write(h.wfile.write, body, rate)
+        return
     if len(body) < 65536:
         h.wfile.write(head + body)  # one segment for small responses
     else:
@@ -444,7 +449,7 @@ class Simulator:
             with h.server.conns_lock:
                 h.server.rst.add(h.connection)
         else:
-            _send(h, head, body)
+            _send(h, head, body, cfg.transfer_bytes_per_s)
 
     def _record(
         self,

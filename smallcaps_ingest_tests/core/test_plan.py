@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from smallcaps_ingest.core.cost import PAGES_ONLY, MergeRule, TransferModel
+from smallcaps_ingest.core.density import PRIOR_LEVEL_ROWS, PRIOR_SECONDS
 from smallcaps_ingest.core.engine import FetchEngine
 from smallcaps_ingest.core.plan import (
     PRIOR_DENSITY,
-    PRIOR_LEVEL_ROWS,
-    PRIOR_SECONDS,
     DensityStore,
     Window,
     components,
@@ -150,7 +150,7 @@ def test_warm_plan_makes_exact_requests_over_http(
     and 11:20-11:30 apart (71,714 and 71,791 rows: 2 + 2 pages; merged, 215,803 rows = 5 pages);
     trades 08:00-08:40 (8,684 rows) and 11:00-11:30 (43,183 rows): 1 page each. 7 requests."""
     dens = DensityStore(tmp_path / "density.json")
-    engine = FetchEngine(client, str(tmp_path / "data"), workers=4, density=dens)
+    engine = FetchEngine(client, str(tmp_path / "data"), workers=4, density=dens, time_cost=False)
 
     def day(d: str) -> list[Window]:
         spans = (("08:00", "08:10"), ("08:30", "08:40"), ("11:00", "11:10"), ("11:20", "11:30"))
@@ -274,7 +274,7 @@ def test_density_saves_merge_with_or_without_flock(
 ) -> None:
     """Two stores (two processes) save into one file: their counts add up. Where the platform has
     no ``fcntl`` (Windows) the merge runs without the lock and gives the same file."""
-    from smallcaps_ingest.core import plan as plan_mod
+    from smallcaps_ingest.core import density as plan_mod
 
     if not with_flock:
         monkeypatch.setattr(plan_mod, "fcntl", None)
@@ -287,3 +287,61 @@ def test_density_saves_merge_with_or_without_flock(
     b.save()
     assert json.loads(path.read_text()) == {"AAOI": {"trades": {"RTH": [900.0, 120.0]}}}
     assert DensityStore(path).known("AAOI")
+
+
+def test_a_dense_names_events_hours_apart_stay_apart_when_the_page_would_idle_the_budget() -> None:
+    """Two 10-minute RTH windows three hours apart. A dense name (4 trades/s) needs ~4,800 rows and
+    one range over both holds ~45,600: one page instead of two, within the allowance. At 50 req/s
+    and 12 workers a request may take 12 / 50 = 0.24 s for the budget to stay the bottleneck: on
+    the prior (100 ms, 25 MB/s, 250 bytes a row) a page of at most 14,000 rows. So the dense
+    name's windows are fetched apart while a sparse name's (0.05 trades/s: ~570 rows merged) still
+    share a range; at 10 req/s a request may take 1.2 s, a full page fits, and the dense name's
+    merge too (as without time in the cost)."""
+    d = "2024-03-05"
+    ws = [Window("a", et(d, "10:30"), et(d, "10:40")), Window("b", et(d, "13:30"), et(d, "13:40"))]
+    model = TransferModel()
+    fast, slow = model.rule("trades", 12, 50.0), model.rule("trades", 12, 10.0)
+    assert fast.max_rows == pytest.approx(14_000) and slow.max_rows == math.inf
+
+    def ranges(symbol: str, store: DensityStore, rule: MergeRule) -> list[list[str]]:
+        return [[w.event_id for w in r.events]
+                for r in plan_kind(symbol, "trades", ws, store, overfetch_rows=50_000, rule=rule)]
+
+    dense, sparse = _learned("DNS", "trades", 4.0), _learned("THIN", "trades", 0.05)
+    span = dense.expected_rows("DNS", "trades", ws[0].start_ns, ws[1].end_ns)
+    assert span == pytest.approx(45_600, rel=0.01)
+    assert ranges("DNS", dense, PAGES_ONLY) == [["a", "b"]]
+    assert ranges("DNS", dense, fast) == [["a"], ["b"]]
+    assert ranges("DNS", dense, slow) == [["a", "b"]]
+    assert ranges("THIN", sparse, fast) == [["a", "b"]]
+    # plan_symbol and plan_groups take the rule per endpoint
+    assert len(plan_symbol("DNS", ws, dense, overfetch_rows=50_000, kinds=("trades",),
+                           merge_rule=lambda kind: model.rule(kind, 12, 50.0))) == 2
+
+
+def test_with_too_few_workers_for_the_budget_a_merge_must_save_worker_time() -> None:
+    """4 workers at 500 req/s: the prior's 100 ms latency alone exceeds 4 / 500 s, so the workers
+    are the bottleneck whatever is planned, and a range costs its seconds (0.1 s a page, 10 us a
+    row): two 1,000-row blocks merge across a 5,000-row gap (0.17 s against 0.22 s) and stay
+    apart across a 20,000-row one (0.32 s)."""
+    rule = TransferModel().rule("trades", 4, 500.0)
+    assert rule.max_rows == math.inf and rule.cost(50_000) == pytest.approx(0.6)
+    for gap, runs in ((5_000, [(0, 2)]), (20_000, [(0, 1), (1, 2)])):
+        got = partition([1_000, 1_000], lambda i, j, g=gap: 1_000 * (j - i) + g * (j - i - 1), 100.0,
+                        rule.cost, 50_000, max_rows=rule.max_rows)
+        assert got == runs
+
+
+def test_transfer_model_learns_latency_throughput_and_bytes_per_row() -> None:
+    """Responses at 50 ms + bytes / 5 MB/s, 300 bytes a row: the fitted line and bytes per row
+    follow them (the prior keeps four responses' weight: within 10 %), and the rule with it: at 20 req/s and
+    12 workers, (0.6 - 0.05) s / (300 / 5e6 s a row) = 9,167 rows a merged page."""
+    m = TransferModel()
+    assert m.line() == pytest.approx((0.1, 1 / 25e6)) and m.bytes_per_row("quotes") == 250
+    for i in range(2_000):
+        rows = (i % 11) * 5_000
+        m.observe("trades", rows, rows * 300, 0.05 + rows * 300 / 5e6)
+    latency, per_byte = m.line()
+    assert latency == pytest.approx(0.05, rel=0.1) and per_byte == pytest.approx(1 / 5e6, rel=0.1)
+    assert m.bytes_per_row("trades") == pytest.approx(300, rel=0.01) and m.bytes_per_row("quotes") == 250
+    assert m.rule("trades", 12, 20.0).max_rows == pytest.approx(9_167, rel=0.1)

@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from smallcaps_ingest.core.cost import pages as _pages
 from smallcaps_ingest.core.plan import (
     PAGE_ROWS,
     DensityStore,
-    _pages,
     cumulative_rows,
     partition,
     within_bound,

@@ -15,10 +15,9 @@ import polars as pl
 import pytest
 
 from smallcaps_ingest.core import shape
+from smallcaps_ingest.core.density import ET, SESSION_BOUNDS
 from smallcaps_ingest.core.plan import (
-    ET,
     NS,
-    SESSION_BOUNDS,
     DensityStore,
     Window,
     plan_kind,

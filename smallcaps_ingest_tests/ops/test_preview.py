@@ -14,7 +14,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from smallcaps_ingest.core.plan import PRIOR_DENSITY, PRIOR_LEVEL_ROWS, PRIOR_SECONDS
+from smallcaps_ingest.core.density import PRIOR_DENSITY, PRIOR_LEVEL_ROWS, PRIOR_SECONDS
 from smallcaps_ingest.ops import preview
 
 CLI = Path(sys.executable).with_name("smallcaps-ingest")

@@ -154,3 +154,26 @@ def test_without_kernel_stamps_arrivals_are_stamped_on_read(monkeypatch: pytest.
         assert codes[:5] == [200] * 5 and codes.count(429) >= 5
         assert sim.max_in_window(1.0, served_only=True) <= 5
         assert sim.max_in_window(1.0) == 15
+
+
+def test_transfer_rate_paces_each_body_by_its_bytes(fresh: Simulator) -> None:
+    """With ``transfer_bytes_per_s`` a body arrives no sooner than its bytes / rate after the
+    request, whatever its size, and a body of a few hundred bytes is not held to a big one's."""
+    rate = 2_000_000.0
+    fresh.config.transfer_bytes_per_s = rate
+    s = requests.Session()
+    s.headers["Authorization"] = "Bearer k"
+    url = f"{fresh.base_url}/v3/quotes/AAOI"
+
+    def timed(limit: int) -> tuple[int, float]:
+        t0 = time.monotonic()
+        r = s.get(url, params={"limit": limit, "timestamp": DAY}, timeout=30)
+        assert r.status_code == 200
+        return len(r.content), time.monotonic() - t0
+
+    big, big_s = timed(8000)
+    small, small_s = timed(1)
+    assert big > 1_000_000 and small < 2_000  # the bodies the bounds are computed from
+    assert big_s >= big / rate
+    assert small_s >= small / rate
+    assert small_s < big / rate  # paced by its own bytes, not by a fixed delay

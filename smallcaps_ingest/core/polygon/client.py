@@ -14,12 +14,16 @@ not use up the allowance for failures.
 One small loop remains in :meth:`PolygonClient.get_page`, for what goes wrong *after* a 200's
 headers: a body cut short, one that stalls longer than the read timeout, one that does not
 decode, or a page that is not valid JSON. urllib3's ``Retry`` cannot see these: ``requests``
-always asks urllib3 for an unread body (``preload_content=False``), and the client must read the
-``Content-Length`` before the body to bound the bytes being read at once (``_ByteBudget``); a
-page that arrived whole but is not a valid page can only be judged by the decoder. The loop
-retries those with a grant per attempt, up to ``MAX_BODY_ATTEMPTS``. (A client on urllib3 alone
-that preloads bodies would move cut and stalled bodies into ``Retry``, but the byte budget would
-have to hook urllib3's response construction, and invalid pages would still need this loop.)
+always asks urllib3 for an unread body (``preload_content=False``), and a 200's body is decoded
+as it streams in (``pages.parse_stream``: a big page is never held whole, and the byte budget,
+``_ByteBudget``, counts what is held); a page that is not a valid page can only be judged by the
+decoder. The loop retries those with a grant per attempt, up to ``MAX_BODY_ATTEMPTS``; a page
+whose pieces did not decode is read whole on the next attempt. (A client on urllib3 alone that
+preloads bodies would move cut and stalled bodies into ``Retry``, but would hold every body
+whole, and invalid pages would still need this loop.)
+
+Each response's seconds (sent to decoded) teach ``timing`` (``cost.TransferModel``), which the
+planner asks how big a merged range may be (decision record D18).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from __future__ import annotations
 import random
 import re
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import polars as pl
@@ -35,8 +40,9 @@ import requests
 from requests.auth import AuthBase
 from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError, SSLError
 
+from smallcaps_ingest.core.cost import TransferModel
 from smallcaps_ingest.core.polygon.budget import BudgetBase, pause
-from smallcaps_ingest.core.polygon.pages import PageDecodeError, parse_page
+from smallcaps_ingest.core.polygon.pages import PIECE_BYTES, PageDecodeError, parse_page, parse_stream
 from smallcaps_ingest.core.polygon.stats import FetchStats
 from smallcaps_ingest.core.polygon.transport import (
     MAX_THROTTLED,
@@ -49,8 +55,11 @@ from smallcaps_ingest.core.polygon.transport import (
 )
 
 PAGE_LIMIT = 50_000
-# Response bytes read and decoded at once by all workers of a client (see _ByteBudget).
+# Response bytes held at once by all workers of a client (see _ByteBudget).
 BODY_BYTES_IN_FLIGHT = 12 * 1024 * 1024
+# What a body decoded as it streams in holds at once (a piece, the chunk after it): the share of
+# BODY_BYTES_IN_FLIGHT it takes, so two dozen big pages arrive side by side (decision record D18).
+STREAMED_BODY_BYTES = 2 * PIECE_BYTES
 MAX_BODY_ATTEMPTS = 12  # attempts at a page whose body fails after the headers (see the docstring)
 
 
@@ -91,12 +100,13 @@ class _BodyFault(Exception):
 
 
 class _ByteBudget:
-    """Bounds the response bytes being read and decoded at once, across worker threads.
+    """Bounds the response bytes held at once, across worker threads.
 
-    A 50k-row page is ~10 MB of JSON and about as much again while it is decoded; a dozen of those
-    at once would be most of a run's peak RSS, and a 2-core host decodes two at a time anyway,
-    so more than a few bodies at once buys nothing. A body larger than the whole budget takes all
-    of it.
+    A 50k-row page is ~12 MB of JSON; a dozen of those held whole at once would be most of a
+    run's peak RSS. 200 bodies are decoded as they stream in and hold a piece at a time
+    (``STREAMED_BODY_BYTES``); a body read whole (an error's, or a page whose streamed decoding
+    failed) takes its length. Holding whole bodies made big pages arrive one after another while
+    the budget idled (D18). A body larger than the whole budget takes all of it.
     """
 
     def __init__(self, limit: int):
@@ -141,6 +151,20 @@ def _read_body(resp: requests.Response) -> bytes:
     return body
 
 
+def _chunks(resp: requests.Response) -> Iterator[bytes]:
+    """A 200's body as it arrives, in reads of ``PIECE_BYTES`` (each loops in C, releasing the GIL
+    on the socket); failures after the headers are ``_BodyFault`` as in ``_read_body``."""
+    try:
+        yield from resp.raw.stream(PIECE_BYTES, decode_content=True)
+    except (ProtocolError, DecodeError, requests.exceptions.ChunkedEncodingError,
+            requests.exceptions.ContentDecodingError):
+        raise _BodyFault("truncated") from None
+    except (ReadTimeoutError, requests.exceptions.ConnectionError):
+        raise _BodyFault("read_timeout") from None
+    except SSLError as e:
+        raise requests.exceptions.SSLError(e) from None
+
+
 def _declared_length(resp: requests.Response) -> int:
     try:
         return max(0, int(resp.headers.get("Content-Length") or 0))
@@ -174,6 +198,7 @@ class PolygonClient:
         read_timeout: float = 30.0,
         max_retries: int = 8,
         body_bytes_in_flight: int = BODY_BYTES_IN_FLIGHT,
+        timing: TransferModel | None = None,
     ):
         if not api_key:
             raise PolygonAuthError("no Polygon API key: set POLYGON_API_KEY (or POLYGON_BASE_URL=simulator)")
@@ -185,6 +210,8 @@ class PolygonClient:
         self.timeout = (connect_timeout, read_timeout)
         self.max_retries = max_retries
         self._bodies = _ByteBudget(body_bytes_in_flight)
+        #: seconds per response as observed (the planner's cost of a merged range's pages)
+        self.timing = timing if timing is not None else TransferModel()
         retry = BudgetedRetry(
             total=max_retries,
             connect=max_retries,
@@ -232,13 +259,15 @@ class PolygonClient:
         """One page, retried until it is a complete, valid 200 body (see the module docstring)."""
         current.stats = stats
         current.endpoint = kind
+        whole = False
         try:
             for attempt in range(MAX_BODY_ATTEMPTS):
                 take_grant(self.budget, stats)
                 try:
-                    return self._attempt(kind, url, params, stats, nbbo_only)
+                    return self._attempt(kind, url, params, stats, nbbo_only, whole)
                 except _BodyFault as fault:
                     last = fault.cause
+                    whole = whole or not fault.backoff  # a page that did not decode in pieces
                     stats.count("retries", last)
                     if fault.backoff and attempt + 1 < MAX_BODY_ATTEMPTS:
                         pause(0.5 * random.uniform(0.5, 1.0))
@@ -252,37 +281,58 @@ class PolygonClient:
             current.stats = None
 
     def _attempt(
-        self, kind: str, url: str, params: Mapping[str, object] | None, stats: FetchStats, nbbo_only: bool
+        self,
+        kind: str,
+        url: str,
+        params: Mapping[str, object] | None,
+        stats: FetchStats,
+        nbbo_only: bool,
+        whole: bool = False,
     ) -> tuple[pl.DataFrame, str | None]:
-        """One request (urllib3 retries what fails before the body), its body read and decoded."""
+        """One request (urllib3 retries what fails before the body), its body read and decoded:
+        a 200's as it streams in unless ``whole``; the seconds it took teach ``timing``."""
+        t0 = time.monotonic()
         try:
             resp = self.session.get(url, params=params, timeout=self.timeout, stream=True)
-            held = self._bodies.take(_declared_length(resp))
+            streamed = resp.status_code == 200 and not whole
+            size = _declared_length(resp)
+            held = self._bodies.take(min(size, STREAMED_BODY_BYTES) if streamed else size)
         except (requests.exceptions.Timeout, requests.exceptions.ConnectionError) as e:
             cause, message = self._failure(kind, e)
             stats.count("errors", cause)
             raise PolygonError(message) from None
         try:
-            body = _read_body(resp)
-            if resp.status_code != 200:
-                self._bodies.give(held)  # not kept while the error is raised
-                held = 0
-                self._refuse(kind, resp, body, stats)
-            stats.add(bytes=len(body))
-            try:
-                frame, next_url = parse_page(kind, body, nbbo_only)
-            except PageDecodeError:
-                raise _BodyFault("truncated", backoff=False) from None
-            finally:
-                del body
+            if streamed:
+                try:
+                    frame, next_url, nbytes = parse_stream(kind, _chunks(resp), nbbo_only)
+                except PageDecodeError:
+                    raise _BodyFault("truncated", backoff=False) from None
+            else:
+                frame, next_url, nbytes = self._read_whole(kind, resp, nbbo_only, stats)
         except requests.exceptions.SSLError as e:
             cause, message = self._failure(kind, e)
             stats.count("errors", cause)
             raise PolygonError(message) from None
         finally:
             self._bodies.give(held)
-        stats.add(pages=1, rows_raw=frame.height)
+        stats.add(bytes=nbytes, pages=1, rows_raw=frame.height)
+        retries = getattr(resp.raw, "retries", None)
+        if not getattr(retries, "history", ()):  # a retried request's seconds hold its backoff
+            self.timing.observe(kind, frame.height, nbytes, time.monotonic() - t0)
         return frame, next_url
+
+    def _read_whole(
+        self, kind: str, resp: requests.Response, nbbo_only: bool, stats: FetchStats
+    ) -> tuple[pl.DataFrame, str | None, int]:
+        """A body read whole, then decoded (a non-200 raises its error)."""
+        body = _read_body(resp)
+        if resp.status_code != 200:
+            self._refuse(kind, resp, body, stats)
+        try:
+            frame, next_url = parse_page(kind, body, nbbo_only)
+        except PageDecodeError:
+            raise _BodyFault("truncated", backoff=False) from None
+        return frame, next_url, len(body)
 
     def _refuse(self, kind: str, resp: requests.Response, body: bytes, stats: FetchStats) -> None:
         """Raise the error of an answer that retrying did not (or cannot) turn into a 200."""
@@ -391,6 +441,7 @@ class PolygonClient:
             raw += page.height
             if keep is not None and page.height:
                 page = page.filter(_inside(keep))
+            stats.add(rows_inside=page.height)
             frames.append(page)
             url = self._same_host(next_url) if next_url else None
             params = None

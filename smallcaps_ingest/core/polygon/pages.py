@@ -18,6 +18,7 @@ The measured comparison is the decoder table of ``benchmarks/cost_per_tick.py``.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import polars as pl
@@ -130,6 +131,56 @@ def _read_arrow(body: bytes, schema: _PageSchema) -> tuple[pl.DataFrame | None, 
     return frame, page.column("next_url")[0].as_py()  # type: ignore[return-value]
 
 
+def parse_stream(
+    kind: str, chunks: Iterable[bytes], nbbo_only: bool = False
+) -> tuple[pl.DataFrame, str | None, int]:
+    """As :func:`parse_page`, on a body read as it arrives: rows are decoded in pieces of about
+    ``PIECE_BYTES`` as soon as they are in, so a page's body is never held whole (about a piece
+    and a chunk of it at a time) and decoding overlaps the transfer. Also the body's bytes.
+
+    The pieces are cut as in ``_read_pieces``; a cut that is not between two rows leaves invalid
+    JSON and raises ``PageDecodeError``, and as the body is gone by then there is no whole-page
+    fallback here: the client asks for the page again and reads it whole (``parse_page``). A page
+    without ``"results":[`` (no rows) is small and read whole."""
+    schema = _PAGE_SCHEMAS["nbbo" if kind == "quotes" and nbbo_only else kind]
+    buf, head, frames, nbytes = bytearray(), b"", [], 0
+    try:
+        for chunk in chunks:
+            nbytes += len(chunk)
+            buf += chunk
+            if not head:
+                k = buf.find(_RESULTS)
+                if k < 0:
+                    continue
+                head = bytes(buf[: k + len(_RESULTS)])
+                del buf[: len(head)]
+            while len(buf) > PIECE_BYTES and (cut := buf.find(_ROW_GAP, PIECE_BYTES)) >= 0:
+                frames.append(pl.read_json(b"".join((b"[", buf[: cut + 1], b"]")), schema=schema.columns))
+                del buf[: cut + 2]
+        if not head:
+            frame, next_url = parse_page(kind, bytes(buf), nbbo_only)
+            return frame, next_url, nbytes
+        end = 0 if not frames and buf.lstrip().startswith(b"]") else buf.rfind(_ROWS_END) + 1
+        if end > 0:
+            frames.append(pl.read_json(b"".join((b"[", buf[:end], b"]")), schema=schema.columns))
+        elif frames or not buf.lstrip().startswith(b"]"):
+            raise PageDecodeError(f"invalid {kind} page: its rows are not closed")
+        next_url = _next_url(memoryview(head), buf[end:], rows_cut=True)
+    except pl.exceptions.PolarsError as e:
+        raise PageDecodeError(f"invalid {kind} page piece: {str(e)[:160]}") from None
+    frame = pl.concat(frames) if len(frames) > 1 else frames[0] if frames else None
+    return _finish(frame, schema), next_url, nbytes
+
+
+def _finish(frame: pl.DataFrame | None, schema: _PageSchema) -> pl.DataFrame:
+    if frame is None:
+        return pl.DataFrame(schema=schema.columns)
+    if frame.get_column("sip_timestamp").null_count() or frame.get_column("sequence_number").null_count():
+        # the v3 API always sends both; a row without them sorts first and falls outside every window
+        frame = frame.with_columns(pl.col("sip_timestamp", "sequence_number").fill_null(0))
+    return frame
+
+
 def parse_page(kind: str, body: bytes, nbbo_only: bool = False) -> tuple[pl.DataFrame, str | None]:
     """Decode one v3 page into a typed frame and its ``next_url`` (see the module docstring).
 
@@ -145,9 +196,4 @@ def parse_page(kind: str, body: bytes, nbbo_only: bool = False) -> tuple[pl.Data
             frame, next_url = _read_arrow(body, schema)
         except (pa.ArrowInvalid, PageDecodeError) as e:
             raise PageDecodeError(f"invalid {kind} page ({len(body)} bytes): {str(e)[:160]}") from None
-    if frame is None:
-        return pl.DataFrame(schema=schema.columns), next_url
-    if frame.get_column("sip_timestamp").null_count() or frame.get_column("sequence_number").null_count():
-        # the v3 API always sends both; a row without them sorts first and falls outside every window
-        frame = frame.with_columns(pl.col("sip_timestamp", "sequence_number").fill_null(0))
-    return frame, next_url
+    return _finish(frame, schema), next_url

@@ -22,6 +22,7 @@ class FetchStats:
     bytes: int = 0
     rows_raw: int = 0
     rows_kept: int = 0
+    rows_inside: int = 0  # raw rows inside the event windows (a merged range's others are its gaps)
     budget_wait_s: float = 0.0
     errors: Counter[str] = field(default_factory=Counter)  # failures that reached us, by type
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -45,6 +46,7 @@ class FetchStats:
             self.bytes += other.bytes
             self.rows_raw += other.rows_raw
             self.rows_kept += other.rows_kept
+            self.rows_inside += other.rows_inside
             self.budget_wait_s += other.budget_wait_s
 
     @property
@@ -71,6 +73,7 @@ class FetchStats:
             "bytes": self.bytes,
             "rows_raw": self.rows_raw,
             "rows_kept": self.rows_kept,
+            "rows_inside": self.rows_inside,
             "budget_wait_s": round(self.budget_wait_s, 3),
             "errors_by_type": self.error_counts(),
         }

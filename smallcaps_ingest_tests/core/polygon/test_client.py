@@ -238,10 +238,34 @@ def test_fetch_windows_drops_gap_rows_and_counts_raw(client: PolygonClient) -> N
     )
 
 
+class _Quiet(BaseHTTPRequestHandler):
+    base = ""  # the server's URL, set by _fetch_from
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _fetch_from(handler: type[_Quiet], ticker: str, tmp_path: Path) -> tuple[pl.DataFrame, FetchStats]:
+    """``fetch_range`` of ``ticker``'s trades from a local server answering with ``handler``."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    handler.base = f"http://127.0.0.1:{server.server_port}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        c = PolygonClient(handler.base, TEST_KEY, RequestBudget(50, tmp_path / "b.sqlite"), workers=1,
+                          read_timeout=10)
+        stats = FetchStats()
+        got = c.fetch_range("trades", ticker, 1_700_000_000_000_000_000, 1_700_000_001_000_000_000, stats)
+        c.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    return got, stats
+
+
 def test_gzip_bodies_are_decoded_and_a_short_gzip_body_is_retried(tmp_path: Path) -> None:
-    """The real API gzips when asked (requests asks). A page is read in one call
-    (``client._read_body``): a gzip body is decoded whole; one cut short of its Content-Length is a
-    truncated body, retried, never half a page."""
+    """The real API gzips when asked (requests asks). A page is decoded as it streams in, gunzipped
+    on the way; one cut short of its Content-Length is a truncated body, retried, never half a
+    page."""
     rows = [{"sip_timestamp": 1_700_000_000_000_000_000 + i, "sequence_number": i + 1, "price": 1.5,
              "size": 100, "exchange": 4, "id": str(i)} for i in range(5000)]
     pages = {
@@ -252,13 +276,10 @@ def test_gzip_bodies_are_decoded_and_a_short_gzip_body_is_retried(tmp_path: Path
     served: list[tuple[str, str, bool]] = []
     cut_once = {"/v3/trades/GZIP?cursor=two"}
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
+    class Handler(_Quiet):
         def do_GET(self) -> None:  # noqa: N802
             key = self.path.split("&", 1)[0] if "cursor" in self.path else self.path.split("?", 1)[0]
-            page = json.dumps(pages[key]).replace("__BASE__", base).encode()
+            page = json.dumps(pages[key]).replace("__BASE__", self.base).encode()
             body = gzip.compress(page)
             short = key in cut_once
             cut_once.discard(key)
@@ -272,19 +293,7 @@ def test_gzip_bodies_are_decoded_and_a_short_gzip_body_is_retried(tmp_path: Path
             if short:
                 self.close_connection = True
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    base = f"http://127.0.0.1:{server.server_port}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        budget = RequestBudget(50, tmp_path / "b.sqlite")
-        c = PolygonClient(base, TEST_KEY, budget, workers=1, read_timeout=10)
-        stats = FetchStats()
-        got = c.fetch_range("trades", "GZIP", 1_700_000_000_000_000_000, 1_700_000_001_000_000_000, stats)
-        c.close()
-    finally:
-        server.shutdown()
-        server.server_close()
+    got, stats = _fetch_from(Handler, "GZIP", tmp_path)
     assert got.height == 5000 and got["sequence_number"].to_list() == list(range(1, 5001))
     assert got["id"].to_list() == [str(i) for i in range(5000)]
     first, second = "/v3/trades/GZIP", "/v3/trades/GZIP?cursor=two"
@@ -292,3 +301,31 @@ def test_gzip_bodies_are_decoded_and_a_short_gzip_body_is_retried(tmp_path: Path
     assert all("gzip" in enc for _, enc, _ in served)
     assert stats.as_dict()["retries_by_cause"] == {"truncated": 1}, stats.as_dict()
     assert stats.pages == 2 and stats.total_requests == 3
+
+
+def test_a_page_that_does_not_decode_in_pieces_is_asked_again_and_read_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ids holding the piece marker ``},{``: decoding the page as it streams in cuts inside a
+    string, which is invalid JSON (never other rows), and the body is gone by then; the client
+    asks for the page once more and reads it whole. Every row arrives, exactly once."""
+    from smallcaps_ingest.core.polygon import pages as pages_mod
+
+    monkeypatch.setattr(pages_mod, "PIECE_BYTES", 64)
+    rows = [{"sip_timestamp": 1_700_000_000_000_000_000 + i, "sequence_number": i + 1, "price": 1.5,
+             "size": 100, "id": f"{i}}},{{x"} for i in range(300)]
+    body = json.dumps({"results": rows, "status": "OK"}, separators=(",", ":")).encode()
+    served: list[str] = []
+
+    class Handler(_Quiet):
+        def do_GET(self) -> None:  # noqa: N802
+            served.append(self.path.split("?", 1)[0])
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    got, stats = _fetch_from(Handler, "MARK", tmp_path)
+    assert got["id"].to_list() == [f"{i}}},{{x" for i in range(300)]
+    assert served == ["/v3/trades/MARK"] * 2 and stats.retries == {"truncated": 1} and stats.pages == 1

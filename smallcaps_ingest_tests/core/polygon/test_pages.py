@@ -160,3 +160,45 @@ def test_parse_page_matches_stdlib_json_on_a_simulator_page(client: PolygonClien
         want = [r.get(col) for r in rows]
         got = df[col].to_list()
         assert got == [float(w) if isinstance(w, int) and col in ("price", "size") else w for w in want], col
+
+
+def _chunked(body: bytes, size: int) -> list[bytes]:
+    return [body[i : i + size] for i in range(0, len(body), size)]
+
+
+def test_parse_stream_equals_the_whole_page_at_every_chunk_and_piece_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Decoded as it streams in, a page gives the frame, ``next_url`` and byte count of the
+    whole-page read, whatever the chunks and pieces (next_url before or after the rows, no rows,
+    no results at all). A cut inside a string (the marker ``},{`` in an id) never yields other
+    rows: the page either decodes right or raises ``PageDecodeError`` (the client then reads it
+    whole); a body cut short raises."""
+    clean = _trades_body([str(i) for i in range(40)], nested=False)
+    inner = clean[clean.index(b'"results":[') : clean.rindex(b"]") + 1]
+    bodies = [clean, b'{"next_url":"http://h/n",' + inner + b',"status":"OK"}',
+              b'{"status":"OK","results":[],"next_url":"http://h/e"}', b'{"status":"OK"}']
+    for body in bodies:
+        want, want_next = parse_page("trades", body)
+        for piece in (1, 64, 300, 1 << 20):
+            monkeypatch.setattr(pages, "PIECE_BYTES", piece)
+            for chunk in (1, 7, 256, len(body)):
+                got, nxt, n = pages.parse_stream("trades", _chunked(body, chunk))
+                assert got.equals(want) and nxt == want_next and n == len(body), (piece, chunk)
+    ids = ["7", "a},{b", 'q\\"},{\\"', "}", "{", "x},{"]
+    outcomes = set()
+    for tricky in (_trades_body([ids[i % len(ids)] for i in range(40)], nested=False),
+                   _trades_body([str(i) for i in range(40)], nested=True)):  # "},{" in nested objects
+        want, _ = parse_page("trades", tricky)
+        for piece in range(1, 400, 13):
+            monkeypatch.setattr(pages, "PIECE_BYTES", piece)
+            try:
+                got, _, _ = pages.parse_stream("trades", _chunked(tricky, 97))
+            except PageDecodeError:
+                outcomes.add("raised")
+            else:
+                assert got.equals(want), piece
+                outcomes.add("equal")
+            with pytest.raises(PageDecodeError):
+                pages.parse_stream("trades", _chunked(clean[: len(clean) // 2 + piece], 97))
+    assert outcomes == {"raised", "equal"}
