@@ -77,6 +77,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))  # the `dagster dev` helpers are shared with the browser test
 from smallcaps_ingest_tests import ui_helpers as ui  # noqa: E402
+from smallcaps_ingest_tests.team_helpers import database_mb, pg_database  # noqa: E402
 from smallcaps_ingest_tests.ui_helpers import DagsterDev, tail  # noqa: E402
 
 ASSET = "event_windows"
@@ -241,7 +242,9 @@ def _q(xs: Sequence[float], p: float) -> float:
     return s[min(len(s) - 1, int(p * len(s)))]
 
 
-def analyse_instance(home: Path, backfill_id: str, symbols: Sequence[str]) -> dict[str, Any]:
+def analyse_instance(
+    home: Path, backfill_id: str, symbols: Sequence[str], pg_url: str | None = None
+) -> dict[str, Any]:
     import dagster as dg
     
     os.environ["DAGSTER_HOME"] = str(home)  # dagster.yaml's storage reads it
@@ -315,12 +318,14 @@ def analyse_instance(home: Path, backfill_id: str, symbols: Sequence[str]) -> di
         "queries": queries,
         "materialized": len(set(materialized) & set(symbols)),
         "failed_checks": dict(failed_checks),
-        "files": instance_files(home),
+        "files": instance_files(home, pg_url),
     }
 
 
-def instance_files(home: Path) -> list[tuple[str, float]]:
-    """The instance's SQLite files and their sizes (MB), biggest first."""
+def instance_files(home: Path, pg_url: str | None = None) -> list[tuple[str, float]]:
+    """The instance's SQLite files and their sizes (MB), biggest first; on Postgres the database."""
+    if pg_url:
+        return [(f"postgres database {pg_url.rsplit('/', 1)[1]}", database_mb(pg_url))]
     files = [(str(f.relative_to(home)), f.stat().st_size / 1e6) for f in home.rglob("*.db*") if f.is_file()]
     return sorted(files, key=lambda x: -x[1])
 
@@ -388,6 +393,13 @@ def main() -> None:
         help="single (the project's BackfillPolicy.single_run()) or multi_run:N, a what-if variant "
         "loaded from a generated definitions file (assets.py is not changed)",
     )
+    ap.add_argument(
+        "--storage",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="the instance: dagster_home/dagster.yaml (SQLite files) or deploy/dagster.yaml on a "
+        "database of its own on the local PostgreSQL, 127.0.0.1:5432 (created, dropped afterwards)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (path printed)")
     args = ap.parse_args()
 
@@ -408,8 +420,10 @@ def main() -> None:
 
     sim: SimHost | None = None
     dev: DagsterDev | None = None
+    stack = contextlib.ExitStack()
     try:
         with sigterm_as_exit():
+            pg_url = stack.enter_context(pg_database()) if args.storage == "postgres" else None
             sim = SimHost(latency_ms=args.latency_ms, latency_jitter_ms=args.jitter_ms)
             rows, cpu, _, _ = sim.warm(
                 [Event(s, w.event_id, w.start_ns, w.end_ns) for s, ws in work.items() for w in ws]
@@ -431,7 +445,8 @@ def main() -> None:
             home, data = root / "dagster_home", root / "data"
             home.mkdir()
             data.mkdir()
-            shutil.copy(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+            config = "deploy" if pg_url else "dagster_home"
+            shutil.copy(ROOT / config / "dagster.yaml", home / "dagster.yaml")
             env = {k: v for k, v in os.environ.items() if not k.startswith(("POLYGON_", "SMALLCAPS_"))}
             env.update(
                 DAGSTER_HOME=str(home),
@@ -443,6 +458,9 @@ def main() -> None:
                 POLYGON_WORKERS=str(args.workers),
                 PYTHONUNBUFFERED="1",
             )
+            if pg_url:
+                env["DAGSTER_PG_URL"] = os.environ["DAGSTER_PG_URL"] = pg_url  # analyse_instance's too
+                print(f"instance storage: postgres ({pg_url})")
             extra = dict(kv.split("=", 1) for kv in args.env)
             env.update(extra)
             if extra:
@@ -498,7 +516,7 @@ def main() -> None:
             sim.stop()
             sim = None
 
-            info = analyse_instance(home, backfill_id, symbols)
+            info = analyse_instance(home, backfill_id, symbols, pg_url)
             report(
                 args,
                 symbols,
@@ -518,6 +536,7 @@ def main() -> None:
             dev.stop()
         if sim is not None:
             sim.stop()
+        stack.close()  # drops the Postgres database
         if args.keep:
             print(f"kept {root}")
         else:
@@ -781,12 +800,13 @@ def report(
         table(
             ["instance read, alone on the finished instance", "ms each"],
             info["queries"].items(),
-            title="Per-partition instance reads of event_windows (sqlite, no concurrent writer)",
+            title=f"Per-partition instance reads of event_windows ({args.storage}, no concurrent writer)",
         )
     )
     files = info["files"]
     print(
-        f"\ninstance files: {sum(mb for _, mb in files):.1f} MB in {len(files)} SQLite files; biggest: "
+        f"\ninstance storage ({args.storage}): {sum(mb for _, mb in files):.1f} MB in {len(files)} "
+        "file(s) / database; biggest: "
         + ", ".join(f"{name} {mb:.1f} MB" for name, mb in files[:3])
     )
     if direct is not None:
