@@ -5,6 +5,7 @@
     python benchmarks/backfill_bench.py --rps 100 --latency-ms 50 --jitter-ms 10 --window-s 45 --keep
     python benchmarks/backfill_bench.py --symbols 400 --skip-direct --policy multi_run:100   # what-if
     python benchmarks/backfill_bench.py --env DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS=1  # what-if
+    python benchmarks/backfill_bench.py --storage postgres  # deploy/dagster.yaml on a database of its own
 
 What runs, all on loopback, in a fresh temporary directory:
 
@@ -36,6 +37,9 @@ What runs, all on loopback, in a fresh temporary directory:
 ``--policy multi_run:N`` runs the backfill against the project's definitions with
 ``BackfillPolicy.multi_run(N)`` (a generated definitions file; assets.py is not changed), ``--env``
 adds environment variables to the Dagster processes.
+
+The last table projects the orchestration to the users' whole job (``full_job``): what its much
+longer fetch would not overlap, against issue 19's goal (< 5 % of that fetch).
 
 Timings are wall-clock on a shared 2-core machine: noisy; the load average is printed. Most of a
 1,600-partition backfill is the run recording its events, so the whole script takes ~13-15 min.
@@ -341,8 +345,10 @@ def full_job(
     complete (log line, checkpoint, and since D18 the checks' evaluations) trail the fetch. In the
     whole job (FULL_JOB_EVENTS at FULL_JOB_REQ_PER_EVENT, FULL_JOB_RPS) each symbol takes seconds to
     fetch, so those writes overlap it as long as one partition's writes take less than that. What
-    stays outside the fetch whatever its length: launch -> first request, Dagster's records of every
-    partition at step end through RUN_SUCCESS (with the check step), and the backfill's completion."""
+    stays outside the fetch whatever its length: launch -> first request (with Dagster's planned
+    events, one per partition), Dagster's records of every partition at step end through RUN_SUCCESS
+    (with the check step), and the backfill's completion. Per-partition parts are scaled to
+    FULL_JOB_SYMBOLS when the bench ran fewer partitions."""
     pp, seq = info["per_partition"], info["seq"]
     full = [p["mat_ts"] for p in pp.values() if "mat_ts" in p]
     if not full:
@@ -354,17 +360,21 @@ def full_job(
     per_symbol_fetch_s = fetch_s / FULL_JOB_SYMBOLS
     scale = FULL_JOB_SYMBOLS / n  # the records at step end grow with the partitions
     after = [ts for ts, kind, _, _ in seq if kind == CHK and ts >= first_full]
+    planned = info["type_marks"].get("ASSET_MATERIALIZATION_PLANNED", [])
+    planned_s = (max(planned) - min(planned)) if planned else 0.0  # one event per partition at launch
     rows = [
         ("launch -> first request", engine_start - t_launch),
+        ("  of which the planned events, one per partition", planned_s),
         ("the step's writes of one partition (overlap while < one symbol's fetch)", per_partition_s),
         ("Dagster's records of every partition (first -> last)", max(full) - first_full),
         ("  check evaluations after them (the check step)", (max(after) - first_full) if after else 0.0),
         ("last of Dagster's records -> RUN_SUCCESS", run_end - max(full)),
         ("RUN_SUCCESS -> backfill COMPLETED_SUCCESS", backfill_done - run_end),
     ]
-    outside = ((engine_start - t_launch) + per_partition_s + (max(full) - first_full) * scale
-               + (run_end - max(full)) + (backfill_done - run_end))
-    rows.append((f"not overlapped with the fetch, whole job (Dagster's records x {scale:g})", outside))
+    outside = ((engine_start - t_launch) + (scale - 1) * planned_s + per_partition_s
+               + (max(full) - first_full) * scale + (run_end - max(full)) + (backfill_done - run_end))
+    label = f"not overlapped with the fetch, whole job (planned events and Dagster's records x {scale:g})"
+    rows.append((label, outside))
     print()
     title = (f"The users' whole job: {FULL_JOB_EVENTS:,} events x {FULL_JOB_REQ_PER_EVENT} req at "
              f"{FULL_JOB_RPS:g} req/s = {fetch_s:,.0f} s of fetch, {FULL_JOB_SYMBOLS:,} symbols "
