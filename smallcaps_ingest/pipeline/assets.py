@@ -149,8 +149,9 @@ def event_windows(
     symbols = list(context.partition_keys)
     # A checkpoint is worth its write only when other symbols may still be fetched after it.
     ranged = len(symbols) > 1
-    # A range run's checks: each symbol's as it completes, while others are fetched (checks.py)
-    check_names = checks.checks_in_asset_step(context) if ranged else set()
+    # A run over a partition range (one partition or more; the check step's own test) records its
+    # checks here, each symbol's as it completes, while others are fetched (checks.py)
+    check_names = set() if context.has_partition_key else checks.checks_in_asset_step(context)
     polygon.preflight()  # no key: stop here, before any request
     done: list[SymbolOutcome] = []
     failed: list[SymbolOutcome] = []
@@ -160,8 +161,8 @@ def event_windows(
             context.add_asset_metadata(records.outcome_metadata(o), partition_key=o.symbol)
             if ranged:
                 yield records.checkpoint(context.asset_key, o)
-                if check_names:
-                    yield from checks.evaluations(settings, o.symbol, manifest, check_names)
+            if check_names:
+                yield from checks.evaluations(settings, o.symbol, manifest, check_names)
     if failed:
         for o in done if ranged else ():
             yield records.failure_record(context.asset_key, o)

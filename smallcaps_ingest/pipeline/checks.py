@@ -6,10 +6,11 @@ run has no partition key, and an ``AssetCheckResult`` cannot name a partition, s
 one ``AssetCheckEvaluation`` per partition and check instead; the public API cannot name the
 materialization such an evaluation targets, so the UI's Partitions view of a check counts them as
 out of date, while each is stored per partition with its status (see benchmarks/README.md,
-decision record "public Dagster API only"). In a range run that also materializes the asset, the
-asset step evaluates each symbol's selected checks as soon as the symbol is complete, while the
-other symbols are still being fetched (their instance writes overlap the fetch; decision record
-D18), and the check step then has nothing left to do.
+decision record "public Dagster API only"). In a range run that also materializes the asset (a
+range of one partition too: such a run has no partition key either), the asset step evaluates each
+symbol's selected checks as soon as the symbol is complete, while the other symbols are still being
+fetched (their instance writes overlap the fetch; decision record D18), and the check step then has
+nothing left to do.
 """
 
 from collections.abc import Collection, Iterator
