@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -17,8 +18,9 @@ from typing import Any
 
 import dagster as dg
 import psycopg2
+import redis
 
-from smallcaps_ingest_tests.conftest import BIN, REPO
+from smallcaps_ingest_tests.conftest import BIN, REPO, cli_env
 from smallcaps_ingest_tests.resilience_helpers import cli_instance, kill_group
 
 PG = "postgresql+psycopg2://postgres@127.0.0.1:5432"
@@ -57,6 +59,37 @@ def pg_database() -> Iterator[str]:
     finally:
         with contextlib.closing(_admin()) as conn, conn.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def database_mb(db_url: str) -> float:
+    """The size of a database at the server, MB."""
+    with contextlib.closing(_admin()) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_database_size(%s)", (db_url.rsplit("/", 1)[1],))
+        return cur.fetchone()[0] / 1e6
+
+
+def host_envs(
+    root: Path, events: Path, pg_url: str, **extra: str
+) -> dict[str, dict[str, str]]:
+    """Two hosts "a" and "b": each its own directory, DAGSTER_HOME (deploy/dagster.yaml) and copy of
+    the events file; one Postgres instance, one data tree (root/data) and whatever `extra` sets
+    (the simulator, the budget)."""
+    envs = {}
+    for h in ("a", "b"):
+        own = root / f"host_{h}"
+        own.mkdir()
+        shutil.copy(events, own / "events.parquet")
+        envs[h] = cli_env(own, SMALLCAPS_EVENTS=str(own / "events.parquet"),
+                          SMALLCAPS_DATA_DIR=str(root / "data"), **team_home(own / "home", pg_url), **extra)
+    return envs
+
+
+def drop_redis_keys(prefix: str) -> None:
+    """Delete a test's budget keys from the local Redis."""
+    r = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    keys = list(r.scan_iter(match=prefix + "*"))
+    if keys:
+        r.delete(*keys)
 
 
 def team_home(root: Path, pg_url: str, pool_limit: int | None = None) -> dict[str, str]:
@@ -104,11 +137,13 @@ class ConnectionPeak:
 
 
 @contextlib.contextmanager
-def daemon(env: Mapping[str, str], log: Path) -> Iterator[subprocess.Popen]:  # type: ignore[type-arg]
-    """``dagster-daemon run`` on the repo's workspace (the run queue, monitoring, retries)."""
+def daemon(
+    env: Mapping[str, str], log: Path, workspace: Path = REPO / "workspace.yaml"
+) -> Iterator[subprocess.Popen]:  # type: ignore[type-arg]
+    """``dagster-daemon run`` on a workspace, the repo's by default (the run queue, monitoring, retries)."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(BIN / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
+            [str(BIN / "dagster-daemon"), "run", "-w", str(workspace)],
             cwd=REPO, env=dict(env), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
@@ -183,3 +218,48 @@ def materializations_per_partition(env: Mapping[str, str], symbols: list[str]) -
             assert checkpointed <= set(final), (s, checkpointed, final)
             out[s] = len(final)
     return out
+
+
+def wait_for(what: str, predicate, timeout: float, logs: tuple[Path, ...] = ()):  # type: ignore[no-untyped-def]
+    """predicate()'s first truthy value, polled every 0.5 s; the bound fails with the logs' tails."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-3000:]}" for p in logs)
+            raise AssertionError(f"{what}: not within {timeout:.0f} s\n{tails}")
+        time.sleep(0.5)
+
+
+def pool_state(env: Mapping[str, str], pool: str = "polygon_api") -> tuple[list[str], list[str]]:
+    """(run ids holding a slot of the pool, run ids with a step waiting for one), in the shared instance."""
+    with team_instance(env) as instance:
+        info = instance.event_log_storage.get_concurrency_info(pool)  # type: ignore[attr-defined]
+        return [s.run_id for s in info.claimed_slots], [s.run_id for s in info.pending_steps]
+
+
+def run_statuses(env: Mapping[str, str]) -> dict[str, str]:
+    with team_instance(env) as instance:
+        return {r.run_id: r.status.value for r in instance.get_runs()}  # type: ignore[attr-defined]
+
+
+def event_times(env: Mapping[str, str], run_id: str, step_key: str | None = None) -> dict[str, list[float]]:
+    """event type -> timestamps of a run's events (only the step's when step_key is given)."""
+    out: dict[str, list[float]] = {}
+    with team_instance(env) as instance:
+        for e in instance.all_logs(run_id):  # type: ignore[attr-defined]
+            if e.dagster_event and (step_key is None or e.step_key == step_key):
+                out.setdefault(e.dagster_event.event_type_value, []).append(e.timestamp)
+    return out
+
+
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    """The largest number of the [start, end] spans that hold one moment."""
+    points = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    most = now = 0
+    for _, step in points:
+        now += step
+        most = max(most, now)
+    return most

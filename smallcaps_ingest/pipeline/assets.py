@@ -15,7 +15,7 @@ from smallcaps_ingest.core.engine import FetchEngine, SymbolOutcome, windows_fro
 from smallcaps_ingest.core.events import read_events
 from smallcaps_ingest.core.manifest import build_manifest
 from smallcaps_ingest.core.plan import DensityStore
-from smallcaps_ingest.pipeline import records
+from smallcaps_ingest.pipeline import checks, records
 from smallcaps_ingest.pipeline.automation import (
     EVENT_WINDOWS_CONDITION,
     MANIFEST_CONDITION,
@@ -149,6 +149,9 @@ def event_windows(
     symbols = list(context.partition_keys)
     # A checkpoint is worth its write only when other symbols may still be fetched after it.
     ranged = len(symbols) > 1
+    # A run over a partition range (one partition or more; the check step's own test) records its
+    # checks here, each symbol's as it completes, while others are fetched (checks.py)
+    check_names = set() if context.has_partition_key else checks.checks_in_asset_step(context)
     polygon.preflight()  # no key: stop here, before any request
     done: list[SymbolOutcome] = []
     failed: list[SymbolOutcome] = []
@@ -158,6 +161,8 @@ def event_windows(
             context.add_asset_metadata(records.outcome_metadata(o), partition_key=o.symbol)
             if ranged:
                 yield records.checkpoint(context.asset_key, o)
+            if check_names:
+                yield from checks.evaluations(settings, o.symbol, manifest, check_names)
     if failed:
         for o in done if ranged else ():
             yield records.failure_record(context.asset_key, o)
