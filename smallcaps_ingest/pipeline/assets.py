@@ -208,9 +208,8 @@ def _fetch(
     backfill_policy=dg.BackfillPolicy.single_run(),
     group_name="ingest",
     description=(
-        "Each symbol's complete events, one trades and one quotes file per event type, under "
-        "compacted/symbol=SYM/, "
-        "for fast reading (smallcaps_ingest.read.load_windows uses them while they are fresh)."
+        "Each symbol's complete events, a trades and a quotes file per event type, in compacted/symbol=SYM/"
+        ", for fast reading (smallcaps_ingest.read.load_windows uses them while they are fresh)."
     ),
 )
 def compacted_windows(
