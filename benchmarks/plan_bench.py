@@ -38,6 +38,7 @@ import _bootstrap  # noqa: F401
 from _common import load_average, run_ours, table
 from manifests import Event, describe, make
 
+from smallcaps_ingest.core.cost import default_workers
 from smallcaps_ingest.core.plan import DensityStore, et_day, overfetch_allowance
 from smallcaps_ingest.ops import preview
 from smallcaps_ingest.simulator import SimConfig, Simulator
@@ -45,6 +46,10 @@ from smallcaps_ingest.simulator import SimConfig, Simulator
 CLI = Path(sys.executable).with_name("smallcaps-ingest")
 SHAPES = (("in_play_multiday", 1500), ("clustered_multiday", 1500), ("isolated", 600), ("in_play", 600))
 ALLOWANCE = overfetch_allowance(90.0)
+# The runs' budget and workers, which the estimate is given too: the engine's merge rule depends on
+# both (workers / max_rps, decision record D18), so an estimate at other settings plans other ranges.
+RPS = 90.0
+WORKERS = default_workers(RPS)
 
 
 def halves(events: list[Event]) -> tuple[list[Event], list[Event]]:
@@ -64,7 +69,8 @@ def estimate(events: list[Event], density: DensityStore) -> int:
     manifest: dict[str, list] = {}
     for e in events:
         manifest.setdefault(e.symbol, []).append((e.window, "ALL"))
-    res = preview.estimate(manifest, {}, density, preview.Settings(max_rps=90.0, overfetch_rows=ALLOWANCE))
+    settings = preview.Settings(max_rps=RPS, overfetch_rows=ALLOWANCE, workers=WORKERS)
+    res = preview.estimate(manifest, {}, density, settings)
     return int(res["requests"]["total"])
 
 
@@ -76,16 +82,18 @@ def accuracy() -> None:
             a, b = halves(events)
             work = Path(tmp) / kind
             cold_est = estimate(b, DensityStore(None))
-            cold = run_ours(sim.base_url, b, 1000.0, work / "cold", overfetch_rows=ALLOWANCE).requests
+            cold = run_ours(sim.base_url, b, RPS, work / "cold", workers=WORKERS,
+                            overfetch_rows=ALLOWANCE).requests
             dpath = work / "density.json"
             run_ours(
-                sim.base_url, a, 1000.0, work / "a", density=DensityStore(dpath), overfetch_rows=ALLOWANCE
+                sim.base_url, a, RPS, work / "a", density=DensityStore(dpath), workers=WORKERS,
+                overfetch_rows=ALLOWANCE,
             )
             warm_est = estimate(b, DensityStore(dpath))
             shutil.copy(dpath, work / "density_b.json")
             again = DensityStore(work / "density_b.json")
             warm = run_ours(
-                sim.base_url, b, 1000.0, work / "warm", density=again, overfetch_rows=ALLOWANCE
+                sim.base_url, b, RPS, work / "warm", density=again, workers=WORKERS, overfetch_rows=ALLOWANCE
             ).requests
             rows.append((kind, describe(b), cold_est, cold, f"{cold_est / cold - 1:+.1%}",
                          warm_est, warm, f"{warm_est / warm - 1:+.1%}"))  # fmt: skip
