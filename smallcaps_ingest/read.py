@@ -219,14 +219,13 @@ def plan_windows(
     pieces: list[Piece] = []
     for _, run in runs.group_by("__run", maintain_order=True):  # consecutive symbols read the same way
         if run["__c"][0]:
-            pieces.extend(_compacted_pieces(root, kind, run.select(EVENT_COLUMNS), sidecars))
+            pieces.extend(_compacted_pieces(kind, run.select(EVENT_COLUMNS), sidecars))
         else:
             pieces.append(Piece(False, run[_PATH].to_list(), run.select(*EVENT_COLUMNS, _PATH)))
     return ReadPlan(kind, selected.select(EVENT_COLUMNS), missing, pieces)
 
 
-def _compacted_pieces(root: str, kind: str, events: pl.DataFrame,
-                      sidecars: dict[str, compact.Sidecar]) -> list[Piece]:
+def _compacted_pieces(kind: str, events: pl.DataFrame, sidecars: dict[str, compact.Sidecar]) -> list[Piece]:
     """Fresh symbols' selected events (in ORDER) as pieces over their (symbol, type) files:
     consecutive files whose every event is selected form a ``whole`` piece, the rest filtered ones."""
     keys = ["symbol", "event_type"]
@@ -327,10 +326,6 @@ def _sql_list(items: Iterable[str]) -> str:
     return "[" + ", ".join("'" + s.replace("'", "''") + "'" for s in items) + "]"
 
 
-def _sql_in(col: str, values: Iterable[str]) -> str:
-    return f'"{col}" IN (' + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + ")"
-
-
 def _view_sql(con: duckdb.DuckDBPyConnection, plan: ReadPlan) -> str:
     time_col, cols = _columns(plan, None)
     ev = ", ".join(f'e."{c}"' for c in EVENT_COLUMNS)
@@ -341,10 +336,9 @@ def _view_sql(con: duckdb.DuckDBPyConnection, plan: ReadPlan) -> str:
         name = f"_smallcaps_{plan.kind}_{i}"
         con.register(name, p.events.to_arrow())
         if p.compacted:
-            types = p.events["event_type"].unique().to_list()
             selects.append(
                 f"SELECT {ev}, {t_rel}, {fc} FROM read_parquet({_sql_list(p.files)}) f "
-                f"JOIN {name} e ON f.event_id = e.event_id WHERE f.{_sql_in('event_type', types)}"
+                f"JOIN {name} e ON f.event_id = e.event_id"
             )
         else:
             selects.append(
