@@ -3,6 +3,7 @@
     python benchmarks/read_bench.py                       # 100,000 events: generate, compact, time
     python benchmarks/read_bench.py --keep                # keep the tree (benchmarks/out/read_N)
     python benchmarks/read_bench.py --reuse               # time a kept tree again
+    python benchmarks/read_bench.py --events 572850 --per-symbol 354 --query-events 10000   # full size
 
 The tree: ``--events`` events (default 100,000), ``--per-symbol`` per symbol (150, so 667
 symbols), ``--types`` event types (10, assigned round-robin: 10,000 events per type), RTH
@@ -193,6 +194,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="processes that write and compact the tree")
     ap.add_argument("--recompact", action="store_true", help="with --reuse: compact the kept tree again")
     ap.add_argument("--skip-glob", action="store_true", help="time only (c) and (d)")
+    ap.add_argument("--query-events", type=int, default=None, metavar="N",
+                    help="query 1 takes the type's first N events by time (a start/end range) instead "
+                         "of all of them: 10,000 of a type on a tree larger than 100,000 events")
     args = ap.parse_args()
     base = args.dir or ROOT / "benchmarks" / "out" / f"read_{args.events}"
     data, info_file = base / "data", base / "info.json"
@@ -213,10 +217,17 @@ def main() -> None:
         return
     man = pl.read_parquet(data / "manifest.parquet")
     etype, sym = "type_3", man["symbol"][0]
-    ids = man.filter(pl.col("event_type") == etype)["event_id"].to_list()
+    of_type = man.filter(pl.col("event_type") == etype).sort("timestamp", "event_id")
+    q1: dict[str, object] = {"event_types": etype}
+    where_sql = f"m.event_type = '{etype}'"
+    if args.query_events is not None and args.query_events < of_type.height:
+        end = of_type["timestamp"][args.query_events]  # the first N events' times lie before it
+        of_type = of_type.filter(pl.col("timestamp") < end)
+        q1["end"] = end
+        where_sql += f" AND m.timestamp < '{end.isoformat()}'"
+    ids = of_type["event_id"].to_list()
     queries = {
-        f"quotes of {len(ids):,} events of {etype}": (
-            "quotes", pl.col("event").is_in(ids), f"m.event_type = '{etype}'", {"event_types": etype}),
+        f"quotes of {len(ids):,} events of {etype}": ("quotes", pl.col("event").is_in(ids), where_sql, q1),
         f"trades of {sym} ({(man['symbol'] == sym).sum()} events)": (
             "trades", pl.col("symbol") == sym, f"f.symbol = '{sym}'", {"symbols": sym}),
     }

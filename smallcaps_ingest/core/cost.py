@@ -31,6 +31,14 @@ PRIOR_ROWS = 50_000.0
 # Past responses fade by this factor per new one, so the fit follows a server (or host) that
 # slows down or speeds up: ~1,000 responses of memory.
 DECAY = 0.999
+# The mean seconds a page took fade faster (~100 responses): they answer what the planner merged
+# lately. The rule aims the mean at MEAN_TARGET x workers / max_rps (a margin for the spread of
+# arrivals), lets a page take GAIN seconds longer than workers / max_rps per second the mean falls
+# short of that, and starts from the aim itself, with PRIOR_MEAN_RESPONSES responses' weight.
+MEAN_DECAY = 0.99
+MEAN_TARGET = 0.85
+GAIN = 4.0
+PRIOR_MEAN_RESPONSES = 10.0
 
 
 class TransferModel:
@@ -52,6 +60,7 @@ class TransferModel:
                                                          sum(x * x for x, _ in pts),
                                                          sum(x * y for x, y in pts)))]
         self._prior = list(self._s)
+        self._mean = [0.0, 0.0]  # faded (responses, seconds)
         self._bpr = {k: [PRIOR_ROWS * bytes_per_row, PRIOR_ROWS] for k in ("trades", "quotes")}
 
     def observe(self, kind: str, rows: int, nbytes: int, seconds: float) -> None:
@@ -63,6 +72,7 @@ class TransferModel:
             for i, v in enumerate((1.0, nbytes, seconds, nbytes * nbytes, nbytes * seconds)):
                 # fade towards the prior, not towards nothing: the prior always keeps its weight
                 s[i] = self._prior[i] + (s[i] - self._prior[i]) * DECAY + v
+            self._mean = [self._mean[0] * MEAN_DECAY + 1.0, self._mean[1] * MEAN_DECAY + seconds]
             if rows > 0:
                 cell = self._bpr.setdefault(kind, [PRIOR_ROWS * PRIOR_BYTES_PER_ROW, PRIOR_ROWS])
                 cell[0] += nbytes
@@ -87,20 +97,35 @@ class TransferModel:
         latency, per_byte = self.line()
         return latency + min(rows, PAGE_ROWS) * self.bytes_per_row(kind) * per_byte
 
+    def mean_seconds(self, prior: float, weight: float = PRIOR_MEAN_RESPONSES) -> float:
+        """The faded mean seconds of the responses observed, shrunk towards ``prior``."""
+        with self._lock:
+            n, total = self._mean
+        return (weight * prior + total) / (weight + n)
+
     def rule(self, kind: str, workers: int, max_rps: float) -> MergeRule:
         """How ranges of ``kind`` may merge at ``workers`` in flight and a budget of ``max_rps``.
 
-        While a request's latency leaves room in ``workers / max_rps`` seconds, the budget can be
-        the bottleneck: a merged range may hold the rows whose pages still take at most that long
-        (all rows, ``inf``, when even a full page does), and the cost is pages, as the budget
-        counts them. Otherwise the workers are the bottleneck whatever is planned (too few for the
-        budget), and the cost is the workers' seconds: a merge pays while the gap rows it adds
-        take less time than the requests it saves."""
+        By Little's law the budget stays the bottleneck while the pages take at most
+        ``workers / max_rps`` seconds *on average*. So a merged range may hold the rows whose page
+        takes at most an allowance: ``workers / max_rps`` while the pages lately took the aim
+        (``MEAN_TARGET`` of it, the prior) or more, and more while they took less (a few big pages
+        among many small ones keep the budget busy); all rows, ``inf``, when even a full page fits.
+        Never less: pages slower than the aim mean a starved host or link, where splitting ranges
+        adds requests whose fixed cost the workers pay too (benchmarks/README.md, D18). The cost
+        stays pages, as the budget counts them. When the latency alone
+        exceeds ``workers / max_rps`` the workers are the bottleneck whatever is planned (too few
+        for the budget), and the cost is the workers' seconds: a merge pays while the gap rows it
+        adds take less time than the requests it saves."""
         latency, per_byte = self.line()
         per_row = per_byte * self.bytes_per_row(kind)
-        if max_rps <= 0 or workers / max_rps > latency:
-            slack = workers / max_rps - latency if max_rps > 0 else math.inf
-            rows = slack / per_row
+        if max_rps <= 0:
+            return MergeRule()
+        budget_s = workers / max_rps
+        if budget_s > latency:
+            aim = MEAN_TARGET * budget_s
+            allowance = budget_s + GAIN * max(0.0, aim - self.mean_seconds(aim))
+            rows = max(0.0, allowance - latency) / per_row
             return MergeRule(math.inf if rows >= PAGE_ROWS else rows)
         return MergeRule(cost=lambda r: pages(r) * latency + r * per_row)
 

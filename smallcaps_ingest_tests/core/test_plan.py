@@ -334,8 +334,10 @@ def test_with_too_few_workers_for_the_budget_a_merge_must_save_worker_time() -> 
 
 def test_transfer_model_learns_latency_throughput_and_bytes_per_row() -> None:
     """Responses at 50 ms + bytes / 5 MB/s, 300 bytes a row: the fitted line and bytes per row
-    follow them (the prior keeps four responses' weight: within 10 %), and the rule with it: at 20 req/s and
-    12 workers, (0.6 - 0.05) s / (300 / 5e6 s a row) = 9,167 rows a merged page."""
+    follow them (the prior keeps four responses' weight: within 10 %). The rule with them, at 20 req/s and
+    12 workers: those pages took 1.55 s on average, far more than the 12 / 20 = 0.6 s that keep the
+    budget the bottleneck; the rule never allows less than a page of 0.6 s:
+    (0.6 - 0.05) s / (300 / 5e6 s a row) = 9,167 rows (the next test: more when they take less)."""
     m = TransferModel()
     assert m.line() == pytest.approx((0.1, 1 / 25e6)) and m.bytes_per_row("quotes") == 250
     for i in range(2_000):
@@ -344,4 +346,36 @@ def test_transfer_model_learns_latency_throughput_and_bytes_per_row() -> None:
     latency, per_byte = m.line()
     assert latency == pytest.approx(0.05, rel=0.1) and per_byte == pytest.approx(1 / 5e6, rel=0.1)
     assert m.bytes_per_row("trades") == pytest.approx(300, rel=0.01) and m.bytes_per_row("quotes") == 250
+    assert m.mean_seconds(0.51) == pytest.approx(1.55, rel=0.1)
     assert m.rule("trades", 12, 20.0).max_rows == pytest.approx(9_167, rel=0.1)
+
+
+def test_the_rule_follows_the_mean_page_time_so_big_pages_among_small_ones_still_merge() -> None:
+    """The dense name of the test above, at 50 req/s and 12 workers, where the pages must take
+    0.24 s on average for the budget to stay the bottleneck (the rule aims at 0.85 of it, 0.204 s).
+    Taught by pages on the prior's line (100 ms + 10 us a row), shrunk towards the aim by ten
+    responses' weight: after 400-row pages (0.104 s; mean 0.113 s) a page may take
+    0.24 + 4 x (0.204 - 0.113) s, more than a full one's 0.6 s, so the two windows merge into one
+    ~45,600-row page; after 12,000-row pages (0.22 s, slower than the aim) a page may take 0.24 s
+    as on the prior, 14,000 rows, never less: the dense name's windows stay apart, the sparse
+    name's ~570 rows merge."""
+    d = "2024-03-05"
+    ws = [Window("a", et(d, "10:30"), et(d, "10:40")), Window("b", et(d, "13:30"), et(d, "13:40"))]
+    dense, sparse = _learned("DNS", "trades", 4.0), _learned("THIN", "trades", 0.05)
+
+    def taught(rows: int) -> MergeRule:
+        m = TransferModel()
+        for _ in range(1_000):
+            m.observe("trades", rows, rows * 250, 0.1 + rows * 250 / 25e6)
+        return m.rule("trades", 12, 50.0)
+
+    def ranges(symbol: str, store: DensityStore, rule: MergeRule) -> list[list[str]]:
+        return [[w.event_id for w in r.events]
+                for r in plan_kind(symbol, "trades", ws, store, overfetch_rows=50_000, rule=rule)]
+
+    small, slow = taught(400), taught(12_000)
+    assert small.max_rows == math.inf
+    assert slow.max_rows == pytest.approx(14_000) == TransferModel().rule("trades", 12, 50.0).max_rows
+    assert ranges("DNS", dense, small) == [["a", "b"]]
+    assert ranges("DNS", dense, slow) == [["a"], ["b"]]
+    assert ranges("THIN", sparse, slow) == [["a", "b"]]
