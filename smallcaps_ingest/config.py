@@ -128,6 +128,11 @@ def _switch(env: Mapping[str, str], name: str) -> bool:
     raise ConfigError(f"{name}={raw!r}: use on or off")
 
 
+def data_dir_from(raw: str) -> str:
+    """``SMALLCAPS_DATA_DIR``'s value (or a CLI's ``--data-dir``), validated: see ``_data_dir``."""
+    return _data_dir(raw.strip() or "./data")
+
+
 def _data_dir(raw: str) -> str:
     """A local directory, made absolute, or ``s3://bucket[/prefix]`` (``storage.py``; credentials
     only from the AWS_* variables). Any other URL is refused before anything is written: taken as

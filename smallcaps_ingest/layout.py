@@ -273,7 +273,7 @@ def _remote_symbols(prefix: str, detail: bool, single: bool) -> dict[str, Symbol
         per = events.setdefault(sym[len(SYMBOL_PREFIX):] if sym else "", {})
         found = per.setdefault(parts[-2][len(EVENT_PREFIX):], {})
         if parts[-1] in FILES:
-            found[parts[-1]] = st
+            found[parts[-1]] = st[:2]
     out: dict[str, SymbolDisk] = {}
     for sym, per in events.items():
         tally = _EventTally(detail)

@@ -20,7 +20,9 @@ Stdlib only at import (``status`` imports it through ``layout``); s3fs is import
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import os
 from collections.abc import Iterable
 from datetime import datetime
@@ -132,6 +134,16 @@ def read_bytes(path: object) -> bytes:
         return fh.read()
 
 
+def source(path: object) -> Any:
+    """What polars and pyarrow read a file from: the local path itself, else the object's bytes
+    (one GET; polars' own object-store client would need the AWS settings handed to it again)."""
+    if is_remote(path):
+        import io
+
+        return io.BytesIO(read_bytes(path))
+    return str(path)
+
+
 def read_many(paths: Iterable[str]) -> dict[str, bytes]:
     """Several whole objects, fetched concurrently (s3fs issues the GETs together)."""
     keys = {_key(p): p for p in paths}
@@ -156,16 +168,11 @@ def isfile(path: object) -> bool:
 
 def remove(path: object) -> None:
     """Delete one file or object; a missing one is no error."""
-    if is_remote(path):
-        try:
+    with contextlib.suppress(FileNotFoundError):
+        if is_remote(path):
             s3().rm_file(_key(str(path)))
-        except FileNotFoundError:
-            pass
-        return
-    try:
-        os.unlink(str(path))
-    except FileNotFoundError:
-        pass
+        else:
+            os.unlink(str(path))
 
 
 def stat(path: object) -> tuple[int, int] | None:
@@ -188,10 +195,35 @@ def _mtime_ns(info: dict[str, Any]) -> int:
     return int(modified.timestamp() * 1e9) if isinstance(modified, datetime) else 0
 
 
-def find(prefix: str) -> dict[str, tuple[int, int]]:
-    """Every object under ``prefix/`` (a URL): url -> (size, mtime ns); one LIST per 1,000 keys."""
+def _tag(info: dict[str, Any]) -> int:
+    """The object's ETag as a 60-bit integer: what identifies its content (a listing and a HEAD
+    agree on it, where their LastModified differ in precision)."""
+    etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+    return int(hashlib.blake2b(etag.encode(), digest_size=8).hexdigest()[:15], 16) if etag else 0
+
+
+def identity(path: object) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced: (inode, size, mtime ns) locally, (ETag, size, 0) on
+    S3; None if absent."""
+    if is_remote(path):
+        try:
+            info = s3().info(_key(str(path)))
+        except FileNotFoundError:
+            return None
+        return _tag(info), int(info["size"]), 0
+    try:
+        st = os.stat(str(path))
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def find(prefix: str) -> dict[str, tuple[int, int, int]]:
+    """Every object under ``prefix/`` (a URL): url -> (size, mtime ns, identity tag as in
+    ``identity``); one LIST per 1,000 keys."""
     found = s3().find(_key(prefix).rstrip("/") + "/", detail=True)
-    return {_url(k): (int(v["size"]), _mtime_ns(v)) for k, v in found.items() if v.get("type") != "directory"}
+    return {_url(k): (int(v["size"]), _mtime_ns(v), _tag(v))
+            for k, v in found.items() if v.get("type") != "directory"}
 
 
 def list_prefixes(prefix: str) -> list[str]:
