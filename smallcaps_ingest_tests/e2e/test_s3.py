@@ -22,6 +22,7 @@ import pytest
 
 from smallcaps_ingest import storage
 from smallcaps_ingest.core import store
+from smallcaps_ingest.read import load_windows, plan_windows
 from smallcaps_ingest.simulator import SimConfig, Simulator
 from smallcaps_ingest_tests.conftest import REPO, TEST_KEY, cli_env
 from smallcaps_ingest_tests.resilience_helpers import (
@@ -126,7 +127,8 @@ def test_s3_end_to_end_resume_checks_status_report(tmp_path: Path, s3: tuple[dic
         assert len(events) == sub.height and all(f == set(store.FILES) for f in events.values())
         assert not [k for k in keys if store.TMP_MARK in k]  # no temporary object, ever
         assert {"manifest.parquet", "_source.json", "_state/density.json"} <= set(keys)
-        assert json.loads(storage.read_bytes(f"{data}/_source.json")) == {"source": "polygon"}  # a real-API client (on the simulator)
+        # a real-API client (pointed at the simulator)
+        assert json.loads(storage.read_bytes(f"{data}/_source.json")) == {"source": "polygon"}
         assert not (tmp_path / "s3:").exists() and not (REPO / "s3:").exists()
         status = _check_status(env)
         for sym in SYMBOLS:
@@ -166,22 +168,24 @@ def test_s3_end_to_end_resume_checks_status_report(tmp_path: Path, s3: tuple[dic
         assert report.filter(pl.col("symbol").is_in(SYMBOLS))["complete"].sum() == 80
 
         # load_windows on the S3 URL: exactly the rows of the per-event files
-        from smallcaps_ingest.read import load_windows
-
         got = load_windows(data, "trades", symbols=["CLOV"]).collect()
         want = sum(_read(store.event_dir(data, "CLOV", w.event_id), "trades.parquet").height
                    for w in windows["CLOV"])
-        assert got.height == want == report.filter(pl.col("symbol") == "CLOV")["trades_rows"].item() > 0
+        clov = report.filter(pl.col("symbol") == "CLOV")
+        assert got.height == want == clov["trades_rows"].item() > 0
         assert got["event_id"].n_unique() == len(windows["CLOV"])
 
         # neither the API key nor the AWS secret is anywhere: logs, instance, bucket
         blobs = [o.stdout + o.stderr for o in outs]
-        blobs += [p.read_bytes().decode("latin-1") for p in Path(env["DAGSTER_HOME"]).rglob("*") if p.is_file()]
+        home = Path(env["DAGSTER_HOME"])
+        blobs += [p.read_bytes().decode("latin-1") for p in home.rglob("*") if p.is_file()]
         blobs += [storage.read_bytes(f"s3://{bucket}/{k}").decode("latin-1") for k in list_keys(aws, bucket)]
         assert not any(TEST_KEY in b or SECRET in b for b in blobs)
 
 
-def test_s3_kill_mid_run_leaves_no_partial_event_visible(tmp_path: Path, s3: tuple[dict[str, str], str]) -> None:
+def test_s3_kill_mid_run_leaves_no_partial_event_visible(
+    tmp_path: Path, s3: tuple[dict[str, str], str]
+) -> None:
     """SIGKILL the CLI's whole process group mid-fetch; list the bucket: no temporary object, no
     event with only its quotes (written last); events with only trades are partial, not complete,
     in status; the resumed run requests only what is incomplete and the tree ends exact."""
@@ -219,6 +223,10 @@ def test_s3_kill_mid_run_leaves_no_partial_event_visible(tmp_path: Path, s3: tup
         assert 0 < len(complete) < manifest.height, len(complete)
         st = _json(env, "status", "--verify")
         assert (st["events"]["done"], st["events"]["partial"]) == (len(complete), len(partial))
+        plan = plan_windows(data, "quotes")  # what load_windows would read: the complete events only
+        assert set(plan.events.select("symbol", "event_id").iter_rows()) == complete
+        assert len(plan.missing) == manifest.height - len(complete)
+        print(f"s3 kill: {len(complete)} complete, {len(partial)} partial of {manifest.height} events")
 
         # resume (the killed run is failed first, as after any crash): only incomplete events
         _json(env, "cleanup", "--grace-minutes", "0")
@@ -228,7 +236,8 @@ def test_s3_kill_mid_run_leaves_no_partial_event_visible(tmp_path: Path, s3: tup
         t1 = time.monotonic()
         materialize(env, "--select", "event_windows", "--partition-range", "AAOI...FCEL")
         recs = [r for r in sim.request_log() if r.t >= t1]
-        misplaced, useless = requests_outside_todo(recs, windows, {s: frozenset(v) for s, v in before.items()})
+        done = {s: frozenset(v) for s, v in before.items()}
+        misplaced, useless = requests_outside_todo(recs, windows, done)
         assert recs and not misplaced and not useless, (misplaced[:3], useless[:3])
         in_bucket = _events_in_bucket(_tree_keys(aws, bucket))
         assert len(in_bucket) == manifest.height and all(f == set(store.FILES) for f in in_bucket.values())
