@@ -135,8 +135,9 @@ class _Run:
         self.on_symbol_done = on_symbol_done
         self.outcomes: dict[str, SymbolOutcome] = {}
         todos: dict[str, list[Window]] = {}
+        complete = store.complete_events(engine.data_dir, work)
         for symbol, windows in work.items():
-            done = store.scan_symbol(engine.data_dir, symbol).complete
+            done = complete[symbol]
             todo = todos[symbol] = [w for w in windows if w.event_id not in done]
             self.outcomes[symbol] = SymbolOutcome(symbol, len(windows), skipped=len(windows) - len(todo))
         pending = [s for s in work if todos[s]]

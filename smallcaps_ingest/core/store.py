@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -150,6 +150,18 @@ def scan_symbol(data_dir: str | os.PathLike[str], symbol: str) -> SymbolScan:
     """A symbol's events on disk, by the tree's one scanner (``layout.scan_symbol_dir``)."""
     d = layout.scan_symbol_dir(str(symbol_dir(data_dir, symbol)))
     return SymbolScan(d.complete, d.partial, tuple(Path(p) for p in d.orphans), d.files, d.bytes)  # S3: none
+
+
+def complete_events(data_dir: str | os.PathLike[str], symbols: Iterable[str]) -> dict[str, frozenset[str]]:
+    """Each symbol's complete events. On S3 the symbols' listings run concurrently (one LIST per
+    symbol, ~10-30 ms each to S3: 1,600 symbols one after another took most of a minute)."""
+    syms = list(symbols)
+    if not storage.is_remote(data_dir):
+        return {s: scan_symbol(data_dir, s).complete for s in syms}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        return dict(zip(syms, pool.map(lambda s: scan_symbol(data_dir, s).complete, syms), strict=True))
 
 
 def iter_symbols(data_dir: str | os.PathLike[str]) -> Iterator[str]:
