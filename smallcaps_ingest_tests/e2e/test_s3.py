@@ -175,6 +175,18 @@ def test_s3_end_to_end_resume_checks_status_report(tmp_path: Path, s3: tuple[dic
         assert got.height == want == clov["trades_rows"].item() > 0
         assert got["event_id"].n_unique() == len(windows["CLOV"])
 
+        # compacted on S3: load_windows reads the compacted objects, the same frame
+        outs.append(materialize(env, "--select", "compacted_windows", "--partition", "CLOV"))
+        plan = plan_windows(data, "trades", symbols=["CLOV"])
+        assert plan.pieces and all(p.compacted for p in plan.pieces)
+        for kind in ("trades", "quotes"):
+            compacted = load_windows(data, kind, symbols=["CLOV"]).collect()
+            assert compacted.equals(load_windows(data, kind, symbols=["CLOV"], use_compacted=False).collect())
+        first = {k for k in _tree_keys(aws, bucket) if k.startswith("compacted/symbol=CLOV/")}
+        outs.append(materialize(env, "--select", "compacted_windows", "--partition", "CLOV"))
+        second = {k for k in _tree_keys(aws, bucket) if k.startswith("compacted/symbol=CLOV/")}
+        assert len(second) == len(first) and second != first  # the old generation's objects removed
+
         # neither the API key nor the AWS secret is anywhere: logs, instance, bucket
         blobs = [o.stdout + o.stderr for o in outs]
         home = Path(env["DAGSTER_HOME"])
