@@ -175,21 +175,6 @@ def remove(path: object) -> None:
             os.unlink(str(path))
 
 
-def stat(path: object) -> tuple[int, int] | None:
-    """(size, mtime in ns) of a file or object, None if absent."""
-    if is_remote(path):
-        try:
-            info = s3().info(_key(str(path)))
-        except FileNotFoundError:
-            return None
-        return int(info["size"]), _mtime_ns(info)
-    try:
-        st = os.stat(str(path))
-    except FileNotFoundError:
-        return None
-    return st.st_size, st.st_mtime_ns
-
-
 def _mtime_ns(info: dict[str, Any]) -> int:
     modified = info.get("LastModified")
     return int(modified.timestamp() * 1e9) if isinstance(modified, datetime) else 0
@@ -220,10 +205,18 @@ def identity(path: object) -> tuple[int, int, int] | None:
 
 def find(prefix: str) -> dict[str, tuple[int, int, int]]:
     """Every object under ``prefix/`` (a URL): url -> (size, mtime ns, identity tag as in
-    ``identity``); one LIST per 1,000 keys."""
-    found = s3().find(_key(prefix).rstrip("/") + "/", detail=True)
-    return {_url(k): (int(v["size"]), _mtime_ns(v), _tag(v))
-            for k, v in found.items() if v.get("type") != "directory"}
+    ``identity``); one LIST request per 1,000 keys and nothing else (s3fs' ``find`` adds a HEAD and
+    a second LIST when the prefix is empty, which every new symbol's is)."""
+    bucket, _, key = _key(prefix).rstrip("/").partition("/")
+    args: dict[str, Any] = {"Bucket": bucket, "Prefix": key + "/" if key else ""}
+    out: dict[str, tuple[int, int, int]] = {}
+    while True:
+        page = s3().call_s3("list_objects_v2", **args)
+        for o in page.get("Contents", []):
+            out[f"{S3}{bucket}/{o['Key']}"] = (int(o["Size"]), _mtime_ns(o), _tag(o))
+        if not page.get("IsTruncated"):
+            return out
+        args["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def list_prefixes(prefix: str) -> list[str]:
