@@ -123,3 +123,18 @@ def test_local_paths_keep_their_shape(tmp_path) -> None:  # type: ignore[no-unty
     assert type(layout.windows_root(tmp_path)).__name__ == "PosixPath"
     assert str(layout.event_dir("s3://b/p", "AAA", "e1")) == "s3://b/p/event_windows/symbol=AAA/event=e1"
     assert storage.absolute("s3://b/p/") == "s3://b/p" and not storage.is_remote(tmp_path)
+
+
+def test_doctor_checks_the_bucket(tree: tuple[str, str], s3_server: dict) -> None:
+    from smallcaps_ingest.ops.doctor import check_data_dir
+
+    data, bucket = tree
+    first = check_data_dir(data, "polygon")
+    assert first.ok and "writable, no _source.json yet" in first.detail, first
+    store.check_source(data, "polygon")
+    assert check_data_dir(data, "polygon").ok
+    other = check_data_dir(data, "simulator")
+    assert not other.ok and "holds data from 'polygon'" in other.detail
+    assert set(list_keys(s3_server, bucket)) == {"tree/_source.json"}  # the probe object is gone
+    missing = check_data_dir("s3://no-such-bucket-smallcaps/tree", "polygon")
+    assert not missing.ok and "is not writable" in missing.detail
