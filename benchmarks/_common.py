@@ -24,6 +24,7 @@ import polars as pl
 from manifests import Event
 
 from smallcaps_ingest import simulator as simmod
+from smallcaps_ingest import storage
 from smallcaps_ingest.core.engine import FetchEngine, SymbolOutcome, merge_stats
 from smallcaps_ingest.core.plan import DensityStore, Window, et_day, overfetch_allowance
 from smallcaps_ingest.core.polygon.budget import RequestBudget
@@ -128,8 +129,8 @@ def verify_outputs(data_dir: str | Path,
     out = []
     for e in events:
         d = event_dir(data_dir, e.symbol, e.event_id)
-        trades = pl.read_parquet(d / "trades.parquet")
-        quotes = pl.read_parquet(d / "quotes.parquet")
+        trades = pl.read_parquet(storage.source(d / "trades.parquet"))  # a local path or an s3:// URL
+        quotes = pl.read_parquet(storage.source(d / "quotes.parquet"))
         gt_t = simmod.ground_truth("trades", e.symbol, e.start_ns, e.end_ns)
         gt_q = simmod.ground_truth("quotes", e.symbol, e.start_ns, e.end_ns)
         got_q = int(quotes["quote_count"].sum()) if quotes.height else 0

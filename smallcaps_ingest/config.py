@@ -128,16 +128,38 @@ def _switch(env: Mapping[str, str], name: str) -> bool:
     raise ConfigError(f"{name}={raw!r}: use on or off")
 
 
+def data_dir_from(raw: str) -> str:
+    """``SMALLCAPS_DATA_DIR``'s value (or a CLI's ``--data-dir``), validated: see ``_data_dir``."""
+    return _data_dir(raw.strip() or "./data")
+
+
 def _data_dir(raw: str) -> str:
-    """A local directory, made absolute. A URL (``s3://...``) is refused: object storage is not
-    supported yet, and taken as a path it would silently become a local directory named ``s3:``."""
-    if "://" in raw and not raw.startswith("file://"):
-        scheme = raw.split("://", 1)[0]
+    """A local directory, made absolute, or ``s3://bucket[/prefix]`` (``storage.py``; credentials
+    only from the AWS_* variables). Any other URL is refused before anything is written: taken as
+    a path it would silently become a local directory named ``gs:`` or ``http:``."""
+    if raw.startswith("file://"):
+        return os.path.abspath(raw.removeprefix("file://"))
+    if "://" not in raw:
+        return os.path.abspath(raw)
+    from urllib.parse import urlsplit
+
+    from smallcaps_ingest.storage import SCHEMES
+
+    scheme = raw.split("://", 1)[0]
+    if scheme.lower() not in SCHEMES:
         raise ConfigError(
-            f"SMALLCAPS_DATA_DIR={raw!r}: {scheme}:// is not supported (only a local directory); "
-            "nothing was written"
+            f"SMALLCAPS_DATA_DIR={raw!r}: {scheme}:// is not supported (a local directory or "
+            "s3://bucket/prefix); nothing was written"
         )
-    return os.path.abspath(raw.removeprefix("file://"))
+    parts = urlsplit(raw)
+    if parts.username or parts.password or "@" in parts.netloc:
+        raise ConfigError(  # the value is not shown: it holds a credential
+            "SMALLCAPS_DATA_DIR holds credentials in its URL; give s3://bucket/prefix and set "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead; nothing was written"
+        )
+    if scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError(f"SMALLCAPS_DATA_DIR={raw!r}: use s3://bucket/prefix; nothing was written")
+    return "s3://" + parts.netloc + parts.path.rstrip("/")
 
 
 def _budget_url(env: Mapping[str, str], home: str | None, data_dir: str) -> str:
@@ -149,6 +171,13 @@ def _budget_url(env: Mapping[str, str], home: str | None, data_dir: str) -> str:
         return url
     path = _text(env, "POLYGON_BUDGET_PATH")
     if not path:
-        state = Path(home) if home else Path(data_dir) / "_state"
+        if home:
+            state = Path(home)
+        elif data_dir.startswith("s3://"):  # SQLite cannot live in a bucket: this host's temp dir
+            import tempfile
+
+            state = Path(tempfile.gettempdir()) / "smallcaps_ingest"
+        else:
+            state = Path(data_dir) / "_state"
         path = str(state / "polygon_budget.sqlite")
     return "sqlite://" + os.path.abspath(path)

@@ -11,7 +11,10 @@
 
 Everything that touches the tree (store, check, compact, read, preview, status, cleanup, reconcile,
 report) takes its names from here and walks it with :func:`scan_tree` / :func:`scan_symbol_dir`.
-Stdlib only, so ``status`` can import it without polars.
+Stdlib only, so ``status`` can import it without polars. The data directory may be an S3 URL
+(``storage.py``): the path builders then return a ``UPath``, and the scanner lists objects by prefix
+(one LIST per 1,000 keys) instead of directories; on S3 nothing is written as a temporary object, so
+there is never a *tmp orphan*.
 
 An event is *complete* when both files exist and *partial* when one does; an event directory holding
 neither is *empty*. A *tmp orphan* is any name containing ``.tmp`` (what ``store.atomic_write_bytes``
@@ -26,6 +29,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from smallcaps_ingest import storage
 
 WINDOWS_DIR = "event_windows"
 SYMBOL_PREFIX = "symbol="
@@ -50,8 +56,12 @@ def _safe(part: str, what: str) -> str:
     return part
 
 
+def _base(data_dir: PathLike) -> Any:
+    return storage.to_path(data_dir) if storage.is_remote(data_dir) else Path(data_dir)
+
+
 def windows_root(data_dir: PathLike) -> Path:
-    return Path(data_dir) / WINDOWS_DIR
+    return _base(data_dir) / WINDOWS_DIR
 
 
 def symbol_dir(data_dir: PathLike, symbol: str) -> Path:
@@ -63,19 +73,19 @@ def event_dir(data_dir: PathLike, symbol: str, event_id: str) -> Path:
 
 
 def manifest_path(data_dir: PathLike) -> str:
-    return os.path.join(os.fspath(data_dir), MANIFEST_FILE)
+    return storage.join(os.fspath(data_dir), MANIFEST_FILE)
 
 
 def state_dir(data_dir: PathLike) -> Path:
-    return Path(data_dir) / STATE_DIR
+    return _base(data_dir) / STATE_DIR
 
 
 def reports_dir(data_dir: PathLike) -> Path:
-    return Path(data_dir) / REPORTS_DIR
+    return _base(data_dir) / REPORTS_DIR
 
 
 def compact_root(data_dir: PathLike) -> Path:
-    return Path(data_dir) / COMPACT_DIR
+    return _base(data_dir) / COMPACT_DIR
 
 
 def tmp_path(dest: Path) -> Path:
@@ -130,23 +140,27 @@ class _EventTally:
         self.empty = self.files = self.bytes = 0
 
     def event(self, path: str, eid: str, names: list[str]) -> None:
-        found: dict[str, os.stat_result] = {}
+        found: dict[str, tuple[int, int]] = {}
         for f in names:
             if f in FILES:
                 try:
                     st = os.stat(path + os.sep + f)
                 except FileNotFoundError:  # removed while we looked
                     continue
-                self.files += 1
-                self.bytes += st.st_size
-                found[f] = st
+                found[f] = (st.st_size, st.st_mtime_ns)
             elif TMP_MARK in f:
                 self.orphans.append(path + os.sep + f)
+        self.listed(eid, found)
+
+    def listed(self, eid: str, found: dict[str, tuple[int, int]]) -> None:
+        """One event's data files that exist: name -> (size, mtime ns)."""
+        self.files += len(found)
+        self.bytes += sum(size for size, _ in found.values())
         if len(found) == len(FILES):
             self.complete.add(eid)
             if self.stats is not None:
                 t, q = found[FILES[0]], found[FILES[1]]
-                self.stats[eid] = (t.st_size, t.st_mtime_ns, q.st_size, q.st_mtime_ns)
+                self.stats[eid] = (*t, *q)
         elif found:
             self.partial.add(eid)
         else:
@@ -159,7 +173,10 @@ class _EventTally:
 
 def scan_symbol_dir(root: str, detail: bool = False) -> SymbolDisk:
     """Scan one ``symbol=SYM`` directory: a listing per event directory, a ``stat`` per data file
-    (its size); no file is opened. A missing directory is an empty symbol."""
+    (its size); no file is opened. A missing directory is an empty symbol. On S3 (a URL): a LIST of
+    the symbol's prefix."""
+    if storage.is_remote(root):
+        return _remote_symbols(root, detail, single=True).get("", SymbolDisk())
     tally = _EventTally(detail)
     try:
         top = os.scandir(root)
@@ -189,6 +206,12 @@ def list_symbol_dirs(data_dir: PathLike) -> tuple[list[tuple[str, str]], list[st
     ``event_windows/``."""
     dirs: list[tuple[str, str]] = []
     orphans: list[str] = []
+    if storage.is_remote(data_dir):
+        for url in storage.list_prefixes(str(windows_root(data_dir))):
+            name = url.rsplit("/", 1)[-1]
+            if name.startswith(SYMBOL_PREFIX):
+                dirs.append((name[len(SYMBOL_PREFIX):], url))
+        return sorted(dirs), []
     try:
         it = os.scandir(windows_root(data_dir))
     except (FileNotFoundError, NotADirectoryError):
@@ -206,6 +229,11 @@ def list_symbol_dirs(data_dir: PathLike) -> tuple[list[tuple[str, str]], list[st
 def scan_tree(data_dir: PathLike, *, detail: bool = False, progress: ProgressFn | None = None) -> TreeScan:
     """Scan every symbol directory in this process; ``progress(done, total)`` after each symbol."""
     t0 = time.perf_counter()
+    if storage.is_remote(data_dir):  # one listing of the whole tree: 1 LIST per 1,000 objects
+        found = _remote_symbols(str(windows_root(data_dir)), detail, single=False)
+        if progress is not None:
+            progress(len(found), len(found))
+        return TreeScan(dict(sorted(found.items())), (), time.perf_counter() - t0)
     dirs, root_orphans = list_symbol_dirs(data_dir)
     symbols: dict[str, SymbolDisk] = {}
     for i, (sym, path) in enumerate(dirs, 1):
@@ -217,7 +245,9 @@ def scan_tree(data_dir: PathLike, *, detail: bool = False, progress: ProgressFn 
 
 def tmp_files_in(directory: PathLike) -> list[str]:
     """The *.tmp* regular files directly in ``directory`` (never a directory, never a symlink)."""
-    out = []
+    out: list[str] = []
+    if storage.is_remote(directory):  # nothing is ever written to S3 as a temporary object
+        return out
     try:
         with os.scandir(directory) as it:
             for e in it:
@@ -225,4 +255,29 @@ def tmp_files_in(directory: PathLike) -> list[str]:
                     out.append(e.path)
     except (FileNotFoundError, NotADirectoryError):
         pass
+    return out
+
+
+def _remote_symbols(prefix: str, detail: bool, single: bool) -> dict[str, SymbolDisk]:
+    """The symbols under an S3 prefix, from one listing: ``event_windows/`` (``single=False``:
+    symbol -> disk) or one ``symbol=SYM/`` (``single=True``: its disk under the key "")."""
+    events: dict[str, dict[str, dict[str, tuple[int, int]]]] = {}
+    depth = 2 if single else 3  # the parts after the prefix: [symbol=S/]event=E/file
+    for url, st in storage.find(prefix).items():
+        parts = url[len(prefix.rstrip("/")) + 1:].split("/")
+        if len(parts) != depth or not parts[-2].startswith(EVENT_PREFIX):
+            continue
+        sym = "" if single else parts[0]
+        if not single and not sym.startswith(SYMBOL_PREFIX):
+            continue
+        per = events.setdefault(sym[len(SYMBOL_PREFIX):] if sym else "", {})
+        found = per.setdefault(parts[-2][len(EVENT_PREFIX):], {})
+        if parts[-1] in FILES:
+            found[parts[-1]] = st[:2]
+    out: dict[str, SymbolDisk] = {}
+    for sym, per in events.items():
+        tally = _EventTally(detail)
+        for eid, found in per.items():
+            tally.listed(eid, found)
+        out[sym] = tally.result()
     return out

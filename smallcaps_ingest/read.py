@@ -17,13 +17,15 @@ an event, in the file's own order.
 ``duckdb_connect`` registers the same selection as DuckDB views ``events``, ``trades`` and
 ``quotes`` (also built from explicit file lists).
 
-Paths: a local directory today. The filesystem is touched in three places only (``_stat``, the
-sidecar read in ``compact.read_sidecar``, and the file lists handed to polars/DuckDB), so an
-fsspec/UPath layer for S3 can slot in there; S3 URLs are refused for now. No Dagster here.
+Paths: a local directory, or an ``s3://bucket/prefix`` URL (``storage.py``: configured by the AWS_*
+variables). On S3 the complete events are found by one listing per selected symbol (not two HEADs
+per event), and the selected files are fetched whole, concurrently, then parsed (the frame is then
+backed by memory rather than scanned lazily); ``duckdb_connect`` is local only. No Dagster here.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Literal, TypedDict, Unpack
 
 import polars as pl
 
-from smallcaps_ingest import layout
+from smallcaps_ingest import layout, storage
 from smallcaps_ingest.core import compact, shape, store
 from smallcaps_ingest.core.compact import EVENT_COLUMNS, ORDER
 from smallcaps_ingest.core.manifest import SESSIONS
@@ -90,10 +92,10 @@ class ReadPlan:
 
 
 def _root(data_dir: str | os.PathLike[str]) -> str:
-    text = os.fspath(data_dir)
-    if "://" in text:
-        raise NotImplementedError(f"{text!r}: only local paths are supported yet (S3 is a separate issue)")
-    return text
+    text = str(data_dir)
+    if "://" in text and not storage.is_remote(text):
+        raise NotImplementedError(f"{text!r}: a local directory or an s3:// URL")
+    return text.rstrip("/") if storage.is_remote(text) else text
 
 
 def _names(value: str | Iterable[str] | None, what: str) -> list[str] | None:
@@ -122,13 +124,14 @@ def select_events(
     sessions: str | Iterable[str] | None = None,
 ) -> pl.DataFrame:
     """The manifest's events that pass the filters (``start <= timestamp < end``), in ``ORDER``."""
-    path = os.path.join(_root(data_dir), MANIFEST_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(_root(data_dir), MANIFEST_FILE)
+    if not storage.isfile(path):
         raise FileNotFoundError(f"{path}: no manifest; materialize the `manifest` asset first")
     sess = _names(sessions, "sessions")
     if sess is not None and (unknown := sorted(set(sess) - set(SESSIONS))):
         raise ValueError(f"unknown session(s) {unknown}; sessions are {list(SESSIONS)}")
-    lf = pl.scan_parquet(path).select(EVENT_COLUMNS)
+    lf = (pl.read_parquet(storage.source(path), columns=EVENT_COLUMNS).lazy() if storage.is_remote(path)
+          else pl.scan_parquet(path).select(EVENT_COLUMNS))
     by = {"symbol": _names(symbols, "symbols"), "event_type": _names(event_types, "event_types"),
           "session": sess}
     for col, vals in by.items():
@@ -146,6 +149,11 @@ def _stat(path: str) -> tuple[int, int, int] | None:
         return compact.stat_key(os.stat(path))
     except FileNotFoundError:
         return None
+
+
+def _listed(sdir: str) -> dict[str, tuple[int, int, int]]:
+    """S3: one listing of a symbol's prefix: url -> its identity (``storage.identity``'s shape)."""
+    return {url: (tag, size, 0) for url, (size, _, tag) in storage.find(sdir).items()}
 
 
 class Selection(TypedDict, total=False):
@@ -185,13 +193,18 @@ def plan_windows(
     paths: list[str] = []
     prints: list[tuple[int, ...] | None] = []
     sdirs: dict[str, str] = {}
+    remote = storage.is_remote(root)
+    listed: dict[str, tuple[int, int, int]] = {}
+    stat = listed.get if remote else _stat
     for symbol, eid in zip(syms, ids, strict=True):
         if symbol not in sdirs:
             sdirs[symbol] = str(store.symbol_dir(root, symbol))
+            if remote:
+                listed.update(_listed(sdirs[symbol]))
         if "/" in eid or eid.startswith("."):  # what store.event_dir refuses, without a Path per event
             store.event_dir(root, symbol, eid)
         d = f"{sdirs[symbol]}/{layout.EVENT_PREFIX}{eid}"
-        t, q = _stat(f"{d}/{store.FILES[0]}"), _stat(f"{d}/{store.FILES[1]}")
+        t, q = stat(f"{d}/{store.FILES[0]}"), stat(f"{d}/{store.FILES[1]}")
         prints.append(t + q if t and q else None)
         paths.append(f"{d}/{kind}.parquet")
     complete = [p is not None for p in prints]
@@ -248,7 +261,7 @@ def _compacted_pieces(kind: str, events: pl.DataFrame, sidecars: dict[str, compa
 def _file_columns(plan: ReadPlan) -> dict[str, pl.DataType]:
     if not plan.pieces:
         return dict(shape.TRADES_SCHEMA if plan.kind == "trades" else shape.QUOTES_SCHEMA)
-    schema = pl.read_parquet_schema(plan.pieces[0].files[0])
+    schema = pl.read_parquet_schema(storage.source(plan.pieces[0].files[0]))
     return {k: v for k, v in schema.items() if k not in EVENT_COLUMNS}
 
 
@@ -275,20 +288,27 @@ def frame(plan: ReadPlan, columns: Sequence[str] | None = None) -> pl.LazyFrame:
     read = list(dict.fromkeys([time_col, *cols]))
     out = [*EVENT_COLUMNS, (pl.col(time_col) - pl.col("timestamp")).alias("t_rel"), *cols]
     parts: list[pl.LazyFrame] = []
+    blobs = storage.read_many(f for p in plan.pieces for f in p.files) if _remote(plan) else None
+
+    def scan(files: list[str], **kw: str) -> pl.LazyFrame:
+        if blobs is None:
+            return pl.scan_parquet(files, **kw)
+        return pl.concat([_parsed(f, blobs[f], kw.get("include_file_paths")) for f in files]).lazy()
+
     for p in plan.pieces:
         if p.compacted and p.whole:
-            lf = pl.scan_parquet(p.files)
+            lf = scan(p.files)
         elif p.compacted:
             ns = p.events["timestamp"].dt.epoch("ns")  # integer bounds: a Python datetime stops at us
             lo, hi = (pl.lit(v).cast(p.events.schema["timestamp"]) for v in (ns.min(), ns.max()))
-            lf = pl.scan_parquet(p.files).filter(
+            lf = scan(p.files).filter(
                 # coarse bounds first: a file's rows are sorted by event time, so row groups are
                 # skipped on their statistics; the id test then keeps exactly the selected events
                 pl.col("timestamp").is_between(lo, hi),
                 pl.col("event_id").is_in(p.events["event_id"].to_list()),
             )
         else:
-            lf = pl.scan_parquet(p.files, include_file_paths=_PATH).select(_PATH, *read).join(
+            lf = scan(p.files, include_file_paths=_PATH).select(_PATH, *read).join(
                 p.events.lazy(), on=_PATH, how="left", maintain_order="left"
             )
         parts.append(lf.select(out))
@@ -296,6 +316,15 @@ def frame(plan: ReadPlan, columns: Sequence[str] | None = None) -> pl.LazyFrame:
         schema = {**plan.events.schema, **_file_columns(plan)}
         return pl.DataFrame(schema=schema).lazy().select(out)
     return pl.concat(parts, how="vertical") if len(parts) > 1 else parts[0]
+
+
+def _remote(plan: ReadPlan) -> bool:
+    return any(storage.is_remote(f) for p in plan.pieces for f in p.files[:1])
+
+
+def _parsed(url: str, blob: bytes, path_column: str | None) -> pl.DataFrame:
+    df = pl.read_parquet(io.BytesIO(blob))
+    return df.with_columns(pl.lit(url).alias(path_column)) if path_column else df
 
 
 def load_windows(
@@ -364,6 +393,10 @@ def duckdb_connect(
         import duckdb
     except ImportError:  # pragma: no cover - depends on the environment
         raise ImportError("duckdb_connect needs duckdb: pip install 'smallcaps_ingest[duckdb]'") from None
+    if storage.is_remote(data_dir):
+        raise NotImplementedError(
+            f"duckdb_connect({str(data_dir)!r}): local trees only; load_windows reads S3"
+        )
     con = con if con is not None else duckdb.connect()
     plans = {k: plan_windows(data_dir, k, **selection) for k in KINDS}
     con.register("_smallcaps_events", plans["trades"].events.to_arrow())

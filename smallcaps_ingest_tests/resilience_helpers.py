@@ -159,6 +159,26 @@ def wait_first_request(
 # ----------------------------------------------------------------------------------------------
 # Events and the tree
 # ----------------------------------------------------------------------------------------------
+def requests_outside_todo(
+    recs: list[RequestRecord], windows: dict[str, list], complete: dict[str, frozenset[str]]
+) -> tuple[list[RequestRecord], list[RequestRecord]]:
+    """(requests whose range is not built from incomplete events' windows, requests serving no incomplete
+    event). The engine plans a range as the union of the windows of the events still to fetch (windows
+    that overlap or touch always merge; separated windows of a day may merge to save pages), so every
+    request's [gte, lt) starts at the start of an incomplete event's window and ends at the end of one;
+    next_url pages carry the same bounds. A request that served only complete events would start or end
+    at a complete event's boundary, or overlap no incomplete window."""
+    misplaced, useless = [], []
+    for r in recs:
+        assert r.ticker in windows, r
+        todo = [w for w in windows[r.ticker] if w.event_id not in complete.get(r.ticker, frozenset())]
+        if r.gte_ns not in {w.start_ns for w in todo} or r.lt_ns not in {w.end_ns for w in todo}:
+            misplaced.append(r)
+        if not any(w.start_ns < r.lt_ns and r.gte_ns < w.end_ns for w in todo):
+            useless.append(r)
+    return misplaced, useless
+
+
 def write_events_subset(path: Path, symbols: Iterable[str] | None = None) -> pl.DataFrame:
     from smallcaps_ingest.core.events import read_events
     from smallcaps_ingest.simulator.sample import SAMPLE_EVENTS_PATH
@@ -229,13 +249,20 @@ def assert_dataset_exact(data: Path, manifest: pl.DataFrame, hz: float = 1.0) ->
     got = data_files(data)
     assert not (got - want), f"unexpected files: {sorted(map(str, got - want))[:10]}"
     assert not (want - got), f"missing files: {sorted(map(str, want - got))[:10]}"
+    return assert_windows_exact(lambda d, f: pl.read_parquet(d / f), data, manifest, hz)
+
+
+def assert_windows_exact(
+    read: Callable[[Path, str], pl.DataFrame], data: object, manifest: pl.DataFrame, hz: float = 1.0
+) -> int:
+    """Every manifest event's two files (``read(event_dir, file name)``) equal the simulator's ground
+    truth shaped the documented way. Returns the event count."""
     n = 0
     for sym, ws in manifest_windows(manifest).items():
         release_memory(above_mb=1000)  # minutes are never shared between symbols: bound the peak
         for w in ws:
-            d = store.event_dir(data, sym, w.event_id)
-            got_t = pl.read_parquet(d / "trades.parquet")
-            got_q = pl.read_parquet(d / "quotes.parquet")
+            d = store.event_dir(data, sym, w.event_id)  # type: ignore[arg-type]
+            got_t, got_q = read(d, store.FILES[0]), read(d, store.FILES[1])
             want_t = shape.shape_trades(
                 truth_frame("trades", sym, w.start_ns, w.end_ns), w.start_ns, w.end_ns
             )

@@ -36,7 +36,10 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
         ("POLYGON_WORKERS", "0", "POLYGON_WORKERS='0' must be >= 1"),
         ("SMALLCAPS_MAX_OVERFETCH", "nan", "SMALLCAPS_MAX_OVERFETCH='nan' must be a finite number"),
         ("SMALLCAPS_AUTOMATION", "maybe", "SMALLCAPS_AUTOMATION='maybe': use on or off"),
-        ("SMALLCAPS_DATA_DIR", "s3://bucket/prefix", "s3:// is not supported"),
+        ("SMALLCAPS_DATA_DIR", "gs://bucket/prefix", "gs:// is not supported"),
+        ("SMALLCAPS_DATA_DIR", "http://host/prefix", "http:// is not supported"),
+        ("SMALLCAPS_DATA_DIR", "s3://", "use s3://bucket/prefix"),
+        ("SMALLCAPS_DATA_DIR", "s3://key:secret@bucket/p", "holds credentials in its URL"),
     ],
 )
 def test_a_bad_value_is_named(var: str, value: str, message: str) -> None:
@@ -50,10 +53,20 @@ def test_the_key_is_never_shown() -> None:
     assert "hunter2" not in repr(c) and "hunter2" not in str(c)
 
 
-def test_an_object_store_url_is_refused_before_anything_is_written(tmp_path: Path) -> None:
-    env = cli_env(tmp_path, SMALLCAPS_DATA_DIR="s3://bucket/prefix")
+def test_an_s3_url_is_kept_as_a_url() -> None:
+    assert Config.from_env({"SMALLCAPS_DATA_DIR": "s3://bucket/a/prefix/"}).data_dir == "s3://bucket/a/prefix"
+
+
+def test_a_credential_in_the_url_is_never_shown() -> None:
+    with pytest.raises(ConfigError) as e:
+        Config.from_env({"SMALLCAPS_DATA_DIR": "s3://AKIAXXX:hunter2@bucket/p"})
+    assert "hunter2" not in str(e.value) and "AKIAXXX" not in str(e.value)
+
+
+def test_an_unsupported_url_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    env = cli_env(tmp_path, SMALLCAPS_DATA_DIR="gs://bucket/prefix")
     out = subprocess.run([str(BIN / "smallcaps-ingest"), "status"], cwd=tmp_path, env=env,
                          capture_output=True, text=True)
     assert out.returncode == 1
-    assert "SMALLCAPS_DATA_DIR='s3://bucket/prefix': s3:// is not supported" in out.stderr
-    assert not (tmp_path / "s3:").exists()
+    assert "SMALLCAPS_DATA_DIR='gs://bucket/prefix': gs:// is not supported" in out.stderr
+    assert not (tmp_path / "gs:").exists()

@@ -43,7 +43,7 @@ from typing import Any
 import orjson
 import polars as pl
 
-from smallcaps_ingest import layout
+from smallcaps_ingest import layout, storage
 from smallcaps_ingest.core import store
 
 COMPACT_DIR = layout.COMPACT_DIR
@@ -90,7 +90,7 @@ def read_sidecar(data_dir: str | os.PathLike[str], symbol: str) -> Sidecar | Non
     """The symbol's current sidecar, or None when there is none (or it is not one we wrote)."""
     directory = symbol_compact_dir(data_dir, symbol)
     try:
-        raw: dict[str, Any] = orjson.loads((directory / SIDECAR).read_bytes())
+        raw: dict[str, Any] = orjson.loads(storage.read_bytes(directory / SIDECAR))
     except FileNotFoundError:
         return None
     if raw.get("version") != SIDECAR_VERSION or raw.get("symbol") != symbol:
@@ -120,9 +120,21 @@ def _read_event(edir: Path) -> tuple[list[pl.DataFrame], Fingerprint] | None:
     """Both files of one event and their fingerprint, or None when the event is not complete.
 
     Each file is read through the descriptor it was fstat'ed on, so the rows belong to exactly
-    the inode the fingerprint names even if the file is replaced meanwhile."""
+    the inode the fingerprint names even if the file is replaced meanwhile. On S3 the fingerprint
+    is the object's ETag and size (``storage.identity``), taken just before its GET."""
     frames: list[pl.DataFrame] = []
     fp: list[int] = []
+    if storage.is_remote(edir):
+        for name in store.FILES:
+            key = storage.identity(edir / name)
+            try:
+                frames.append(pl.read_parquet(io.BytesIO(storage.read_bytes(edir / name))))
+            except FileNotFoundError:
+                key = None
+            if key is None:
+                return None
+            fp.extend(key)
+        return frames, tuple(fp)  # type: ignore[return-value]
     for name in store.FILES:
         try:
             with open(edir / name, "rb") as fh:
@@ -181,10 +193,13 @@ def compact_symbol(data_dir: str | os.PathLike[str], symbol: str, manifest: pl.D
         "event_types": [type_index[t] for t in held["event_type"]],
         "fingerprints": list(fingerprints.values()),
     }
-    out.mkdir(parents=True, exist_ok=True)
+    if not storage.is_remote(out):
+        out.mkdir(parents=True, exist_ok=True)
     store.atomic_write_bytes(orjson.dumps(sidecar), out / SIDECAR)  # fsyncs the directory: files too
     keep = {SIDECAR, *(n for names in files.values() for n in names)} if fingerprints else {SIDECAR}
-    for old in out.iterdir():
-        if old.name not in keep and not old.name.startswith(SIDECAR):
-            old.unlink(missing_ok=True)  # earlier generations (a reader mid-scan of one may fail)
+    present = list(storage.find(str(out))) if storage.is_remote(out) else [str(p) for p in out.iterdir()]
+    for old in present:
+        name = old.rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1]
+        if name not in keep and not name.startswith(SIDECAR):
+            storage.remove(old)  # earlier generations (a reader mid-scan of one may fail)
     return CompactionResult(symbol, len(fingerprints), incomplete, rows, size, time.perf_counter() - t0)

@@ -21,6 +21,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from smallcaps_ingest import storage
 from smallcaps_ingest.core.trading_calendar import HOLIDAYS, is_trading_day
 
 try:  # POSIX: an exclusive lock while merging into the density file
@@ -163,12 +164,20 @@ class DensityStore:
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None):
-        self.path = Path(path) if path is not None else None
+        self.path: Path | str | None = None
+        if path is not None:  # an S3 URL stays a string (storage.py reads and writes it)
+            self.path = str(path) if storage.is_remote(path) else Path(path)
         self._obs: dict[str, dict[str, dict[str, list[float]]]] = {}
         self._pending: dict[str, dict[str, dict[str, list[float]]]] = {}
         self._lock = threading.Lock()  # observe() runs on the engine's worker threads
-        if self.path is not None and self.path.exists():
-            self._obs = json.loads(self.path.read_text() or "{}")
+        if self.path is not None:
+            self._obs = self._read()
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(storage.read_bytes(self.path) or b"{}")
+        except FileNotFoundError:
+            return {}
 
     def _cells(self, symbol: str, kind: str) -> dict[str, tuple[float, float]]:
         with self._lock:
@@ -226,19 +235,25 @@ class DensityStore:
         other's latest increments, never corrupt the file: densities are estimates)."""
         if self.path is None or not self._pending:
             return
+        if isinstance(self.path, str):  # S3: no lock; read, merge, one PUT of the whole object
+            self._merge_and_write()
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_suffix(".lock"), "w") as lock:
             if fcntl is not None:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-            on_disk = json.loads(self.path.read_text() or "{}") if self.path.exists() else {}
-            for symbol, kinds in self._pending.items():
-                for kind, sessions in kinds.items():
-                    for session, (rows, secs) in sessions.items():
-                        cell = on_disk.setdefault(symbol, {}).setdefault(kind, {}).setdefault(session, [0, 0])
-                        cell[0] += rows
-                        cell[1] += secs
-            from smallcaps_ingest.core.store import atomic_write_bytes
+            self._merge_and_write()
 
-            atomic_write_bytes(json.dumps(on_disk, sort_keys=True).encode(), self.path)
-            self._obs = on_disk
-            self._pending = {}
+    def _merge_and_write(self) -> None:
+        """On S3 two hosts saving at the same instant: the last PUT wins whole (the other's latest
+        increments are lost, the object is never torn), which the estimates tolerate."""
+        on_disk = self._read()
+        for symbol, kinds in self._pending.items():
+            for kind, sessions in kinds.items():
+                for session, (rows, secs) in sessions.items():
+                    cell = on_disk.setdefault(symbol, {}).setdefault(kind, {}).setdefault(session, [0, 0])
+                    cell[0] += rows
+                    cell[1] += secs
+        storage.write_bytes(self.path, json.dumps(on_disk, sort_keys=True).encode())
+        self._obs = on_disk
+        self._pending = {}

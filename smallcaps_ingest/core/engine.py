@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+from smallcaps_ingest import storage
 from smallcaps_ingest.core import shape, store
 from smallcaps_ingest.core.cost import MergeRule
 from smallcaps_ingest.core.feed import Feed as _Feed
@@ -37,6 +38,9 @@ from smallcaps_ingest.core.polygon.transport import abort_requests
 # New jobs wait while fetched-but-unwritten rows exceed this (with at most 2x workers ranges).
 FRAME_BYTES_HELD = 24 * 1024 * 1024
 WRITERS = 2
+# On S3 a write waits on two PUTs' round trips, not on the CPU: 2 writers left the tail of the
+# writes trailing the fetch (benchmarks/README.md, D20).
+WRITERS_S3 = 8
 
 
 @dataclass
@@ -135,8 +139,9 @@ class _Run:
         self.on_symbol_done = on_symbol_done
         self.outcomes: dict[str, SymbolOutcome] = {}
         todos: dict[str, list[Window]] = {}
+        complete = store.complete_events(engine.data_dir, work)
         for symbol, windows in work.items():
-            done = store.scan_symbol(engine.data_dir, symbol).complete
+            done = complete[symbol]
             todo = todos[symbol] = [w for w in windows if w.event_id not in done]
             self.outcomes[symbol] = SymbolOutcome(symbol, len(windows), skipped=len(windows) - len(todo))
         pending = [s for s in work if todos[s]]
@@ -152,7 +157,8 @@ class _Run:
         self.results: list[SymbolOutcome] = []
         # Shaping and writing run on their own small pool, so the fetch workers keep the request
         # budget busy (writes on the fetch workers capped the request rate: benchmarks).
-        self.writer = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="writer")
+        writers = WRITERS_S3 if storage.is_remote(engine.data_dir) else WRITERS
+        self.writer = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="writer")
 
     def execute(self) -> list[SymbolOutcome]:
         fetchers = ThreadPoolExecutor(max_workers=self.engine.workers, thread_name_prefix="polygon")

@@ -3,7 +3,9 @@ process died as failed (``instance.report_run_failed``), freeing their pool slot
 
 Orphans are found by the tree's scanner (``layout.scan_tree``) plus the top of the data directory,
 ``_state/`` and ``_reports/``; only regular files named as temporary files are ever removed, never
-while a run that writes the tree is queued or in progress (unless forced).
+while a run that writes the tree is queued or in progress (unless forced). On S3 there is nothing to
+remove: every object is written by one atomic PUT, never through a temporary object (a partial event,
+one object of two, is re-fetched by the next run, as on local disk).
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from typing import Any
 
 import dagster as dg
 
-from smallcaps_ingest import layout
+from smallcaps_ingest import layout, storage
 from smallcaps_ingest.layout import EVENT_PREFIX, FILES, MANIFEST_FILE, SOURCE_FILE, SYMBOL_PREFIX, TMP_MARK
 from smallcaps_ingest.ops.instance import ASSET, MANIFEST_ASSET, NOT_FINISHED, runs_touching
 from smallcaps_ingest.ops.render import format_bytes, format_duration
+
+S3_NOTE = "the tree is on S3: objects are written by one atomic PUT, so there are no tmp orphans"
 
 
 def _rel(data_dir: str, path: str) -> str:
@@ -118,7 +122,7 @@ def cleanup(
     Refuses (``refused=True``, nothing removed) when a run that materializes event_windows or the
     manifest is queued or in progress, or when there is no instance to ask, unless ``force``.
     """
-    data_dir = os.path.abspath(data_dir)
+    data_dir = storage.absolute(data_dir)
     now = time.time() if now is None else now
     running: list[dict[str, Any]] = []
     dead: list[str] = []
@@ -157,6 +161,7 @@ def cleanup(
         "kept_young": kept,
         "removed_empty_event_dirs": emptied,
         "errors": errors,
+        **({"note": S3_NOTE} if storage.is_remote(data_dir) else {}),
     }
 
 
@@ -227,6 +232,8 @@ def render_cleanup(res: Mapping[str, Any]) -> str:
     if res["removed_empty_event_dirs"]:
         lines.append(f"removed {len(res['removed_empty_event_dirs'])} event directories left empty")
     lines += [f"error: {e}" for e in res["errors"]]
+    if res.get("note"):
+        lines.append(res["note"])
     return "\n".join(lines)
 
 

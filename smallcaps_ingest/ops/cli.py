@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,10 +37,13 @@ def _emit(args: argparse.Namespace, obj: Any, render_text: Callable[[Any], str])
 
 
 def _config(args: argparse.Namespace, **overrides: Any) -> Config:
-    """The settings, ``--data-dir`` (made absolute) over ``SMALLCAPS_DATA_DIR``, and ``overrides``."""
+    """The settings, ``--data-dir`` (made absolute; or an s3:// URL) over ``SMALLCAPS_DATA_DIR``, and
+    ``overrides``."""
+    from smallcaps_ingest.config import data_dir_from
+
     data_dir = getattr(args, "data_dir", None)
     if data_dir:
-        overrides["data_dir"] = os.path.abspath(data_dir)
+        overrides["data_dir"] = data_dir_from(data_dir)
     return Config.from_env(**overrides)
 
 

@@ -18,18 +18,16 @@ any message this module writes.
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
+from smallcaps_ingest import storage
 from smallcaps_ingest.config import SIMULATOR, SIMULATOR_KEY, Config
 from smallcaps_ingest.core.polygon.budget import BudgetBase, open_budget
 from smallcaps_ingest.core.polygon.budget_redis import redacted
@@ -145,23 +143,26 @@ def check_budget_backend(url: str, max_rps: float, bucket: str) -> tuple[BudgetB
 
 
 def check_data_dir(data_dir: str, source: str | None) -> Check:
-    """Writable (a temporary file is created and removed), and ``_source.json`` agrees with ``source``."""
+    """Writable (a temporary file, or on S3 a probe object, is created and removed), and
+    ``_source.json`` agrees with ``source``."""
     import json
 
     try:
-        os.makedirs(data_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".doctor.tmp."):
-            pass
-    except OSError as e:
-        return Check("data dir", False, f"{data_dir} is not writable: {e}")
-    path = os.path.join(data_dir, SOURCE_FILE)
-    if not os.path.exists(path):
+        storage.check_writable(data_dir)
+    except Exception as e:  # noqa: BLE001 - OSError locally; on S3 also botocore's (no bucket, denied)
+        return Check("data dir", False, f"{data_dir} is not writable: {type(e).__name__}: {e}")
+    path = storage.join(data_dir, SOURCE_FILE)
+    try:
+        raw = storage.read_bytes(path)
+    except FileNotFoundError:
         return Check(
             "data dir", True, f"{data_dir}: writable, no {SOURCE_FILE} yet (the first run records it)"
         )
+    except OSError as e:
+        return Check("data dir", False, f"{path} is unreadable: {e}")
     try:
-        recorded = json.loads(Path(path).read_text()).get("source")
-    except (OSError, ValueError, AttributeError) as e:
+        recorded = json.loads(raw).get("source")
+    except (ValueError, AttributeError) as e:
         return Check("data dir", False, f"{path} is unreadable: {e}")
     if source is None:
         return Check(

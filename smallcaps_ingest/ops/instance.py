@@ -27,6 +27,8 @@ from typing import Any
 
 import dagster as dg
 
+from smallcaps_ingest import storage
+
 ASSET = "event_windows"
 MANIFEST_ASSET = "manifest"
 PARTITIONS = "symbols"
@@ -252,13 +254,22 @@ def _lifetime_entry_ok(entry: Mapping[str, Any]) -> bool:
     )
 
 
+def _write_cache(cache_path: str, data: bytes) -> None:
+    """Locally without a directory fsync (a cache); on S3 one PUT (``storage.write_bytes``)."""
+    from smallcaps_ingest.core.store import atomic_write_bytes
+
+    if storage.is_remote(cache_path):
+        storage.write_bytes(cache_path, data)
+    else:
+        atomic_write_bytes(data, Path(cache_path), sync_dir=False)
+
+
 def _read_cache(cache_path: str | None) -> dict[str, Any]:
-    if not cache_path or not os.path.isfile(cache_path):
+    if not cache_path:
         return {}
     try:
-        with open(cache_path) as fh:
-            got = json.load(fh)
-    except (OSError, ValueError):
+        got = json.loads(storage.read_bytes(cache_path))
+    except (OSError, ValueError):  # none yet (FileNotFoundError), unreadable, or not JSON
         return {}
     return got if isinstance(got, dict) else {}
 
@@ -326,7 +337,6 @@ def read_ledger(instance: dg.DagsterInstance, cache_path: str | None) -> Ledger:
     holds fewer records than the ledger saw, resets it. A cache that cannot be written (read-only
     data dir) only means the next call reads everything again.
     """
-    from smallcaps_ingest.core.store import atomic_write_bytes
 
     key = str(getattr(instance, "root_directory", "") or id(instance))
     exists, wipe, last_id = _asset_marks(instance)
@@ -351,7 +361,7 @@ def read_ledger(instance: dg.DagsterInstance, cache_path: str | None) -> Ledger:
         if cache_path:
             cache[key] = entry
             with contextlib.suppress(OSError):  # a read-only data dir: no cache
-                atomic_write_bytes(json.dumps(cache).encode(), Path(cache_path), sync_dir=False)
+                _write_cache(cache_path, json.dumps(cache).encode())
     totals = {k: entry[k] for k in (*_COUNTS, "errors_by_type")}
     latest = {k: MatPoint(0.0, k, "", v[0], events_total=v[1], events_complete=v[2], bytes=v[3])
               for k, v in entry["latest"].items()}

@@ -16,11 +16,10 @@ that hold fewer rows than ``limit`` are not in the estimate. Nothing is written.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
-from smallcaps_ingest import layout
+from smallcaps_ingest import layout, storage
 from smallcaps_ingest.core.plan import DensityStore, Window
 from smallcaps_ingest.ops.plan_estimate import (
     FILE_BYTES,
@@ -39,7 +38,10 @@ class PreviewError(RuntimeError):
 
 
 def complete_events(data_dir: str, symbols: set[str]) -> dict[str, set[str]]:
-    """Complete event ids (both files present) per symbol, from the tree's scanner."""
+    """Complete event ids (both files present) per symbol, from the tree's scanner (on S3 one
+    listing of the whole tree rather than one per symbol)."""
+    if storage.is_remote(data_dir):
+        return {s: set(d.complete) for s, d in layout.scan_tree(data_dir).symbols.items() if s in symbols}
     return {
         sym: set(layout.scan_symbol_dir(path).complete)
         for sym, path in layout.list_symbol_dirs(data_dir)[0]
@@ -54,14 +56,14 @@ def read_manifest(data_dir: str, complete: Mapping[str, set[str]] | None = None)
     import polars as pl
 
     path = layout.manifest_path(data_dir)
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise PreviewError(
             f"no manifest at {path}: materialize the manifest asset first "
             "(dagster asset materialize -m smallcaps_ingest --select manifest)"
         )
     need = ("event_id", "symbol", "ts_start", "ts_end", "session")
     try:
-        df = pl.read_parquet(path, columns=list(need))
+        df = pl.read_parquet(storage.source(path), columns=list(need))
     except Exception as e:  # noqa: BLE001 - any unreadable manifest is reported, with its path
         raise PreviewError(f"cannot read the manifest {path} ({need}): {type(e).__name__}: {e}") from None
     if complete is None:
@@ -108,7 +110,7 @@ def preview(data_dir: str, settings: Settings, density_path: str | None = None) 
 
     Settings whose rate differs from the budget's are planned again at the budget too
     (``at_budget``): the over-fetch allowance, hence the plan, depends on the rate."""
-    data_dir = os.path.abspath(data_dir)
+    data_dir = storage.absolute(data_dir)
     todo, events = read_manifest(data_dir)
     path = density_path or str(layout.state_dir(data_dir) / layout.DENSITY_FILE)
     out = estimate_frame(todo, DensityStore(path), settings)

@@ -8,14 +8,13 @@ with ``fix``, records through the public API too (``add_dynamic_partitions``,
 
 from __future__ import annotations
 
-import os
 import shlex
 from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
 
-from smallcaps_ingest import layout
+from smallcaps_ingest import layout, storage
 from smallcaps_ingest.ops.instance import ASSET, EW, NOT_FINISHED, PARTITIONS, runs_touching
 from smallcaps_ingest.ops.status import StatusError, SymbolCoverage, coverage, read_manifest_ids
 
@@ -47,7 +46,7 @@ def reconcile(data_dir: str, instance: dg.DagsterInstance, *, fix: bool = False)
       manifest event of that symbol (named by an earlier version of the event ids, by an events file
       since changed, or under a symbol no longer in the manifest). Reported, never deleted.
     """
-    data_dir = os.path.abspath(data_dir)
+    data_dir = storage.absolute(data_dir)
     manifest = read_manifest_ids(data_dir)
     if manifest is None:
         raise StatusError(

@@ -27,7 +27,7 @@ from typing import Any
 
 import polars as pl
 
-from smallcaps_ingest import layout
+from smallcaps_ingest import layout, storage
 from smallcaps_ingest.core.store import atomic_write_bytes
 from smallcaps_ingest.ops.render import format_bytes
 from smallcaps_ingest.ops.status import coverage
@@ -66,30 +66,33 @@ class ReportError(RuntimeError):
 
 
 def reports_dir(data_dir: str | os.PathLike[str]) -> Path:
-    return Path(data_dir) / REPORT_DIR
+    return layout.reports_dir(data_dir)  # a UPath on S3
 
 
 def read_manifest(data_dir: str | os.PathLike[str]) -> pl.DataFrame | None:
-    path = Path(layout.manifest_path(data_dir))
-    if not path.is_file():
+    path = layout.manifest_path(data_dir)
+    if not storage.isfile(path):
         return None
-    return pl.read_parquet(path, columns=["symbol", "event_id", "timestamp"])
+    return pl.read_parquet(storage.source(path), columns=["symbol", "event_id", "timestamp"])
 
 
 def _footer_rows(path: str) -> int | None:
     import pyarrow.parquet as pq
 
     try:
-        return int(pq.read_metadata(path).num_rows)
+        if not storage.is_remote(path):
+            return int(pq.read_metadata(path).num_rows)
+        with storage.open_read(path) as fh:  # S3: a ranged GET or two, not the whole object
+            return int(pq.read_metadata(fh).num_rows)
     except (OSError, ValueError, Exception):  # noqa: BLE001 - a corrupt footer is counted as unreadable
         return None
 
 
 def _load_cache(path: Path) -> dict[tuple[str, str], tuple[int, ...]]:
-    if not path.is_file():
+    if not storage.isfile(path):
         return {}
     try:
-        df = pl.read_parquet(path)
+        df = pl.read_parquet(storage.source(path))
     except Exception:  # noqa: BLE001 - a broken cache is rebuilt
         return {}
     if dict(df.schema) != _CACHE_SCHEMA:
@@ -124,10 +127,10 @@ def row_counts(
 
     def read(item: tuple[str, str, tuple[int, int, int, int]]) -> tuple[int | None, int | None]:
         sym, eid, _ = item
-        base = os.path.join(
+        base = storage.join(
             os.fspath(data_dir), root, f"{layout.SYMBOL_PREFIX}{sym}", f"{layout.EVENT_PREFIX}{eid}"
         )
-        return _footer_rows(os.path.join(base, trades)), _footer_rows(os.path.join(base, quotes))
+        return _footer_rows(storage.join(base, trades)), _footer_rows(storage.join(base, quotes))
 
     if todo:
         with ThreadPoolExecutor(max(1, threads)) as ex:
@@ -339,8 +342,9 @@ def plot_report(
         ax2.text(0.5, 0.5, "no event_windows materialization yet", ha="center", va="center")
         ax2.set_axis_off()
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = storage.to_path(path)
+    if not storage.is_remote(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic_write_bytes(buf.getvalue(), out)
@@ -348,7 +352,7 @@ def plot_report(
 
 
 def png_data_uri(path: str | os.PathLike[str]) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(storage.read_bytes(path)).decode("ascii")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from smallcaps_ingest import layout
+from smallcaps_ingest import layout, storage
 from smallcaps_ingest.config import DEFAULT_MAX_RPS
 from smallcaps_ingest.layout import FILES, SOURCE_FILE, TMP_MARK, ProgressFn, TreeScan  # noqa: F401
 from smallcaps_ingest.ops.render import format_duration
@@ -40,11 +40,11 @@ class StatusError(RuntimeError):
 def read_manifest_ids(data_dir: str | os.PathLike[str]) -> dict[str, frozenset[str]] | None:
     """symbol -> its manifest event ids; None when there is no manifest yet."""
     path = layout.manifest_path(data_dir)
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         return None
     import polars as pl
 
-    df = pl.read_parquet(path, columns=["symbol", "event_id"])
+    df = pl.read_parquet(storage.source(path), columns=["symbol", "event_id"])
     grouped = df.group_by("symbol").agg(pl.col("event_id"))
     return {
         s: frozenset(ids)
@@ -185,7 +185,7 @@ def counts_from_instance(
         sy["not_started"] = max(0, manifest[1] - sy["complete"] - sy["started"])
     return {
         "manifest": {**_manifest_block(data_dir, total, manifest[1] if have else None, None),
-                     "present": have and os.path.isfile(layout.manifest_path(data_dir))},
+                     "present": have and storage.isfile(layout.manifest_path(data_dir))},
         "events": ev,
         "symbols": sy,
         "disk": {"files": 2 * done, "bytes": sum(p.bytes for p in points), "tmp_orphans": None,
@@ -275,7 +275,7 @@ def collect_status(
     from smallcaps_ingest.ops import summary
 
     t0 = time.perf_counter()
-    data_dir = os.path.abspath(data_dir)
+    data_dir = storage.absolute(data_dir)
     message = None
     if instance is None and use_instance:
         from smallcaps_ingest.ops.instance import open_instance
@@ -284,7 +284,7 @@ def collect_status(
     t_open = time.perf_counter() - t0
     now = time.time() if now is None else now
     if instance is not None:
-        cache = os.path.join(layout.state_dir(data_dir), LIFETIME_CACHE)
+        cache = storage.join(layout.state_dir(data_dir), LIFETIME_CACHE)
         inst, counts = summary.instance_summary(
             instance, now=now, window_s=window_minutes * 60, last_n=last_n, cache_path=cache
         )

@@ -10,6 +10,7 @@ from datetime import date, timedelta
 import dagster as dg
 import polars as pl
 
+from smallcaps_ingest import layout, storage
 from smallcaps_ingest.core.compact import compact_symbol
 from smallcaps_ingest.core.engine import FetchEngine, SymbolOutcome, windows_from_frame
 from smallcaps_ingest.core.events import read_events
@@ -64,10 +65,11 @@ def _date(value: str | None, name: str) -> date | None:
     "event_windows partition stale. Observed by every `manifest` materialization.",
 )
 def symbol_events(settings: IngestSettings) -> dg.DataVersionsByPartition:
-    path = f"{settings.data_dir}/manifest.parquet"
-    if not os.path.exists(path):
+    path = layout.manifest_path(settings.data_dir)
+    if not storage.isfile(path):
         raise dg.Failure(f"no manifest at {path}: materialize the manifest asset first")
-    return dg.DataVersionsByPartition(symbol_versions(pl.read_parquet(path, columns=["symbol", "event_id"])))
+    frame = pl.read_parquet(storage.source(path), columns=["symbol", "event_id"])
+    return dg.DataVersionsByPartition(symbol_versions(frame))
 
 
 def symbol_versions(df: pl.DataFrame) -> dict[str, str]:
@@ -186,7 +188,7 @@ def _fetch(
         hz=settings.quotes_hz,
         max_overfetch=settings.max_overfetch,
         overfetch_rows=settings.overfetch_rows,
-        density=DensityStore(f"{settings.data_dir}/_state/density.json"),
+        density=DensityStore(storage.join(settings.data_dir, layout.STATE_DIR, layout.DENSITY_FILE)),
     )
     runner = EngineThread(engine, work)
     polygon.on_teardown(runner.stop)

@@ -14,6 +14,7 @@ from dagster_polars import PolarsParquetIOManager
 from pydantic import PrivateAttr
 from upath import UPath
 
+from smallcaps_ingest import storage
 from smallcaps_ingest.config import OFFICIAL_BASE_URL, SIMULATOR, SIMULATOR_KEY, ConfigError
 from smallcaps_ingest.core.polygon.budget import open_budget
 from smallcaps_ingest.core.polygon.client import PolygonAuthError, PolygonClient
@@ -23,13 +24,22 @@ from smallcaps_ingest.simulator import Simulator
 
 class AtomicPolarsParquetIOManager(PolarsParquetIOManager):
     """dagster-polars' Parquet IO manager, but a write never leaves a half-written manifest:
-    the frame goes to a temporary file beside the target, is fsynced, and replaces it."""
+    the frame goes to a temporary file beside the target, is fsynced, and replaces it; on S3 it is
+    one PUT of the whole object. Both ways go through the package's filesystem layer
+    (``storage.py``), which reads S3 with the AWS_* variables botocore reads itself."""
 
     def write_df_to_path(self, context: dg.OutputContext, df: pl.DataFrame, path: UPath) -> None:  # type: ignore[override]
-        if getattr(path, "protocol", "") not in ("", "file", "local"):
+        if getattr(path, "protocol", "") not in ("", "file", "local", "s3"):
             return super().write_df_to_path(context, df, path)
-        atomic_write_parquet(df, Path(str(path)))
+        atomic_write_parquet(df, Path(str(path)) if not storage.is_remote(path) else path)
         return None
+
+    def scan_df_from_path(  # type: ignore[override]
+        self, path: UPath, context: dg.InputContext, partition_key: str | None = None
+    ) -> pl.LazyFrame:
+        if not storage.is_remote(path):
+            return super().scan_df_from_path(path, context, partition_key)
+        return pl.read_parquet(storage.source(path)).lazy()
 
 
 class PolygonResource(dg.ConfigurableResource):

@@ -261,8 +261,8 @@ def test_bad_arguments_name_the_problem(tree) -> None:  # type: ignore[no-untype
         read.load_windows(data, "trades", sessions="LUNCH")
     with pytest.raises(ValueError, match="on_missing"):
         read.load_windows(data, "trades", on_missing="ignore")  # type: ignore[arg-type]
-    with pytest.raises(NotImplementedError, match="local paths"):
-        read.load_windows("s3://bucket/tree", "trades")
+    with pytest.raises(NotImplementedError, match="a local directory or an s3:// URL"):
+        read.load_windows("gs://bucket/tree", "trades")  # s3:// is read (e2e/test_s3.py)
     with pytest.raises(FileNotFoundError, match="manifest"):
         read.load_windows(data / "nowhere", "trades")
     empty = read.load_windows(data, "quotes", symbols="NOPE").collect()

@@ -45,6 +45,7 @@ from smallcaps_ingest_tests.resilience_helpers import (
     materialize_argv,
     pool_claims,
     release_memory,
+    requests_outside_todo,
     run_statuses,
     smallcaps_ingest,
     stamps,
@@ -92,26 +93,6 @@ def _requests_between(sim: Simulator, t0: float, t1: float) -> list[RequestRecor
 # ----------------------------------------------------------------------------------------------
 class DeadRunsBlockResume(AssertionError):
     """A SIGKILLed CLI run stays STARTED and keeps its polygon_api pool slot forever."""
-
-
-def _requests_outside_todo(
-    recs: list[RequestRecord], windows: dict[str, list], complete: dict[str, frozenset[str]]
-) -> tuple[list[RequestRecord], list[RequestRecord]]:
-    """(requests whose range is not built from incomplete events' windows, requests serving no incomplete
-    event). The engine plans a range as the union of the windows of the events still to fetch (windows
-    that overlap or touch always merge; separated windows of a day may merge to save pages), so every
-    request's [gte, lt) starts at the start of an incomplete event's window and ends at the end of one;
-    next_url pages carry the same bounds. A request that served only complete events would start or end
-    at a complete event's boundary, or overlap no incomplete window."""
-    misplaced, useless = [], []
-    for r in recs:
-        assert r.ticker in windows, r
-        todo = [w for w in windows[r.ticker] if w.event_id not in complete.get(r.ticker, frozenset())]
-        if r.gte_ns not in {w.start_ns for w in todo} or r.lt_ns not in {w.end_ns for w in todo}:
-            misplaced.append(r)
-        if not any(w.start_ns < r.lt_ns and r.gte_ns < w.end_ns for w in todo):
-            useless.append(r)
-    return misplaced, useless
 
 
 BLOCKED = "Step blocked by limit for pool polygon_api"
@@ -181,7 +162,7 @@ class _KillResume:
             self.killed_ids.append(run_id)
         requests = _requests_between(self.sim, t0, t1)
         # complete events are never requested again, and never rewritten
-        misplaced, useless = _requests_outside_todo(requests, self.windows, before)
+        misplaced, useless = requests_outside_todo(requests, self.windows, before)
         assert not misplaced and not useless, (k, misplaced[:3], useless[:3])
         assert stamps(self.data, before) == before_stamps, f"run {k} rewrote complete events"
         r = {
