@@ -22,7 +22,6 @@ import pytest
 from smallcaps_ingest.core import store
 from smallcaps_ingest.simulator import SimConfig, Simulator
 from smallcaps_ingest_tests.conftest import REPO, TEST_KEY, cli_env
-from smallcaps_ingest_tests.e2e.test_resilience import _requests_outside_todo
 from smallcaps_ingest_tests.resilience_helpers import (
     assert_dataset_exact,
     cli_instance,
@@ -33,6 +32,7 @@ from smallcaps_ingest_tests.resilience_helpers import (
     materialize,
     materialize_argv,
     release_memory,
+    requests_outside_todo,
     run_statuses,
     tmp_files,
     wait_first_request,
@@ -157,7 +157,7 @@ def test_sigterm_stops_promptly_and_resume_is_exact(tmp_path: Path, executor: st
         t_resume = time.monotonic()
         materialize(env, "--select", "event_windows", *RANGE, *extra)
         resumed = [r for r in sim.request_log() if r.t >= t_resume]
-        misplaced, useless = _requests_outside_todo(resumed, windows, before_resume)
+        misplaced, useless = requests_outside_todo(resumed, windows, before_resume)
         assert not misplaced and not useless, (misplaced[:3], useless[:3])
         assert assert_dataset_exact(data, manifest) == manifest.height
         print(
