@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from smallcaps_ingest import storage
+
 OFFICIAL_BASE_URL = "https://api.polygon.io"
 SIMULATOR = "simulator"  # POLYGON_BASE_URL=simulator: the bundled simulator, in process
 SIMULATOR_KEY = "simulator-demo-key"  # the bundled simulator accepts any key
@@ -173,7 +175,7 @@ def _budget_url(env: Mapping[str, str], home: str | None, data_dir: str) -> str:
     if not path:
         if home:
             state = Path(home)
-        elif data_dir.startswith("s3://"):  # SQLite cannot live in a bucket: this host's temp dir
+        elif storage.is_remote(data_dir):  # SQLite cannot live in a bucket: this host's temp dir
             import tempfile
 
             state = Path(tempfile.gettempdir()) / "smallcaps_ingest"

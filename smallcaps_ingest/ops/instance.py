@@ -22,7 +22,6 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import astuple, dataclass, field, fields
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -254,16 +253,6 @@ def _lifetime_entry_ok(entry: Mapping[str, Any]) -> bool:
     )
 
 
-def _write_cache(cache_path: str, data: bytes) -> None:
-    """Locally without a directory fsync (a cache); on S3 one PUT (``storage.write_bytes``)."""
-    from smallcaps_ingest.core.store import atomic_write_bytes
-
-    if storage.is_remote(cache_path):
-        storage.write_bytes(cache_path, data)
-    else:
-        atomic_write_bytes(data, Path(cache_path), sync_dir=False)
-
-
 def _read_cache(cache_path: str | None) -> dict[str, Any]:
     if not cache_path:
         return {}
@@ -337,6 +326,7 @@ def read_ledger(instance: dg.DagsterInstance, cache_path: str | None) -> Ledger:
     holds fewer records than the ledger saw, resets it. A cache that cannot be written (read-only
     data dir) only means the next call reads everything again.
     """
+    from smallcaps_ingest.core.store import atomic_write_bytes
 
     key = str(getattr(instance, "root_directory", "") or id(instance))
     exists, wipe, last_id = _asset_marks(instance)
@@ -361,7 +351,8 @@ def read_ledger(instance: dg.DagsterInstance, cache_path: str | None) -> Ledger:
         if cache_path:
             cache[key] = entry
             with contextlib.suppress(OSError):  # a read-only data dir: no cache
-                _write_cache(cache_path, json.dumps(cache).encode())
+                # no directory fsync (a cache); on S3 one PUT
+                atomic_write_bytes(json.dumps(cache).encode(), storage.to_path(cache_path), sync_dir=False)
     totals = {k: entry[k] for k in (*_COUNTS, "errors_by_type")}
     latest = {k: MatPoint(0.0, k, "", v[0], events_total=v[1], events_complete=v[2], bytes=v[3])
               for k, v in entry["latest"].items()}
