@@ -36,6 +36,7 @@ of ours' output files. ``--manifest`` takes several manifests, run one after ano
     python benchmarks/throughput.py                               # clustered, budgets 10,50,100 (~5 min)
     python benchmarks/throughput.py --manifest in_play,clustered --budgets 20,50 --clients ours,massive
     python benchmarks/throughput.py --seconds 8 --budgets 10,50   # quick
+    python benchmarks/throughput.py --manifest in_play --budgets 50 --clients ours --timeline  # per second
     python benchmarks/throughput.py --server-limit 40 --budgets 50
 """
 
@@ -193,6 +194,22 @@ def measure(sim: SimHost, name: str, fn: Callable[[], tuple[int, int, float]],
                   cpu_sim=s1 - s0, bytes=sim.counters()["bytes"], rows_inside=rows)
 
 
+def timeline(log: Sequence) -> str:
+    """Diagnostic: the 200s that arrived in each second of the run, and rows per 200 by quartile."""
+    ok = sorted((x[0], x[6]) for x in log if x[1] == 200)
+    if not ok:
+        return "    (no 200s)"
+    t0 = ok[0][0]
+    per_s = [0] * (int(ok[-1][0] - t0) + 1)
+    for t, _ in ok:
+        per_s[int(t - t0)] += 1
+    q = sorted(n for _, n in ok)
+    quart = [q[min(len(q) - 1, int(f * len(q)))] for f in (0.25, 0.5, 0.75, 0.95)]
+    return (f"    200s per second: {' '.join(map(str, per_s))}\n"
+            f"    rows per 200: p25 {quart[0]:,}  median {quart[1]:,}  p75 {quart[2]:,}  p95 {quart[3]:,}  "
+            f"max {q[-1]:,}")
+
+
 def row(budget: float, server_limit: float | None, r: Result) -> tuple[object, ...]:
     rate, span, ok = served_rate(r.log)
     n429 = sum(1 for x in r.log if x[1] == 429)
@@ -244,6 +261,8 @@ def main() -> None:
                    help="simulator rate_limit_rps: 'budget' (= each budget), 'none', or a number")
     p.add_argument("--clients", default="ours,massive,naive")
     p.add_argument("--verify", type=int, default=24, help="ours' events checked against ground truth")
+    p.add_argument("--timeline", action="store_true",
+                   help="diagnostic: print ours' 200s per second and rows per response")
     p.add_argument("--latency-ms", type=float, default=100.0)
     p.add_argument("--jitter-ms", type=float, default=20.0)
     p.add_argument("--transfer-mb-s", type=float, default=25.0,
@@ -340,6 +359,8 @@ def run_manifest(sim: SimHost, tmp: Path, manifest: str, budgets: Sequence[float
                 checks.append(f"{manifest} {check}")
             results[c] = r
             print(f" {r.events} events in {r.seconds:.1f} s", flush=True)
+            if a.timeline and c == "ours":
+                print(timeline(r.log))
             rows.append((manifest, *row(b, limit, r)))
         if "ours" in results:
             o = results["ours"]
