@@ -223,7 +223,7 @@ def plan_windows(
                 stale.add(symbol)
                 continue
             sidecars[symbol] = side
-        if sidecars[symbol].events.get(eid) != fp:
+        if sidecars[symbol].fingerprint(eid) != fp:
             stale.add(symbol)
     fresh = [s for s in sidecars if s not in stale]
     selected = events.with_columns(pl.Series(_PATH, paths)).filter(pl.Series(complete, dtype=pl.Boolean))

@@ -31,10 +31,13 @@ A crash at any point leaves the previous sidecar and the files it names intact. 
 
 from __future__ import annotations
 
+import array
+import base64
 import collections
 import functools
 import io
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +51,7 @@ from smallcaps_ingest.core import store
 
 COMPACT_DIR = layout.COMPACT_DIR
 SIDECAR = "_compaction.json"
-SIDECAR_VERSION = 2
+SIDECAR_VERSION = 3  # 3: fingerprints packed (pack_prints)
 # Small row groups so that one event type's rows (10 % of a symbol's, say) cost a few groups, not
 # the file; large enough that each group's fixed cost stays small (benchmarks/README.md).
 ROW_GROUP_ROWS = 8192
@@ -68,12 +71,18 @@ def stat_key(st: os.stat_result) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class Sidecar:
-    """What one compaction generation of a symbol holds."""
+    """What one compaction generation of a symbol holds.
+
+    Its per-event parts stay as read (a reader checks a few events of each of many symbols, so
+    mapping all of a symbol's events up front would cost more than the read): ``fingerprint``
+    looks one event up."""
 
     symbol: str
     files: dict[str, dict[str, str]]  # kind -> event type -> file name in the symbol's directory
-    events: dict[str, Fingerprint]  # event_id -> fingerprint of its per-event files
-    types: dict[str, str]  # event_id -> event type
+    event_ids: list[str]
+    type_index: list[int]  # per event: its event type's index in type_names
+    type_names: list[str]
+    prints: bytes  # per event, its fingerprint: 6 little-endian int64 (``pack_prints``)
     written_ns: int
     directory: str  # the symbol's compacted directory
 
@@ -81,9 +90,49 @@ class Sidecar:
         return f"{self.directory}/{self.files[kind][event_type]}"
 
     @functools.cached_property
+    def _position(self) -> dict[str, int]:
+        return {e: i for i, e in enumerate(self.event_ids)}
+
+    @functools.cached_property
+    def _ints(self) -> array.array[int]:
+        return unpack_prints(self.prints)
+
+    def fingerprint(self, event_id: str) -> Fingerprint | None:
+        """The event's per-event files as compacted, or None when the generation does not hold it."""
+        i = self._position.get(event_id)
+        return None if i is None else tuple(self._ints[6 * i:6 * i + 6])  # type: ignore[return-value]
+
+    @functools.cached_property
+    def events(self) -> dict[str, Fingerprint]:
+        """Every held event's fingerprint."""
+        return {e: self.fingerprint(e) for e in self.event_ids}  # type: ignore[misc]
+
+    @functools.cached_property
+    def types(self) -> dict[str, str]:
+        """event_id -> event type."""
+        return {e: self.type_names[k] for e, k in zip(self.event_ids, self.type_index, strict=True)}
+
+    @functools.cached_property
     def counts(self) -> dict[str, int]:
         """Events held per event type (a type's file holds exactly these events)."""
-        return dict(collections.Counter(self.types.values()))
+        return {self.type_names[k]: n for k, n in collections.Counter(self.type_index).items()}
+
+
+def pack_prints(prints: list[Fingerprint]) -> str:
+    """Fingerprints as one base64 string of little-endian int64: a JSON list of lists of ints
+    made ``orjson`` most of a full-size read's planning (benchmarks/README.md, D14)."""
+    ints = array.array("q", [v for fp in prints for v in fp])
+    if sys.byteorder == "big":
+        ints.byteswap()
+    return base64.b64encode(ints.tobytes()).decode("ascii")
+
+
+def unpack_prints(packed: bytes) -> array.array[int]:
+    ints = array.array("q")
+    ints.frombytes(packed)
+    if sys.byteorder == "big":
+        ints.byteswap()
+    return ints
 
 
 def read_sidecar(data_dir: str | os.PathLike[str], symbol: str) -> Sidecar | None:
@@ -96,11 +145,16 @@ def read_sidecar(data_dir: str | os.PathLike[str], symbol: str) -> Sidecar | Non
     if raw.get("version") != SIDECAR_VERSION or raw.get("symbol") != symbol:
         return None
     types: list[str] = raw["types"]
+    prints = base64.b64decode(raw["fingerprints"])
+    if len(prints) != 48 * len(raw["event_ids"]) or len(raw["event_types"]) != len(raw["event_ids"]):
+        raise ValueError(f"{directory / SIDECAR}: its event_ids, event_types and fingerprints disagree")
     return Sidecar(
         symbol=symbol,
         files={kind: dict(zip(types, names, strict=True)) for kind, names in raw["files"].items()},
-        events={e: tuple(fp) for e, fp in zip(raw["event_ids"], raw["fingerprints"], strict=True)},  # type: ignore[misc]
-        types={e: types[k] for e, k in zip(raw["event_ids"], raw["event_types"], strict=True)},
+        event_ids=raw["event_ids"],
+        type_index=raw["event_types"],
+        type_names=types,
+        prints=prints,
         written_ns=int(raw["written_ns"]),
         directory=str(directory),
     )
@@ -191,7 +245,7 @@ def compact_symbol(data_dir: str | os.PathLike[str], symbol: str, manifest: pl.D
         "written_ns": time.time_ns(),
         "event_ids": list(fingerprints),
         "event_types": [type_index[t] for t in held["event_type"]],
-        "fingerprints": list(fingerprints.values()),
+        "fingerprints": pack_prints(list(fingerprints.values())),
     }
     if not storage.is_remote(out):
         out.mkdir(parents=True, exist_ok=True)
