@@ -64,8 +64,13 @@ def windows_root(data_dir: PathLike) -> Path:
     return _base(data_dir) / WINDOWS_DIR
 
 
+def symbol_part(symbol: str) -> str:
+    """A symbol's directory name (``symbol=S``), in the event tree and the compacted one."""
+    return f"{SYMBOL_PREFIX}{_safe(symbol, 'symbol')}"
+
+
 def symbol_dir(data_dir: PathLike, symbol: str) -> Path:
-    return windows_root(data_dir) / f"{SYMBOL_PREFIX}{_safe(symbol, 'symbol')}"
+    return windows_root(data_dir) / symbol_part(symbol)
 
 
 def event_dir(data_dir: PathLike, symbol: str, event_id: str) -> Path:

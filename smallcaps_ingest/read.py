@@ -74,6 +74,9 @@ class Piece:
     files: list[str]
     events: pl.DataFrame  # EVENT_COLUMNS (+ __path, one row per file, for per-event pieces), in ORDER
     whole: bool = False
+    # filtered compacted files: no event left out shares an event time with a selected one, so
+    # the selected times alone pick the rows (an integer filter, not a join on the ids)
+    by_time: bool = False
 
 
 @dataclass(frozen=True)
@@ -214,7 +217,7 @@ def plan_windows(
     # per symbol: compacted when its sidecar is fresh for every selected complete event
     sidecars: dict[str, compact.Sidecar] = {}
     stale: set[str] = set()
-    for symbol, eid, fp in zip(syms, ids, prints, strict=True):
+    for symbol, eid, etype, fp in zip(syms, ids, events["event_type"].to_list(), prints, strict=True):
         if fp is None or symbol in stale:
             continue
         if symbol not in sidecars:
@@ -223,7 +226,7 @@ def plan_windows(
                 stale.add(symbol)
                 continue
             sidecars[symbol] = side
-        if sidecars[symbol].fingerprint(eid) != fp:
+        if sidecars[symbol].fingerprint(eid, etype) != fp:
             stale.add(symbol)
     fresh = [s for s in sidecars if s not in stale]
     selected = events.with_columns(pl.Series(_PATH, paths)).filter(pl.Series(complete, dtype=pl.Boolean))
@@ -240,19 +243,31 @@ def plan_windows(
 
 def _compacted_pieces(kind: str, events: pl.DataFrame, sidecars: dict[str, compact.Sidecar]) -> list[Piece]:
     """Fresh symbols' selected events (in ORDER) as pieces over their (symbol, type) files:
-    consecutive files whose every event is selected form a ``whole`` piece, the rest filtered ones."""
+    consecutive files whose every event is selected form a ``whole`` piece, the rest filtered
+    ones, ``by_time`` when the event times alone tell the selected events apart in every file."""
     keys = ["symbol", "event_type"]
-    groups = events.group_by(keys, maintain_order=True).len()
-    paths, whole = [], []
-    for symbol, event_type, n in groups.iter_rows():
+    selected: dict[tuple[str, str], dict[str, int]] = {}
+    rows = events.select(*keys, "event_id", pl.col("timestamp").dt.epoch("ns")).iter_rows()
+    for sym, etype, eid, ns in rows:
+        selected.setdefault((sym, etype), {})[eid] = ns
+    paths, modes = [], []
+    for (symbol, event_type), chosen in selected.items():
         side = sidecars[symbol]
         paths.append(side.path(kind, event_type))
-        whole.append(side.counts[event_type] == n)  # the selection holds all of the file's events
-    flag = pl.Series("__whole", whole, dtype=pl.Boolean)
-    groups = groups.with_columns(pl.Series(_PATH, paths), flag, flag.rle_id().alias("__run"))
+        if side.counts[event_type] == len(chosen):  # the selection holds all of the file's events
+            modes.append(0)
+        else:
+            times = set(chosen.values())
+            left_out = (ns for eid, ns in side.timed_ids(event_type) if eid not in chosen)
+            modes.append(2 if any(ns in times for ns in left_out) else 1)
+    mode = pl.Series("__mode", modes, dtype=pl.UInt8)
+    groups = pl.DataFrame([pl.Series(k, [g[i] for g in selected], dtype=pl.String)
+                           for i, k in enumerate(keys)])
+    groups = groups.with_columns(pl.Series(_PATH, paths), mode, mode.rle_id().alias("__run"))
     tagged = events.join(groups.select(*keys, "__run"), on=keys, how="left", maintain_order="left")
     return [
-        Piece(True, g[_PATH].to_list(), e.drop("__run"), whole=bool(g["__whole"][0]))
+        Piece(True, g[_PATH].to_list(), e.drop("__run"), whole=g["__mode"][0] == 0,
+              by_time=g["__mode"][0] == 1)
         for g, e in zip(groups.partition_by("__run", maintain_order=True),
                         tagged.partition_by("__run", maintain_order=True), strict=True)
     ]
@@ -302,11 +317,16 @@ def frame(plan: ReadPlan, columns: Sequence[str] | None = None) -> pl.LazyFrame:
             ns = p.events["timestamp"].dt.epoch("ns")  # integer bounds: a Python datetime stops at us
             lo, hi = (pl.lit(v).cast(p.events.schema["timestamp"]) for v in (ns.min(), ns.max()))
             # coarse bounds first: a file's rows are sorted by event time, so row groups are
-            # skipped on their statistics; a semi join then keeps exactly the selected events (an
-            # ``is_in`` filter, pushed into the scan, took twice as long: benchmarks/README.md, D14)
-            lf = scan(p.files).filter(pl.col("timestamp").is_between(lo, hi)).join(
-                p.events.lazy().select("event_id"), on="event_id", how="semi", maintain_order="left"
-            )
+            # skipped on their statistics; then exactly the selected events, by their times when
+            # those tell them apart, else by a semi join on the ids (an ``is_in`` on the ids,
+            # pushed into the scan, took twice as long as the join, and the join half the read
+            # that the times take: benchmarks/README.md, D14)
+            lf = scan(p.files).filter(pl.col("timestamp").is_between(lo, hi))
+            if p.by_time:
+                lf = lf.filter(pl.col("timestamp").is_in(p.events["timestamp"].unique().implode()))
+            else:
+                lf = lf.join(p.events.lazy().select("event_id"), on="event_id", how="semi",
+                             maintain_order="left")
         else:
             lf = scan(p.files, include_file_paths=_PATH).select(_PATH, *read).join(
                 p.events.lazy(), on=_PATH, how="left", maintain_order="left"

@@ -31,15 +31,13 @@ A crash at any point leaves the previous sidecar and the files it names intact. 
 
 from __future__ import annotations
 
-import array
 import base64
-import collections
 import functools
 import io
 import os
-import sys
+import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +49,7 @@ from smallcaps_ingest.core import store
 
 COMPACT_DIR = layout.COMPACT_DIR
 SIDECAR = "_compaction.json"
-SIDECAR_VERSION = 3  # 3: fingerprints packed (pack_prints)
+SIDECAR_VERSION = 3  # 3: ids and fingerprints packed per event type (Sidecar)
 # Small row groups so that one event type's rows (10 % of a symbol's, say) cost a few groups, not
 # the file; large enough that each group's fixed cost stays small (benchmarks/README.md).
 ROW_GROUP_ROWS = 8192
@@ -62,7 +60,7 @@ Fingerprint = tuple[int, int, int, int, int, int]  # (ino, size, mtime_ns) of tr
 
 
 def symbol_compact_dir(data_dir: str | os.PathLike[str], symbol: str) -> Path:
-    return layout.compact_root(data_dir) / store.symbol_dir(data_dir, symbol).name
+    return layout.compact_root(data_dir) / layout.symbol_part(symbol)
 
 
 def stat_key(st: os.stat_result) -> tuple[int, int, int]:
@@ -73,66 +71,72 @@ def stat_key(st: os.stat_result) -> tuple[int, int, int]:
 class Sidecar:
     """What one compaction generation of a symbol holds.
 
-    Its per-event parts stay as read (a reader checks a few events of each of many symbols, so
-    mapping all of a symbol's events up front would cost more than the read): ``fingerprint``
-    looks one event up."""
+    Per event type, its events' ids (one newline-joined string) and fingerprints (one base64
+    string, 64 characters per event) stay as read, and are unpacked for a type only when it is
+    asked for: a reader checks a few events of one type in each of many symbols (a JSON list of
+    every event's fingerprint made ``orjson`` most of a full-size read's planning: D14)."""
 
     symbol: str
     files: dict[str, dict[str, str]]  # kind -> event type -> file name in the symbol's directory
-    event_ids: list[str]
-    type_index: list[int]  # per event: its event type's index in type_names
-    type_names: list[str]
-    prints: bytes  # per event, its fingerprint: 6 little-endian int64 (``pack_prints``)
+    counts: dict[str, int]  # event type -> events held (a type's file holds exactly these)
+    packed: dict[str, tuple[str, str]]  # event type -> (ids joined by newlines, fingerprints)
+    times: dict[str, str]  # event type -> its events' times (ns), little-endian int64, base64
     written_ns: int
     directory: str  # the symbol's compacted directory
 
     def path(self, kind: str, event_type: str) -> str:
         return f"{self.directory}/{self.files[kind][event_type]}"
 
-    @functools.cached_property
-    def _position(self) -> dict[str, int]:
-        return {e: i for i, e in enumerate(self.event_ids)}
+    _unpacked: dict[str, tuple[dict[str, int], str]] = field(default_factory=dict, compare=False, repr=False)
 
-    @functools.cached_property
-    def _ints(self) -> array.array[int]:
-        return unpack_prints(self.prints)
+    def _positions(self, event_type: str) -> tuple[dict[str, int], str]:
+        if event_type in self._unpacked:
+            return self._unpacked[event_type]
+        ids, prints = self.packed[event_type]
+        position = {e: i for i, e in enumerate(ids.split("\n"))} if ids else {}
+        if len(position) != self.counts[event_type] or len(prints) != PRINT_CHARS * len(position):
+            raise ValueError(f"{self.directory}/{SIDECAR}: its event ids, counts and fingerprints of "
+                             f"event type {event_type!r} disagree; compact {self.symbol} again")
+        self._unpacked[event_type] = position, prints
+        return position, prints
 
-    def fingerprint(self, event_id: str) -> Fingerprint | None:
+    def fingerprint(self, event_id: str, event_type: str) -> Fingerprint | None:
         """The event's per-event files as compacted, or None when the generation does not hold it."""
-        i = self._position.get(event_id)
-        return None if i is None else tuple(self._ints[6 * i:6 * i + 6])  # type: ignore[return-value]
+        if event_type not in self.packed:
+            return None
+        position, prints = self._positions(event_type)
+        i = position.get(event_id)
+        if i is None:
+            return None
+        return struct.unpack(PRINT_FORMAT, base64.b64decode(prints[PRINT_CHARS * i:PRINT_CHARS * (i + 1)]))
 
-    @functools.cached_property
-    def events(self) -> dict[str, Fingerprint]:
-        """Every held event's fingerprint."""
-        return {e: self.fingerprint(e) for e in self.event_ids}  # type: ignore[misc]
+    def timed_ids(self, event_type: str) -> list[tuple[str, int]]:
+        """The type's events in their file's order, each with its event time (ns since the epoch)."""
+        position, _ = self._positions(event_type)
+        raw = base64.b64decode(self.times[event_type])
+        if len(raw) != 8 * len(position):
+            raise ValueError(f"{self.directory}/{SIDECAR}: its event times of event type {event_type!r} "
+                             f"disagree with its ids; compact {self.symbol} again")
+        return list(zip(position, struct.unpack(f"<{len(position)}q", raw), strict=True))
 
     @functools.cached_property
     def types(self) -> dict[str, str]:
-        """event_id -> event type."""
-        return {e: self.type_names[k] for e, k in zip(self.event_ids, self.type_index, strict=True)}
+        """event_id -> event type, of every held event."""
+        return {e: t for t in self.packed for e in self._positions(t)[0]}
 
     @functools.cached_property
-    def counts(self) -> dict[str, int]:
-        """Events held per event type (a type's file holds exactly these events)."""
-        return {self.type_names[k]: n for k, n in collections.Counter(self.type_index).items()}
+    def events(self) -> dict[str, Fingerprint]:
+        """event_id -> fingerprint, of every held event."""
+        return {e: self.fingerprint(e, t) for e, t in self.types.items()}  # type: ignore[misc]
+
+
+# A fingerprint packed: six little-endian int64, 48 bytes, so exactly 64 base64 characters.
+PRINT_FORMAT = "<6q"
+PRINT_CHARS = 64
 
 
 def pack_prints(prints: list[Fingerprint]) -> str:
-    """Fingerprints as one base64 string of little-endian int64: a JSON list of lists of ints
-    made ``orjson`` most of a full-size read's planning (benchmarks/README.md, D14)."""
-    ints = array.array("q", [v for fp in prints for v in fp])
-    if sys.byteorder == "big":
-        ints.byteswap()
-    return base64.b64encode(ints.tobytes()).decode("ascii")
-
-
-def unpack_prints(packed: bytes) -> array.array[int]:
-    ints = array.array("q")
-    ints.frombytes(packed)
-    if sys.byteorder == "big":
-        ints.byteswap()
-    return ints
+    return base64.b64encode(b"".join(struct.pack(PRINT_FORMAT, *fp) for fp in prints)).decode("ascii")
 
 
 def read_sidecar(data_dir: str | os.PathLike[str], symbol: str) -> Sidecar | None:
@@ -145,16 +149,12 @@ def read_sidecar(data_dir: str | os.PathLike[str], symbol: str) -> Sidecar | Non
     if raw.get("version") != SIDECAR_VERSION or raw.get("symbol") != symbol:
         return None
     types: list[str] = raw["types"]
-    prints = base64.b64decode(raw["fingerprints"])
-    if len(prints) != 48 * len(raw["event_ids"]) or len(raw["event_types"]) != len(raw["event_ids"]):
-        raise ValueError(f"{directory / SIDECAR}: its event_ids, event_types and fingerprints disagree")
     return Sidecar(
         symbol=symbol,
         files={kind: dict(zip(types, names, strict=True)) for kind, names in raw["files"].items()},
-        event_ids=raw["event_ids"],
-        type_index=raw["event_types"],
-        type_names=types,
-        prints=prints,
+        counts=dict(zip(types, raw["counts"], strict=True)),
+        packed=dict(zip(types, zip(raw["event_ids"], raw["fingerprints"], strict=True), strict=True)),
+        times=dict(zip(types, raw["times"], strict=True)),
         written_ns=int(raw["written_ns"]),
         directory=str(directory),
     )
@@ -236,16 +236,22 @@ def compact_symbol(data_dir: str | os.PathLike[str], symbol: str, manifest: pl.D
                     by_type.get((event_type,), df.clear()), out / files[kind][k], sync_dir=False,
                     row_group_size=ROW_GROUP_ROWS, dictionary=EVENT_COLUMNS[:4],
                 )
-    type_index = {t: k for k, t in enumerate(types)}
+    by_type: dict[str, list[str]] = {t: [] for t in types}
+    times: dict[str, list[int]] = {t: [] for t in types}
+    for e, t, ns in held.select("event_id", "event_type", pl.col("timestamp").dt.epoch("ns")).iter_rows():
+        by_type[t].append(e)
+        times[t].append(ns)
     sidecar = {
         "version": SIDECAR_VERSION,
         "symbol": symbol,
         "types": types,
         "files": files if fingerprints else {},
         "written_ns": time.time_ns(),
-        "event_ids": list(fingerprints),
-        "event_types": [type_index[t] for t in held["event_type"]],
-        "fingerprints": pack_prints(list(fingerprints.values())),
+        "counts": [len(by_type[t]) for t in types],
+        "event_ids": ["\n".join(by_type[t]) for t in types],
+        "fingerprints": [pack_prints([fingerprints[e] for e in by_type[t]]) for t in types],
+        "times": [base64.b64encode(struct.pack(f"<{len(times[t])}q", *times[t])).decode("ascii")
+                  for t in types],
     }
     if not storage.is_remote(out):
         out.mkdir(parents=True, exist_ok=True)

@@ -190,6 +190,7 @@ def test_compacted_files_give_identical_frames(tree) -> None:  # type: ignore[no
     assert all(p.whole for p in read.plan_windows(data, "quotes", event_types="news").pieces)
     ranged = read.plan_windows(data, "quotes", **cases[3]).pieces
     assert not all(p.whole for p in ranged)
+    assert any(p.by_time for p in ranged)  # no event left out shares a time: the times pick the rows
     # one file per (symbol, event type), sorted by event time, id, then each file's own order;
     # every row group carries min/max statistics
     pq = __import__("pyarrow.parquet", fromlist=["x"])
@@ -230,6 +231,29 @@ def test_stale_compaction_falls_back_to_per_event_files(tree) -> None:  # type: 
     assert not plan.pieces[0].compacted and "XELB_EXTRA_1" in plan.events["event_id"].to_list()
     compact.compact_symbol(data, "XELB", grown)  # compacting again makes it fresh
     assert read.plan_windows(data, "quotes", symbols="XELB").pieces[0].compacted
+
+
+def test_an_event_left_out_at_a_selected_events_time_is_told_apart_by_its_id(tree) -> None:  # type: ignore[no-untyped-def]
+    """Two events of one symbol and type at one instant, compacted; one then becomes incomplete
+    (a file removed): the selection keeps the other, and its rows alone, not the twin's."""
+    data, manifest = tree
+    first = manifest.filter(pl.col("symbol") == "AAOI").sort("timestamp").head(1)
+    twin = first.with_columns(pl.lit("AAOI_TWIN_1").alias("event_id"))
+    grown = pl.concat([manifest, twin], how="vertical")
+    grown.write_parquet(data / "manifest.parquet")
+    _fetch(data, grown, 1.0, ["AAOI"])
+    held = compact.compact_symbol(data, "AAOI", grown).events
+    assert held == grown.filter(pl.col("symbol") == "AAOI").height
+    (store.event_dir(data, "AAOI", "AAOI_TWIN_1") / "quotes.parquet").unlink()
+    only = dict(symbols="AAOI", event_types=first["event_type"].item())
+    for kind in read.KINDS:
+        plan = read.plan_windows(data, kind, **only)  # type: ignore[arg-type]
+        assert plan.missing == ["AAOI_TWIN_1"]
+        assert [(p.compacted, p.whole, p.by_time) for p in plan.pieces] == [(True, False, False)]
+        got = read.frame(plan).collect()
+        assert got.equals(read.load_windows(data, kind, **only, use_compacted=False).collect())  # type: ignore[arg-type]
+        assert "AAOI_TWIN_1" not in got["event_id"].to_list()
+        assert got.filter(pl.col("event_id") == first["event_id"].item()).height > 0
 
 
 def test_on_missing_raise_names_the_incomplete_events(tree) -> None:  # type: ignore[no-untyped-def]

@@ -55,7 +55,8 @@ from smallcaps_ingest.core.polygon.transport import (
 )
 
 PAGE_LIMIT = 50_000
-# Response bytes held at once by all workers of a client (see _ByteBudget).
+# Response bytes held at once by all workers of a client (see _ByteBudget), at least; more
+# workers than it streams side by side get their streamed share each (``body_budget``).
 BODY_BYTES_IN_FLIGHT = 12 * 1024 * 1024
 # What a body decoded as it streams in holds at once (a piece, the chunk after it): the share of
 # BODY_BYTES_IN_FLIGHT it takes, so two dozen big pages arrive side by side (decision record D18).
@@ -129,6 +130,12 @@ class _ByteBudget:
                 self._cond.notify_all()
 
 
+def body_budget(workers: int) -> int:
+    """The default bound on response bytes held: ``BODY_BYTES_IN_FLIGHT``, or every worker's
+    streamed share when that is more, so no worker waits for another's body to end (D18)."""
+    return max(BODY_BYTES_IN_FLIGHT, max(1, workers) * STREAMED_BODY_BYTES)
+
+
 def _read_body(resp: requests.Response) -> bytes:
     """A streamed response's whole body in one read; failures after the headers are ``_BodyFault``.
 
@@ -197,7 +204,7 @@ class PolygonClient:
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
         max_retries: int = 8,
-        body_bytes_in_flight: int = BODY_BYTES_IN_FLIGHT,
+        body_bytes_in_flight: int | None = None,
         timing: TransferModel | None = None,
     ):
         if not api_key:
@@ -209,7 +216,8 @@ class PolygonClient:
         self.source = source
         self.timeout = (connect_timeout, read_timeout)
         self.max_retries = max_retries
-        self._bodies = _ByteBudget(body_bytes_in_flight)
+        bound = body_budget(workers) if body_bytes_in_flight is None else body_bytes_in_flight
+        self._bodies = _ByteBudget(bound)
         #: seconds per response as observed (the planner's cost of a merged range's pages)
         self.timing = timing if timing is not None else TransferModel()
         retry = BudgetedRetry(

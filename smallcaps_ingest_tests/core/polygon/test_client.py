@@ -179,6 +179,35 @@ def test_body_byte_budget_bounds_concurrent_bodies() -> None:
     assert b.used == 0
 
 
+def _takes(bodies: object, n: int, share: int) -> list[int]:
+    """Takes ``n`` shares of a byte budget on a thread; what it got within 5 s (it may block)."""
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.extend(bodies.take(share) for _ in range(n)),  # type: ignore[attr-defined]
+                         daemon=True)
+    t.start()
+    t.join(5 if n > 1 else 0.3)
+    return got
+
+
+def test_every_worker_streams_its_body_at_once(tmp_path: Path) -> None:
+    """The byte bound never makes one worker's streamed page wait for another's: at 40 workers
+    (more than BODY_BYTES_IN_FLIGHT streams side by side) each still gets its share at once."""
+    from smallcaps_ingest.core.polygon.client import BODY_BYTES_IN_FLIGHT, STREAMED_BODY_BYTES
+
+    for workers in (4, 40):
+        budget = RequestBudget(10.0, tmp_path / f"b{workers}.sqlite")
+        c = PolygonClient("http://127.0.0.1:9", TEST_KEY, budget, workers=workers)
+        held = _takes(c._bodies, workers, STREAMED_BODY_BYTES)
+        assert len(held) == workers, f"{workers} workers: only {len(held)} bodies streamed at once"
+        assert c._bodies.used == workers * STREAMED_BODY_BYTES
+        assert c._bodies.limit == max(BODY_BYTES_IN_FLIGHT, workers * STREAMED_BODY_BYTES)
+        assert _takes(c._bodies, 1, c._bodies.limit) == []  # a body read whole waits: the bound holds
+        for n in held:
+            c._bodies.give(n)
+        c.close()
+        budget.close()
+
+
 def test_resets_and_5xx_are_retried_through_the_budget(sim: Simulator, client: PolygonClient) -> None:
     sim.config.error_5xx_rate = 0.1
     sim.config.reset_rate = 0.1
