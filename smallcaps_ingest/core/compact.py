@@ -17,8 +17,8 @@ a symbol's rows (polars skips no row groups on string statistics; benchmarks/REA
 groups are small and carry min/max statistics, so a filter on the event ``timestamp`` (sorted
 inside a file) skips most of a file.
 
-Freshness without Dagster: the sidecar records, for every event it holds, its type and the (inode,
-size, mtime) of both per-event files as they were when read (``os.fstat`` of the open file, so a
+Freshness without Dagster: the sidecar records, for every event it holds, its type, its event time
+and the (inode, size, mtime) of both per-event files as they were when read (``os.fstat`` of the open file, so a
 file replaced while compacting is caught). Every writer replaces a file by a rename, which gives
 it a new inode, so a reader comparing those fingerprints with the files on disk now knows whether
 the compacted rows are still exactly the per-event files' rows (``read.load_windows`` does this per
