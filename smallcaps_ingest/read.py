@@ -250,6 +250,9 @@ def _compacted_pieces(kind: str, events: pl.DataFrame, sidecars: dict[str, compa
     rows = events.select(*keys, "event_id", pl.col("timestamp").dt.epoch("ns")).iter_rows()
     for sym, etype, eid, ns in rows:
         selected.setdefault((sym, etype), {})[eid] = ns
+    # a piece's files are filtered on the times selected in any of them, so a file left out of
+    # nothing at any of those times is told apart by time
+    times = {ns for chosen in selected.values() for ns in chosen.values()}
     paths, modes = [], []
     for (symbol, event_type), chosen in selected.items():
         side = sidecars[symbol]
@@ -257,7 +260,6 @@ def _compacted_pieces(kind: str, events: pl.DataFrame, sidecars: dict[str, compa
         if side.counts[event_type] == len(chosen):  # the selection holds all of the file's events
             modes.append(0)
         else:
-            times = set(chosen.values())
             left_out = (ns for eid, ns in side.timed_ids(event_type) if eid not in chosen)
             modes.append(2 if any(ns in times for ns in left_out) else 1)
     mode = pl.Series("__mode", modes, dtype=pl.UInt8)

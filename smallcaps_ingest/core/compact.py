@@ -18,11 +18,12 @@ groups are small and carry min/max statistics, so a filter on the event ``timest
 inside a file) skips most of a file.
 
 Freshness without Dagster: the sidecar records, for every event it holds, its type, its event time
-and the (inode, size, mtime) of both per-event files as they were when read (``os.fstat`` of the open file, so a
-file replaced while compacting is caught). Every writer replaces a file by a rename, which gives
-it a new inode, so a reader comparing those fingerprints with the files on disk now knows whether
-the compacted rows are still exactly the per-event files' rows (``read.load_windows`` does this per
-event and falls back to the per-event files for a symbol when any differs or is not compacted).
+and the (inode, size, mtime) of both per-event files as they were when read (``os.fstat`` of the
+open file, so a file replaced while compacting is caught). Every writer replaces a file by a rename,
+which gives it a new inode, so a reader comparing those fingerprints with the files on disk now
+knows whether the compacted rows are still exactly the per-event files' rows (``read.load_windows``
+does this per event and falls back to the per-event files for a symbol when any differs or is not
+compacted).
 
 Files are written with ``store.atomic_write_parquet``/``atomic_write_bytes``: data files first
 under a new generation name, the sidecar last (the switch), then older generations are removed.
@@ -49,7 +50,7 @@ from smallcaps_ingest.core import store
 
 COMPACT_DIR = layout.COMPACT_DIR
 SIDECAR = "_compaction.json"
-SIDECAR_VERSION = 3  # 3: ids and fingerprints packed per event type (Sidecar)
+SIDECAR_VERSION = 3  # 3: ids, fingerprints and event times packed per event type (Sidecar)
 # Small row groups so that one event type's rows (10 % of a symbol's, say) cost a few groups, not
 # the file; large enough that each group's fixed cost stays small (benchmarks/README.md).
 ROW_GROUP_ROWS = 8192
@@ -71,10 +72,11 @@ def stat_key(st: os.stat_result) -> tuple[int, int, int]:
 class Sidecar:
     """What one compaction generation of a symbol holds.
 
-    Per event type, its events' ids (one newline-joined string) and fingerprints (one base64
-    string, 64 characters per event) stay as read, and are unpacked for a type only when it is
-    asked for: a reader checks a few events of one type in each of many symbols (a JSON list of
-    every event's fingerprint made ``orjson`` most of a full-size read's planning: D14)."""
+    Per event type, its events' ids (one newline-joined string), fingerprints (one base64 string, 64
+    characters per event) and event times (base64 int64) stay as read, and are unpacked for a type
+    only when it is asked for: a reader checks a few events of one type in each of many symbols (a
+    JSON list of every event's fingerprint made ``orjson`` most of a full-size read's planning:
+    D14)."""
 
     symbol: str
     files: dict[str, dict[str, str]]  # kind -> event type -> file name in the symbol's directory
@@ -84,10 +86,10 @@ class Sidecar:
     written_ns: int
     directory: str  # the symbol's compacted directory
 
+    _unpacked: dict[str, tuple[dict[str, int], str]] = field(default_factory=dict, compare=False, repr=False)
+
     def path(self, kind: str, event_type: str) -> str:
         return f"{self.directory}/{self.files[kind][event_type]}"
-
-    _unpacked: dict[str, tuple[dict[str, int], str]] = field(default_factory=dict, compare=False, repr=False)
 
     def _positions(self, event_type: str) -> tuple[dict[str, int], str]:
         if event_type in self._unpacked:

@@ -234,26 +234,43 @@ def test_stale_compaction_falls_back_to_per_event_files(tree) -> None:  # type: 
 
 
 def test_an_event_left_out_at_a_selected_events_time_is_told_apart_by_its_id(tree) -> None:  # type: ignore[no-untyped-def]
-    """Two events of one symbol and type at one instant, compacted; one then becomes incomplete
-    (a file removed): the selection keeps the other, and its rows alone, not the twin's."""
+    """Events of one type, compacted, then two made incomplete (a file removed): AAOI's at T+2h,
+    and XELB's at T, the time of an AAOI event still selected. Alone, each file is read by the
+    selected times; together, XELB's is read by id (the piece's times hold T), never its rows."""
     data, manifest = tree
     first = manifest.filter(pl.col("symbol") == "AAOI").sort("timestamp").head(1)
-    twin = first.with_columns(pl.lit("AAOI_TWIN_1").alias("event_id"))
-    grown = pl.concat([manifest, twin], how="vertical")
+    etype = first["event_type"].item()
+    hour = pl.duration(hours=1, time_unit="ns")
+    at = pl.lit(first["timestamp"].dt.epoch("ns").item()).cast(first.schema["timestamp"])
+
+    def event(symbol: str, eid: str, hours: int) -> pl.DataFrame:
+        row = manifest.filter(pl.col("symbol") == symbol).head(1)
+        spans = ((pl.col(c) - pl.col("timestamp") + at + hours * hour).cast(manifest.schema[c])
+                 for c in ("ts_start", "ts_end"))
+        when = (at + hours * hour).cast(manifest.schema["timestamp"])
+        return row.with_columns(*spans, when.alias("timestamp"), pl.lit(etype).alias("event_type"),
+                                pl.lit(eid).alias("event_id"))
+
+    added = [event("AAOI", "AAOI_LATER_2", 2), event("XELB", "XELB_TWIN_0", 0),
+             event("XELB", "XELB_LATER_1", 1)]
+    grown = pl.concat([manifest, *(e.select(manifest.columns) for e in added)], how="vertical")
     grown.write_parquet(data / "manifest.parquet")
-    _fetch(data, grown, 1.0, ["AAOI"])
-    held = compact.compact_symbol(data, "AAOI", grown).events
-    assert held == grown.filter(pl.col("symbol") == "AAOI").height
-    (store.event_dir(data, "AAOI", "AAOI_TWIN_1") / "quotes.parquet").unlink()
-    only = dict(symbols="AAOI", event_types=first["event_type"].item())
-    for kind in read.KINDS:
-        plan = read.plan_windows(data, kind, **only)  # type: ignore[arg-type]
-        assert plan.missing == ["AAOI_TWIN_1"]
-        assert [(p.compacted, p.whole, p.by_time) for p in plan.pieces] == [(True, False, False)]
-        got = read.frame(plan).collect()
-        assert got.equals(read.load_windows(data, kind, **only, use_compacted=False).collect())  # type: ignore[arg-type]
-        assert "AAOI_TWIN_1" not in got["event_id"].to_list()
-        assert got.filter(pl.col("event_id") == first["event_id"].item()).height > 0
+    _fetch(data, grown, 1.0, ["AAOI", "XELB"])
+    for s in ("AAOI", "XELB"):
+        assert compact.compact_symbol(data, s, grown).events == grown.filter(pl.col("symbol") == s).height
+    for eid in ("AAOI_LATER_2", "XELB_TWIN_0"):
+        (store.event_dir(data, eid.split("_")[0], eid) / "quotes.parquet").unlink()
+    cases = {("AAOI",): [(True, False, True)], ("XELB",): [(True, False, True)],
+             ("AAOI", "XELB"): [(True, False, True), (True, False, False)]}
+    for symbols, pieces in cases.items():
+        only = dict(symbols=list(symbols), event_types=etype)
+        for kind in read.KINDS:
+            plan = read.plan_windows(data, kind, **only)  # type: ignore[arg-type]
+            assert plan.missing == [e for e in ("AAOI_LATER_2", "XELB_TWIN_0") if e[:4] in symbols]
+            assert [(p.compacted, p.whole, p.by_time) for p in plan.pieces] == pieces
+            got = read.frame(plan).collect()
+            assert got.equals(read.load_windows(data, kind, **only, use_compacted=False).collect())  # type: ignore[arg-type]
+            assert not set(plan.missing) & set(got["event_id"].to_list())
 
 
 def test_on_missing_raise_names_the_incomplete_events(tree) -> None:  # type: ignore[no-untyped-def]
