@@ -320,9 +320,9 @@ def frame(plan: ReadPlan, columns: Sequence[str] | None = None) -> pl.LazyFrame:
             lo, hi = (pl.lit(v).cast(p.events.schema["timestamp"]) for v in (ns.min(), ns.max()))
             # coarse bounds first: a file's rows are sorted by event time, so row groups are
             # skipped on their statistics; then exactly the selected events, by their times when
-            # those tell them apart, else by a semi join on the ids (an ``is_in`` on the ids,
-            # pushed into the scan, took twice as long as the join, and the join half the read
-            # that the times take: benchmarks/README.md, D14)
+            # those tell them apart (``Piece.by_time``), else by a semi join on the ids. The join
+            # took as long as the rest of the read, and an ``is_in`` on the ids, pushed into the
+            # scan, twice as long as the join (benchmarks/README.md, D14)
             lf = scan(p.files).filter(pl.col("timestamp").is_between(lo, hi))
             if p.by_time:
                 lf = lf.filter(pl.col("timestamp").is_in(p.events["timestamp"].unique().implode()))

@@ -110,16 +110,16 @@ class Sidecar:
         i = position.get(event_id)
         if i is None:
             return None
-        return struct.unpack(PRINT_FORMAT, base64.b64decode(prints[PRINT_CHARS * i:PRINT_CHARS * (i + 1)]))
+        return unpack_ints(prints[PRINT_CHARS * i:PRINT_CHARS * (i + 1)])  # type: ignore[return-value]
 
     def timed_ids(self, event_type: str) -> list[tuple[str, int]]:
         """The type's events in their file's order, each with its event time (ns since the epoch)."""
         position, _ = self._positions(event_type)
-        raw = base64.b64decode(self.times[event_type])
-        if len(raw) != 8 * len(position):
+        times = unpack_ints(self.times[event_type])
+        if len(times) != len(position):
             raise ValueError(f"{self.directory}/{SIDECAR}: its event times of event type {event_type!r} "
                              f"disagree with its ids; compact {self.symbol} again")
-        return list(zip(position, struct.unpack(f"<{len(position)}q", raw), strict=True))
+        return list(zip(position, times, strict=True))
 
     @functools.cached_property
     def types(self) -> dict[str, str]:
@@ -132,13 +132,18 @@ class Sidecar:
         return {e: self.fingerprint(e, t) for e, t in self.types.items()}  # type: ignore[misc]
 
 
-# A fingerprint packed: six little-endian int64, 48 bytes, so exactly 64 base64 characters.
-PRINT_FORMAT = "<6q"
+# A fingerprint packed (``pack_ints``): six int64, 48 bytes, so exactly 64 base64 characters.
 PRINT_CHARS = 64
 
 
-def pack_prints(prints: list[Fingerprint]) -> str:
-    return base64.b64encode(b"".join(struct.pack(PRINT_FORMAT, *fp) for fp in prints)).decode("ascii")
+def pack_ints(values: list[int]) -> str:
+    """Integers as little-endian int64, base64: how the sidecar keeps fingerprints and times."""
+    return base64.b64encode(struct.pack(f"<{len(values)}q", *values)).decode("ascii")
+
+
+def unpack_ints(packed: str) -> tuple[int, ...]:
+    raw = base64.b64decode(packed)
+    return struct.unpack(f"<{len(raw) // 8}q", raw)
 
 
 def read_sidecar(data_dir: str | os.PathLike[str], symbol: str) -> Sidecar | None:
@@ -251,9 +256,8 @@ def compact_symbol(data_dir: str | os.PathLike[str], symbol: str, manifest: pl.D
         "written_ns": time.time_ns(),
         "counts": [len(by_type[t]) for t in types],
         "event_ids": ["\n".join(by_type[t]) for t in types],
-        "fingerprints": [pack_prints([fingerprints[e] for e in by_type[t]]) for t in types],
-        "times": [base64.b64encode(struct.pack(f"<{len(times[t])}q", *times[t])).decode("ascii")
-                  for t in types],
+        "fingerprints": [pack_ints([v for e in by_type[t] for v in fingerprints[e]]) for t in types],
+        "times": [pack_ints(times[t]) for t in types],
     }
     if not storage.is_remote(out):
         out.mkdir(parents=True, exist_ok=True)
