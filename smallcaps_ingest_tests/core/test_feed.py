@@ -1,0 +1,59 @@
+"""The feed's order: a symbol parks on its probe; ready symbols take turns, a job each."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+from smallcaps_ingest.core.feed import Feed
+
+
+def _symbols(names: str, jobs: int) -> tuple[dict[str, threading.Event], object]:
+    """Each symbol: a probe job, the probe's event, then ``jobs`` more jobs."""
+    probes = {s: threading.Event() for s in names}
+
+    def jobs_of(s: str) -> Iterator[str | threading.Event]:
+        yield f"{s}0"
+        yield probes[s]
+        for i in range(1, jobs + 1):
+            yield f"{s}{i}"
+
+    return probes, jobs_of
+
+
+def _drain(feed: Feed[str]) -> list[object]:
+    out = []
+    while (item := feed.next()) is not Feed.END:
+        out.append(item)
+    return out
+
+
+def test_ready_symbols_take_turns_a_job_each_and_a_new_symbol_starts_only_when_none_is_ready():
+    probes, jobs_of = _symbols("ABC", 3)
+    feed = Feed(jobs_of, ["A", "B", "C"])
+    assert [feed.next() for _ in range(3)] == ["A0", "B0", "C0"]  # every probe out, all parked
+    assert feed.next() is None  # nothing to hand out until a probe is written
+    probes["A"].set()
+    assert [feed.next(), feed.next()] == ["A1", "A2"]  # the only ready symbol goes on
+    probes["B"].set()
+    probes["C"].set()
+    # a dense name's jobs no longer hold back the others: B and C get their turns beside A's
+    assert _drain(feed) == ["B1", "C1", "A3", "B2", "C2", "A", "B3", "C3", "B", "C"]
+
+
+def test_a_symbol_waiting_for_its_probe_lets_the_next_symbol_start():
+    probes, jobs_of = _symbols("AB", 2)
+    feed = Feed(jobs_of, ["A", "B"])
+    assert [feed.next(), feed.next()] == ["A0", "B0"]
+    probes["B"].set()  # B's probe is written first: B goes on alone, A stays parked
+    assert [feed.next(), feed.next(), feed.next()] == ["B1", "B2", "B"]
+    assert feed.next() is None
+    probes["A"].set()
+    assert _drain(feed) == ["A1", "A2", "A"]
+
+
+def test_symbols_without_probes_are_handed_out_one_after_another():
+    def jobs_of(s: str) -> Iterator[str]:
+        yield from (f"{s}{i}" for i in range(3))
+
+    assert _drain(Feed(jobs_of, ["A", "B"])) == ["A0", "A1", "A2", "A", "B0", "B1", "B2", "B"]
