@@ -30,7 +30,9 @@ Figures per run, from the simulator's request log: utilization = 200s per second
 interval / budget; 429 count; the most requests that arrived in any 1-s sliding window; requests
 per event; bytes downloaded (the simulator's) and bytes per kept row (a kept row: a raw tick inside
 an event window; the rest of what a merged range fetched is its gaps); events per minute (events
-completed / run wall time). Then ours/massive and ours/naive, and a ground-truth check of a sample
+completed / run wall time); the CPU seconds of the client's and the simulator's processes per wall
+second, and the share of all the host's cores that were busy (near 1.0: the host's CPU, not the
+budget, bounded the run). Then ours/massive and ours/naive, and a ground-truth check of a sample
 of ours' output files. ``--manifest`` takes several manifests, run one after another in one sitting.
 
     python benchmarks/throughput.py                               # clustered, budgets 10,50,100 (~5 min)
@@ -96,6 +98,15 @@ class Result:
     cpu_sim: float = 0.0  # CPU seconds of the simulator's process during the run
     bytes: int = 0  # response bytes the simulator sent during the run
     rows_inside: int = 0  # raw rows inside the event windows that the client received
+    host_busy: float = math.nan  # share of all the host's cores not idle during the run
+
+
+def host_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all the host's cores so far (Linux /proc/stat; idle and iowait
+    are not busy). A run whose host is busy near 1.0 is bound by the CPU, not by the budget."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    return sum(ticks) - idle, sum(ticks)
 
 
 def proc_cpu(pid: int) -> float:
@@ -185,13 +196,14 @@ def measure(sim: SimHost, name: str, fn: Callable[[], tuple[int, int, float]],
     every row served, which is right for clients that ask for the windows alone)."""
     time.sleep(1.2)  # let the server's rate-limit window drain from the previous run
     sim.reset()
-    c0, s0 = time.process_time(), proc_cpu(sim.pid)
+    c0, s0, h0 = time.process_time(), proc_cpu(sim.pid), host_ticks()
     events, failed, seconds = fn()
-    c1, s1 = time.process_time(), proc_cpu(sim.pid)
+    c1, s1, h1 = time.process_time(), proc_cpu(sim.pid), host_ticks()
     log = sim.log()
     rows = inside(log) if inside else sum(x[6] for x in log if x[1] == 200)
     return Result(name, events, seconds, failed, log, sim.max_in_window(1.0), cpu_client=c1 - c0,
-                  cpu_sim=s1 - s0, bytes=sim.counters()["bytes"], rows_inside=rows)
+                  cpu_sim=s1 - s0, bytes=sim.counters()["bytes"], rows_inside=rows,
+                  host_busy=(h1[0] - h0[0]) / max(1, h1[1] - h0[1]))
 
 
 def timeline(log: Sequence) -> str:
@@ -221,7 +233,7 @@ def row(budget: float, server_limit: float | None, r: Result) -> tuple[object, .
     cores = f"{r.cpu_client / r.seconds:.2f} / {r.cpu_sim / r.seconds:.2f}" if r.seconds else "-"
     per_row = r.bytes / r.rows_inside if r.rows_inside else math.nan
     return (f"{budget:g}", r.client, r.events, r.failed, reqs, f"{span:.1f}", rate, rate / budget,
-            util_server, n429, other, r.max_1s, rpe, r.bytes / 1e6, per_row, epm, cores)
+            util_server, n429, other, r.max_1s, rpe, r.bytes / 1e6, per_row, epm, cores, r.host_busy)
 
 
 def run_client(sim: SimHost, client: str, events: Sequence[Event], budget: float, a: argparse.Namespace,
@@ -304,7 +316,7 @@ def main() -> None:
     print(table(
         ["manifest", "budget", "client", "events", "failed", "requests", "active s", "served/s", "util",
          "util(srv)", "429s", "other", "max 1s", "req/event", "MB", "B/kept row", "events/min",
-         "cores client/sim"],
+         "cores client/sim", "host busy"],
         rows,
         title=f"Throughput, latency {a.latency_ms:g}+-{a.jitter_ms:g} ms, transfer "
               f"{f'{a.transfer_mb_s:g} MB/s per response' if rate else 'off'}, "
@@ -324,7 +336,9 @@ def main() -> None:
     print(f"\n(util = 200s per second over the active interval / budget; util(srv) = the same / server "
           f"limit; max 1s = most arrivals in any 1-s sliding window at the server; MB = response bytes "
           f"sent by the simulator; B/kept row = those bytes / raw rows inside the event windows; cores "
-          f"client/sim = CPU seconds per wall second of the client's and the simulator's process; load "
+          f"client/sim = CPU seconds per wall second of the client's and the simulator's process; "
+          f"host busy = share of all the host's cores not idle during the run (near 1: the CPU, "
+          f"not the budget, bounds it); load "
           f"average at end {load_average()}; total {time.monotonic() - t_start:.0f} s)")
 
 
