@@ -85,7 +85,7 @@ def main() -> None:
                 tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp:
             sim.warm(events)
             secs = sim.warm_ours(events, a.budget, Path(tmp) / "warm", workers)
-            print(f"simulator warmed (ours' ranges by an unthrottled run in {secs:.1f} s)", flush=True)
+            print(f"simulator warmed (ours' ranges by a run of ours in {secs:.1f} s)", flush=True)
             sim.set(rate_limit_rps=a.budget)
             for k in range(a.rounds):
                 bucket = f"bench-{uuid.uuid4().hex[:12]}"

@@ -4,12 +4,12 @@ The simulator runs in its own process with 100 ms +- 20 ms latency per request, 
 sent at 25 MB/s (``--transfer-mb-s``: a 50,000-row page, ~12 MB, takes ~0.5 s to arrive, as over a
 real link) and, by default, a server-side rate limit equal to the budget (``--server-limit``). Its
 tick data for the whole manifest is generated before any clock starts, so the server is never the
-bottleneck: the event windows (all that massive and naive ask for), then, per budget, whatever our
-engine's ranges reach between events, by one unthrottled run of ours without latency
-(``SimHost.warm_ours``; without it the simulator generated those gap minutes during ours' measured
-run, on the same two cores). For each budget, every client gets the same manifest (sized so ours
-takes about ``--seconds`` at the budget); massive and naive stop starting new events after ``--cap``
-x ``--seconds``.
+bottleneck: the event windows (all that massive and naive ask for), then, per budget, whatever
+our engine's ranges reach between events, by one run of ours as it will be measured
+(``SimHost.warm_ours``: the same budget, latency and transfer time; without it the simulator
+generated those gap minutes during ours' measured run, on the same two cores). For each budget,
+every client gets the same manifest (sized so ours takes about ``--seconds`` at the budget);
+massive and naive stop starting new events after ``--cap`` x ``--seconds``.
 
 * ours    ``FetchEngine`` (its defaults for the budget: workers ceil(0.4 s x budget) in [12, 32], over-fetch
           allowance min(50,000, 10^6 / budget) rows; hz 1, ratio bound 4, cold ``DensityStore``)
@@ -361,7 +361,7 @@ def run_manifest(sim: SimHost, tmp: Path, manifest: str, budgets: Sequence[float
         events = manifests[b]
         if "ours" in clients:  # the gap minutes its ranges reach, generated before the clock starts
             secs = sim.warm_ours(events, b, tmp / f"warm-{b:g}", a.workers or default_workers(b))
-            print(f"  budget {b:g} req/s: simulator warmed for ours' ranges by an unthrottled run "
+            print(f"  budget {b:g} req/s: simulator warmed for ours' ranges by a run of ours "
                   f"({secs:.1f} s)", flush=True)
         sim.set(rate_limit_rps=limit)
         results: dict[str, Result] = {}
