@@ -3,9 +3,8 @@
 A symbol's windows are planned into *jobs* (``plan.plan_groups``: windows no request range shares
 with another job), each job's ranges are fetched on the shared fetch pool, and once all of a
 job's ranges arrived it is shaped and written on a small pool of its own. The run is a
-:class:`_Run`: a :class:`_Feed` hands out jobs (symbols whose probes are written take turns),
-and the run's counters (ranges and bytes in flight, jobs left per symbol) sit under one
-condition variable.
+:class:`_Run`: a :class:`_Feed` hands out jobs symbol after symbol, and the run's counters
+(ranges and bytes in flight, jobs left per symbol) sit under one condition variable.
 """
 
 from __future__ import annotations

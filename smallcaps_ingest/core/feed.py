@@ -1,5 +1,5 @@
-"""Hands out a run's jobs (the engine's :class:`Feed`): a symbol is parked on its probe so the
-rest of it is planned on what the probe taught, and symbols whose probes are written take turns."""
+"""Hands out a run's jobs symbol after symbol (the engine's :class:`Feed`), parking a symbol
+on its probe so the rest of it is planned on what the probe taught."""
 
 from __future__ import annotations
 
@@ -9,21 +9,15 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
-_TURN = threading.Event()  # a symbol that gave up its turn: ready again at once
-_TURN.set()
-
 
 class Feed(Generic[T]):
-    """Hands out jobs, each symbol's in time order, the ready symbols' in turn.
+    """Hands out jobs symbol after symbol, each symbol's in time order.
 
     ``next()`` gives a job; a symbol's name once all its jobs were handed out; ``None``
     when nothing can be handed out until a probe is written; :data:`Feed.END` once every job was.
     A symbol whose plan yields a probe's ``done`` event is parked on it and the next symbol goes
-    on, so the rest of a symbol is planned on what its probe taught (see ``plan.plan_groups``).
-    Once a parked symbol's probe is written it is *ready*, and the ready symbols take turns, a
-    job each, first parked first: a dense name's jobs (pages that take long to arrive and to
-    decode) no longer hold back the sparse names' small requests that would keep the budget busy
-    meanwhile (benchmarks/README.md, D18). A new symbol is started when no symbol is ready."""
+    on; parked symbols resume, first come first, as soon as their probe is written, so the rest
+    of a symbol is planned on what its probe taught (see ``plan.plan_groups``)."""
 
     END = object()
 
@@ -36,12 +30,9 @@ class Feed(Generic[T]):
     def next(self) -> T | str | None | object:
         return next(self._items, self.END)
 
-    def _ready(self) -> tuple[threading.Event, str, Iterator[T | threading.Event]] | None:
-        return next((p for p in self._parked if p[0].is_set()), None)
-
     def _generate(self) -> Iterator[T | str | None]:
         while True:
-            ready = self._ready()
+            ready = next((p for p in self._parked if p[0].is_set()), None)
             if ready is not None:
                 self._parked.remove(ready)
                 _, symbol, jobs = ready
@@ -58,8 +49,5 @@ class Feed(Generic[T]):
                     self._parked.append((item, symbol, jobs))
                     break
                 yield item
-                if self._ready() is not None:  # another symbol is ready: its turn
-                    self._parked.append((_TURN, symbol, jobs))
-                    break
             else:
                 yield symbol  # every job of the symbol was handed out
