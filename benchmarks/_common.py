@@ -295,12 +295,12 @@ class SimHost:
         follow the densities and the page times learned in flight (D18), so a warm-up without latency
         (pages that take no time) planned other ranges than the measured run: the simulator used 0.46
         and 0.62 of a core during in_play and clustered_multiday at 20 req/s after one (session 16)."""
-        saved = {k: v for k, v in self._call("config").items() if k == "rate_limit_rps"}
+        limit = self._call("config")["rate_limit_rps"]
         self.set(rate_limit_rps=None)
         try:
             run = run_ours(self.base_url, events, budget_rps, workdir, workers=workers, label="warm-up")
         finally:
-            self.set(**saved)
+            self.set(rate_limit_rps=limit)
             self.reset()
         return run.seconds
 
