@@ -4,12 +4,14 @@ first, once its probe is written (benchmarks/README.md, D18: taking turns instea
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from smallcaps_ingest.core.feed import Feed
 
 
-def _symbols(names: str, jobs: int) -> tuple[dict[str, threading.Event], object]:
+def _symbols(
+    names: str, jobs: int
+) -> tuple[dict[str, threading.Event], Callable[[str], Iterator[str | threading.Event]]]:
     """Each symbol: a probe job, the probe's event, then ``jobs`` more jobs."""
     probes = {s: threading.Event() for s in names}
 
@@ -38,8 +40,7 @@ def test_a_ready_symbol_is_handed_out_to_its_end_before_the_next_ready_one():
     assert [feed.next(), feed.next()] == ["A1", "A2"]  # the only ready symbol goes on
     probes["B"].set()
     probes["C"].set()
-    # A goes on to its end; then B and C, first parked first (a new symbol would start only when
-    # no parked symbol is ready)
+    # A goes on to its end; then B and C, first parked first
     assert _drain(feed) == ["A3", "A", "B1", "B2", "B3", "B", "C1", "C2", "C3", "C"]
 
 
@@ -52,6 +53,17 @@ def test_a_symbol_waiting_for_its_probe_lets_the_next_symbol_start():
     assert feed.next() is None
     probes["A"].set()
     assert _drain(feed) == ["A1", "A2", "A"]
+
+
+def test_a_new_symbol_starts_only_when_no_parked_symbol_is_ready():
+    probes, jobs_of = _symbols("AB", 1)
+    feed = Feed(jobs_of, ["A", "B"])
+    assert feed.next() == "A0"
+    probes["A"].set()  # written before the feed moves on: A resumes, B waits its turn
+    assert [feed.next(), feed.next(), feed.next()] == ["A1", "A", "B0"]
+    assert feed.next() is None
+    probes["B"].set()
+    assert _drain(feed) == ["B1", "B"]
 
 
 def test_symbols_without_probes_are_handed_out_one_after_another():
