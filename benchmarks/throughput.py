@@ -40,6 +40,7 @@ of ours' output files. ``--manifest`` takes several manifests, run one after ano
     python benchmarks/throughput.py --seconds 8 --budgets 10,50   # quick
     python benchmarks/throughput.py --manifest in_play --budgets 50 --clients ours --timeline  # per second
     python benchmarks/throughput.py --server-limit 40 --budgets 50
+    python benchmarks/throughput.py --manifest in_play --budgets 50,50,50 --clients ours  # 3 runs
 """
 
 from __future__ import annotations
@@ -355,12 +356,12 @@ def run_manifest(sim: SimHost, tmp: Path, manifest: str, budgets: Sequence[float
     rows_warm, cpu, minutes, nbytes = sim.warm(largest)
     print(f"simulator warmed: {rows_warm:,} rows in {minutes:,} minutes ({nbytes / 2**30:.2f} GiB) in "
           f"{cpu:.1f} s CPU", flush=True)
-    for b in budgets:
+    for i, b in enumerate(budgets):  # a budget given twice is measured twice, each run on fresh dirs
         limit = b if a.server_limit == "budget" else None if a.server_limit == "none" else float(
             a.server_limit)
         events = manifests[b]
         if "ours" in clients:  # the gap minutes its ranges reach, generated before the clock starts
-            secs = sim.warm_ours(events, b, tmp / f"warm-{b:g}", a.workers or default_workers(b))
+            secs = sim.warm_ours(events, b, tmp / f"warm-{i}-{b:g}", a.workers or default_workers(b))
             print(f"  budget {b:g} req/s: simulator warmed for ours' ranges by a run of ours "
                   f"({secs:.1f} s)", flush=True)
         sim.set(rate_limit_rps=limit)
@@ -368,7 +369,7 @@ def run_manifest(sim: SimHost, tmp: Path, manifest: str, budgets: Sequence[float
         for c in clients:
             print(f"  budget {b:g} req/s, server limit {limit}, {c}: {len(events)} events ...", end="",
                   flush=True)
-            r, check = run_client(sim, c, events, b, a, tmp / f"ours-{b:g}")
+            r, check = run_client(sim, c, events, b, a, tmp / f"ours-{i}-{b:g}")
             if check:
                 checks.append(f"{manifest} {check}")
             results[c] = r
